@@ -1,0 +1,148 @@
+"""`klein-style`: the command line of the platform.
+
+    klein-style demo                                  board → train on Ray → before/after → HTTP
+    klein-style generate --model tiny --prompt ...    one image, locally or from a running server (--url)
+    klein-style make-board --style neon -n 12 DIR     a procedural style board with content-only captions
+    klein-style train REFS --trigger zxy_style        a style LoRA through Ray Train
+    klein-style serve [--config serve.yaml]           the HTTP API on Ray Serve
+    klein-style submit -- python -m train.sweep ...   a job on a remote Ray cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _parse_lora_arg(text: str) -> tuple[str, float]:
+    """`FILE` or `FILE:WEIGHT` (a Windows drive letter is not split)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not (len(head) == 1 and head.isalpha()):
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.url:
+        from serve.client import generate_remote
+
+        return generate_remote(args)
+    from tqdm import tqdm
+
+    from klein.generate import GenerateError, GenerateRequest, generate_image, set_active_loras
+    from klein.lora import LoraError, read_lora
+    from klein.model import ModelLoadError, load_pipeline
+
+    request = GenerateRequest(
+        prompt=args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
+        guidance=args.guidance, negative_prompt=args.negative_prompt or "",
+    )
+    try:
+        request.validate()
+        loras = [(f"lora{i}", read_lora(path), weight) for i, (path, weight) in enumerate(map(_parse_lora_arg, args.lora or []))]
+        pipe = load_pipeline(args.model, device=args.device)
+        set_active_loras(pipe, loras)
+    except (GenerateError, LoraError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with tqdm(total=request.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
+        image = generate_image(pipe, request, on_step=lambda i, n: bar.update(1))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out} ({image.width}×{image.height}, seed {request.seed}, model {args.model})")
+    return 0
+
+
+def cmd_make_board(args: argparse.Namespace) -> int:
+    from train.board import BOARD_STYLES, make_board
+
+    if args.style not in BOARD_STYLES:
+        print(f"error: unknown style {args.style!r}; choose one of {', '.join(sorted(BOARD_STYLES))}", file=sys.stderr)
+        return 2
+    paths = make_board(args.style, args.n, args.dir, size=args.size, seed=args.seed)
+    print(f"wrote {len(paths)} images with content-only captions to {args.dir}")
+    return 0
+
+
+def _add_common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="`tiny` (built-in test preset) or a local FLUX.2 Klein diffusers folder")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if available)")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="klein-style",
+        description="Style LoRAs for FLUX.2 Klein: train from 5–50 reference images on Ray Train, serve on Ray Serve.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `klein-style COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate one image (locally, or from a server with --url)")
+    _add_common_model_args(g)
+    g.add_argument("--prompt", required=True, help="what to draw")
+    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]|ID", help="a LoRA file (or an id with --url); repeatable")
+    g.add_argument("--seed", type=int, default=0, help="same seed, same pixels (default 0)")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    g.add_argument("--width", type=int, default=None, help="multiple of 16 (default 64 for tiny, 1024 otherwise)")
+    g.add_argument("--height", type=int, default=None, help="multiple of 16 (default 64 for tiny, 1024 otherwise)")
+    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    g.add_argument("--negative-prompt", default="", help="what to steer away from")
+    g.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
+    g.add_argument("--url", help="base URL of a running `klein-style serve` (then --lora takes LoRA ids)")
+    g.add_argument("--api-key", default=os.environ.get("KLEIN_API_KEY"), help="tenant API key for --url (or KLEIN_API_KEY)")
+    g.add_argument("--use-gemini", choices=["auto", "on", "off"], default="auto", help="with --url: the Gemini L1/L2 stage")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("make-board", help="write a procedural style board (images + content-only captions)")
+    b.add_argument("dir", help="output folder")
+    b.add_argument("--style", required=True, help="board style name")
+    b.add_argument("-n", type=int, default=12, help="number of images (default 12)")
+    b.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_make_board)
+
+    _register_later_commands(sub)
+    return parser
+
+
+def _register_later_commands(sub) -> None:
+    """Commands whose modules pull in Ray Train / Serve register themselves."""
+    for module in ("train.cli", "serve.cli"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "width", "absent") is None or getattr(args, "height", "absent") is None:
+        default_side = 64 if getattr(args, "model", "tiny") == "tiny" else 1024
+        args.width = args.width or default_side
+        args.height = args.height or default_side
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

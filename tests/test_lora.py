@@ -1,0 +1,186 @@
+"""LoRA targets, our file format through diffusers' own loader, format round trips, and the shape check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from klein import lora as L
+from klein.model import load_pipeline
+
+KW = dict(prompt="a cat on a wall", height=64, width=64, num_inference_steps=4, guidance_scale=4.0, output_type="np")
+
+
+def _gen(pipe, seed=1):
+    return pipe(generator=torch.Generator().manual_seed(seed), **KW).images
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    """A pipeline with a non-trivial in-memory adapter, its output, and the base output."""
+    pipe = load_pipeline("tiny")
+    base = _gen(pipe)
+    pipe.transformer.add_adapter(L.lora_config(pipe.transformer, rank=4, alpha=8, init="gaussian"), adapter_name="style")
+    torch.manual_seed(0)
+    for name, p in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    styled = _gen(pipe)
+    lora = L.extract_lora(pipe.transformer, "style", meta={"preset": "all", "trigger": "zxy_test", "base_model": "tiny"})
+    return lora, styled, base
+
+
+def _fresh_output_with(path_or_bytes, tmp_path, name):
+    path = tmp_path / f"{name}.safetensors"
+    if isinstance(path_or_bytes, bytes):
+        path.write_bytes(path_or_bytes)
+    else:
+        path = path_or_bytes
+    pipe = load_pipeline("tiny")
+    pipe.load_lora_weights(str(path), adapter_name=name)  # diffusers' own loader
+    return _gen(pipe)
+
+
+def test_presets_pick_the_right_layers():
+    all_ = L.target_modules(8, 24, "all")
+    assert len(all_) == 8 * 12 + 24 * 2  # the 9B layout: 12 Linears per double block, 2 per single block
+    assert all(n.startswith("single_transformer_blocks.") for n in L.target_modules(8, 24, "single_blocks"))
+    assert all(n.startswith("transformer_blocks.") for n in L.target_modules(8, 24, "double_blocks"))
+    attn = L.target_modules(8, 24, "attention")
+    assert "transformer_blocks.0.attn.to_q" in attn and "transformer_blocks.0.ff.linear_in" not in attn
+    with pytest.raises(L.LoraError, match="unknown LoRA target preset"):
+        L.target_modules(8, 24, "everything")
+
+
+def test_rank32_all_on_klein9b_has_87m_parameters():
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(num_layers=8, num_single_layers=24, attention_head_dim=128, num_attention_heads=32,
+                                        joint_attention_dim=12288, guidance_embeds=False)
+    modules = dict(model.named_modules())
+    params = sum(32 * (modules[n].in_features + modules[n].out_features) for n in L.transformer_targets(model, "all"))
+    assert abs(params / 1e6 - 87.0) < 0.1
+
+
+def test_our_file_through_diffusers_loader_matches_in_memory(trained_like, tmp_path):
+    lora, styled, base = trained_like
+    assert not np.allclose(styled, base)
+    path = L.save_lora(lora, tmp_path / "lora.safetensors")
+    out = _fresh_output_with(path, tmp_path, "ours")
+    assert np.array_equal(out, styled)
+    back = L.read_lora(path)
+    assert back.meta["trigger"] == "zxy_test" and back.rank == 4 and back.alpha == 8
+    assert all(torch.equal(back.layers[n].up, lora.layers[n].up) for n in lora.layers)
+
+
+def test_add_lora_matches_diffusers_loader(trained_like):
+    lora, styled, _ = trained_like
+    pipe = load_pipeline("tiny")
+    L.add_lora(pipe.transformer, lora, adapter_name="mine")
+    assert np.array_equal(_gen(pipe), styled)
+
+
+@pytest.mark.parametrize("fmt", ["comfyui", "kohya", "ai-toolkit"])
+def test_export_import_round_trip_is_lossless(trained_like, fmt):
+    lora, _, _ = trained_like
+    data = L.export_lora(lora, fmt)
+    assert L.detect_format(st_load(data)) == fmt
+    back = L.read_lora(data)
+    assert set(back.layers) == set(lora.layers)
+    if fmt == "ai-toolkit":  # no alpha key in that format: the scale is baked into B, ΔW is identical
+        assert L.lora_delta_close(back, lora, atol=1e-6)
+    else:
+        for n, layer in lora.layers.items():
+            assert torch.equal(back.layers[n].down, layer.down) and torch.equal(back.layers[n].up, layer.up)
+            assert back.layers[n].alpha == layer.alpha
+
+
+def test_comfyui_keys_are_bfl_names_with_alphas(trained_like):
+    lora, _, _ = trained_like
+    keys = st_load(L.export_lora(lora, "comfyui"))
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight" in keys
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.alpha" in keys
+    assert "diffusion_model.single_blocks.0.linear1.lora_up.weight" in keys
+    # fused qkv: rank 3r with alpha 3α keeps the scale α/r
+    assert keys["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"].shape[0] == 3 * lora.rank
+    assert float(keys["diffusion_model.double_blocks.0.img_attn.qkv.alpha"]) == 3 * lora.alpha
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "ai-toolkit"])
+def test_exports_load_through_diffusers_with_the_same_output(trained_like, tmp_path, fmt):
+    lora, styled, _ = trained_like
+    out = _fresh_output_with(L.export_lora(lora, fmt), tmp_path, fmt.replace("-", "_"))
+    assert np.allclose(out, styled, atol=2e-6)
+
+
+def test_comfyui_import_then_diffusers_loader(trained_like, tmp_path):
+    lora, styled, _ = trained_like
+    back = L.read_lora(L.export_lora(lora, "comfyui"))
+    out = _fresh_output_with(L.lora_to_bytes(back), tmp_path, "comfy")
+    assert np.array_equal(out, styled)
+
+
+def test_flux1_lora_fails_with_layer_and_both_shapes():
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        klein9b = Flux2Transformer2DModel(num_layers=8, num_single_layers=24, attention_head_dim=128, num_attention_heads=32,
+                                          joint_attention_dim=12288, guidance_embeds=False)
+    r = 16
+    flux1 = L.LoraWeights(layers={
+        "transformer_blocks.0.attn.to_q": L.LoraLayer(torch.zeros(r, 3072), torch.zeros(3072, r), r),
+        "transformer_blocks.0.attn.add_k_proj": L.LoraLayer(torch.zeros(r, 3072), torch.zeros(3072, r), r),
+        "single_transformer_blocks.0.proj_mlp": L.LoraLayer(torch.zeros(r, 3072), torch.zeros(12288, r), r),
+    })
+    with pytest.raises(L.LoraError) as e:
+        L.check_lora_fits(flux1, klein9b)
+    msg = str(e.value)
+    assert "transformer_blocks.0.attn.to_q: the model's layer is 4096→4096 (in→out), the LoRA's is 3072→3072" in msg
+    assert "single_transformer_blocks.0.proj_mlp: no such layer" in msg
+    assert "FLUX.1" in msg and "hidden 4096 / joint 12288" in msg
+
+
+def test_flux1_lora_file_refused_by_add_lora(tmp_path):
+    pipe = load_pipeline("tiny", components=("transformer",))
+    r = 4
+    state = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(r, 3072),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, r),
+    }
+    lora = L.read_lora(st_save(state))
+    with pytest.raises(L.LoraError, match="FLUX.1"):
+        L.add_lora(pipe.transformer, lora, "flux1")
+    assert not getattr(pipe.transformer, "peft_config", None)  # nothing half-loaded
+
+
+def test_not_safetensors_is_refused_without_unpickling(tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(L.LoraError, match="not a safetensors file"):
+        L.read_lora(path)
+    with pytest.raises(L.LoraError, match="not a safetensors file"):
+        L.read_lora(b"hello")
+
+
+def test_nan_weights_are_refused():
+    state = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, 32), float("nan")),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
+    }
+    with pytest.raises(L.LoraError, match="NaN or infinite"):
+        L.read_lora(st_save(state), name="nan.safetensors")
+
+
+def test_unknown_key_format_is_named():
+    with pytest.raises(L.LoraError, match="unrecognised LoRA key format"):
+        L.read_lora(st_save({"foo.weight": torch.zeros(2, 2)}))
