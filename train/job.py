@@ -1,0 +1,278 @@
+"""One style-LoRA job on Ray: refs → captions → cache (Ray task) → TorchTrainer → sheets → stored LoRA.
+
+This is the thin Ray layer; every stage it calls runs without Ray too. Outputs land under
+`tenants/<tenant>/loras/<job_id>/` and `manifest.json` is written last, so a LoRA exists for readers only
+once every file it names is in place (with its sha256).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from cluster.storage import Storage
+from train.recipe import TrainConfig
+
+log = logging.getLogger("klein.train")
+
+JOB_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{2,63}$")
+
+
+class JobError(RuntimeError):
+    """The job could not run or finish; the message says at which stage and why."""
+
+
+def new_job_id() -> str:
+    return f"lora-{uuid.uuid4().hex[:12]}"
+
+
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise JobError(f"invalid job id {job_id!r}: use 3–64 lowercase letters, digits, '-' or '_'")
+    return job_id
+
+
+def lora_prefix(tenant: str, job_id: str) -> str:
+    return f"tenants/{tenant}/loras/{job_id}"
+
+
+@dataclass
+class PreparedDataset:
+    ref_set: object
+    captions: list[str]
+    caption_info: dict
+    decision: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare_dataset(source, cfg: TrainConfig, on_gpu: bool) -> tuple[PreparedDataset, TrainConfig]:
+    """Validate refs and trigger, resolve the variant, and caption (Gemini or its fallback)."""
+    from gemini.captions import caption_images
+    from gemini.client import GeminiClient, GeminiConfig
+    from gemini.policy import text_stage_policy
+    from train.captions import check_trigger, lint_caption
+    from train.dataset import load_refs
+
+    cfg.trigger = check_trigger(cfg.trigger)
+    ref_set = load_refs(source, max_refs=cfg.max_refs)
+    n = len(ref_set.refs)
+    resolved, decision = cfg.resolved(n, on_gpu=on_gpu)
+    policy = text_stage_policy(n)
+    if not resolved.use_gemini:
+        policy = policy.model_copy(update={"use_gemini": False, "reason": policy.reason if not policy.use_gemini else f"variant {decision.variant} trains without Gemini"})
+    client = GeminiClient(GeminiConfig.from_env()) if policy.use_gemini else None
+    result = caption_images([r.image for r in ref_set.refs], [r.name for r in ref_set.refs], resolved.trigger,
+                            ref_set.sidecar_captions, client, policy=policy)
+    captions = [result.captions[r.name] for r in ref_set.refs]
+    warnings = list(ref_set.warnings) + list(decision.warnings) + list(result.warnings)
+    for ref, caption in zip(ref_set.refs, captions):
+        warnings += [f"{ref.name}: {w}" for w in lint_caption(caption)]
+    decision_info = {"variant": decision.variant, "reason": decision.reason, "text_stage": policy.model_dump(mode="json")}
+    return PreparedDataset(ref_set, captions, result.to_manifest(), decision_info, warnings), resolved
+
+
+def _cache_task_options(cfg: TrainConfig) -> dict:
+    from cluster.pools import TRAIN_RESOURCE
+
+    # the cache runs in the training pool (it feeds that pool's job) and, on GPUs, on one GPU
+    return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, "resources": {TRAIN_RESOURCE: 1}}
+
+
+def _ray_storage_path(storage: Storage) -> str:
+    return storage.uri_of("ray_train") if not storage.is_local else str(storage.local_path("ray_train"))
+
+
+def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
+    """Run a whole job and return its manifest. `source` is a folder, a zip or a storage URI of refs.
+
+    Submitting again with the same `job_id` after the driver died resumes from the last checkpoint
+    (Ray Train restores a run with the same name and storage path).
+    """
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.pools import train_scaling_config
+    from train.cache import build_cache
+    from train.loop import train_loop_per_worker
+
+    if cfg.use_gpu is None:
+        cfg.use_gpu = torch.cuda.is_available()
+    cfg.job_id = check_job_id(cfg.job_id or new_job_id())
+    storage = Storage.from_uri(cfg.storage)
+    cfg.storage = storage.uri
+    status_key = f"jobs/{cfg.job_id}/status.json"
+    started = time.time()
+
+    def status(state: str, **extra):
+        info = {"state": state, "job_id": cfg.job_id, "tenant": cfg.tenant, "updated": time.time(), **extra}
+        storage.write_json(status_key, info)
+        if progress:
+            progress(info)
+
+    status("preparing")
+    try:
+        prepared, cfg = prepare_dataset(source, cfg, on_gpu=bool(cfg.use_gpu))
+    except Exception as e:
+        status("failed", error=str(e), stage="dataset")
+        raise
+    for w in prepared.warnings:
+        log.warning("%s", w)
+    status("caching", decision=prepared.decision, warnings=prepared.warnings)
+    ref_set = prepared.ref_set
+    cache_key = ray.get(
+        ray.remote(build_cache).options(**_cache_task_options(cfg)).remote(
+            ref_set, prepared.captions, cfg.model, cfg.storage, cfg.resolution, "cuda" if cfg.use_gpu else "cpu"
+        )
+    )
+    status("training", step=0, steps=cfg.steps, decision=prepared.decision)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "cache_key": cache_key},
+        scaling_config=train_scaling_config(cfg.num_workers, use_gpu=bool(cfg.use_gpu)),
+        run_config=RunConfig(
+            name=cfg.job_id,
+            storage_path=_ray_storage_path(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None or result.checkpoint is None:
+        status("failed", error=str(result.error), stage="training")
+        raise JobError(f"training job {cfg.job_id} failed: {result.error}")
+    import json
+
+    with result.checkpoint.as_directory() as d:
+        final_state = json.loads((Path(d) / "state.json").read_text())
+    manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started)
+    status("done", manifest=f"{lora_prefix(cfg.tenant, cfg.job_id)}/manifest.json", best_step=manifest["best_step"])
+    return manifest
+
+
+def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10) -> list[dict]:
+    """Validation-loss rises of more than `rel` between saves near the cosine midpoint (40–65% of steps),
+    where the seeds saw the schedule jump; those checkpoints deserve a look."""
+    flags = []
+    for prev, cur in zip(val, val[1:]):
+        if 0.4 * steps <= cur["step"] <= 0.65 * steps and cur["val_loss"] > prev["val_loss"] * (1 + rel):
+            flags.append({"from_step": prev["step"], "to_step": cur["step"], "rise": cur["val_loss"] / prev["val_loss"] - 1})
+    return flags
+
+
+def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_key: str, storage: Storage, started: float) -> dict:
+    """Pick the delivered checkpoint, render sheets and plots, write everything, manifest last."""
+    from klein.lora import export_lora, read_lora
+    from klein.model import model_id
+
+    val = state["val"]
+    best = min(val, key=lambda v: v["val_loss"])
+    final_step = state["step"]
+    delivered_step = best["step"] if cfg.early_stopping else final_step
+    ckpt_key = lambda s: f"jobs/{cfg.job_id}/checkpoints/step_{s:06d}.safetensors"  # noqa: E731
+    lora = read_lora(storage.read_bytes(ckpt_key(delivered_step)))
+    lora.meta.update({"trigger": cfg.trigger, "base_model": model_id(cfg.model), "targets": cfg.targets, "step": delivered_step,
+                      "job_id": cfg.job_id, "variant": prepared.decision["variant"]})
+    from klein.lora import lora_to_bytes
+
+    lora_bytes = lora_to_bytes(lora)
+    comfy_bytes = export_lora(lora, "comfyui")
+    checkpoints = [v["step"] for v in val]
+    sheet_png = ray.get(render_contact_sheet_task().remote(cfg.model, [storage.read_bytes(ckpt_key(s)) for s in checkpoints],
+                                                           checkpoints, cfg.sample_prompts, cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
+    from train.report import loss_plot_png
+
+    loss_png = loss_plot_png(state["log"], val, best_step=best["step"])
+    prefix = lora_prefix(cfg.tenant, cfg.job_id)
+    files = {
+        "lora.safetensors": lora_bytes,
+        "lora_comfyui.safetensors": comfy_bytes,
+        "samples/contact_sheet.png": sheet_png,
+        "samples/loss.png": loss_png,
+    }
+    hashes = {name: storage.write_bytes(f"{prefix}/{name}", data) for name, data in files.items()}
+    profile = _style_profile(prepared)
+    steps_logged = [e["step"] for e in state["log"]]
+    manifest = {
+        "id": cfg.job_id,
+        "tenant": cfg.tenant,
+        "trigger": cfg.trigger,
+        "base_model": model_id(cfg.model),
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("fail_at_step", "step_delay_s")},
+        "decision": prepared.decision,
+        "warnings": prepared.warnings,
+        "captions": prepared.caption_info,
+        "dataset": {"hash": prepared.ref_set.dataset_hash, "refs": [{"name": r.name, "sha256": r.sha256, "size": [r.width, r.height]} for r in prepared.ref_set.refs]},
+        "cache_key": cache_key,
+        "metrics": {
+            "final_loss": state["log"][-1]["loss"],
+            "steps": final_step,
+            "val_curve": val,
+            "loss_curve": [{"step": e["step"], "loss": e["loss"]} for e in state["log"]],
+            "attempts": max(e.get("attempt", 0) for e in state["log"]) + 1,
+            "steps_trained_once": steps_logged == list(range(1, final_step + 1)),
+        },
+        "best_step": best["step"],
+        "delivered_step": delivered_step,
+        "midpoint_jumps": midpoint_jumps(val, cfg.steps),
+        "checkpoints": checkpoints,
+        "style_profile": profile,
+        "files": hashes,
+        "elapsed_s": time.time() - started,
+    }
+    storage.write_json(f"{prefix}/manifest.json", manifest)
+    return manifest
+
+
+def _style_profile(prepared: PreparedDataset) -> dict:
+    """L1 STYLE_PROFILE, computed once per LoRA (Gemini when the policy allows it, else offline)."""
+    from gemini.client import GeminiClient, GeminiConfig
+    from gemini.profile import extract_style_profile
+
+    use = prepared.decision["text_stage"]["use_gemini"]
+    client = GeminiClient(GeminiConfig.from_env()) if use else None
+    images = [r.image for r in prepared.ref_set.refs]
+    return extract_style_profile(images, client=client).to_manifest()
+
+
+def _sample_size(cfg: TrainConfig) -> int:
+    return cfg.sample_size or (64 if cfg.model == "tiny" else 1024)
+
+
+def render_contact_sheet_task():
+    """The contact sheet runs on the inference pool: sampling must not compete with training GPUs."""
+    from cluster.pools import infer_task_options
+
+    return ray.remote(render_contact_sheet).options(**infer_task_options(num_gpus=0, num_cpus=1))
+
+
+def render_contact_sheet(model: str, lora_files: list[bytes], steps_of: list[int], prompts: list[str], trigger: str,
+                         size: int, sample_steps: int, seed: int, use_gpu: bool) -> bytes:
+    """A grid: one row per prompt, the base model in the first column, then one column per checkpoint."""
+    from klein.generate import GenerateRequest, generate_image, set_active_loras
+    from klein.lora import read_lora
+    from klein.model import load_pipeline
+    from train.report import image_grid
+
+    pipe = load_pipeline(model, device="cuda" if use_gpu else "cpu")
+    rows = []
+    for p_idx, prompt in enumerate(prompts):
+        req = GenerateRequest(prompt=f"{trigger}. {prompt}", seed=seed + p_idx, steps=sample_steps, width=size, height=size)
+        set_active_loras(pipe, [])
+        row = [generate_image(pipe, req)]
+        for data, step in zip(lora_files, steps_of):
+            set_active_loras(pipe, [(f"step{step}", read_lora(data), 1.0)])
+            row.append(generate_image(pipe, req))
+        rows.append(row)
+    labels = ["base"] + [f"step {s}" for s in steps_of]
+    png = io.BytesIO()
+    image_grid(rows, col_labels=labels, row_labels=prompts).save(png, format="PNG")
+    return png.getvalue()
