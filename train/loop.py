@@ -116,9 +116,9 @@ class StepPlan:
                 by_bucket.setdefault(tuple(item.bucket), []).append(i)
             batches = []
             for bucket in sorted(by_bucket):
-                idx = list(rng.permutation(by_bucket[bucket]))
+                idx = [int(i) for i in rng.permutation(by_bucket[bucket])]
                 batches += [idx[j : j + self.batch_size] for j in range(0, len(idx), self.batch_size)]
-            order = rng.permutation(len(batches))
+            order = [int(k) for k in rng.permutation(len(batches))]
             self._epochs = {epoch: [batches[k] for k in order]}  # keep one epoch in memory
         return self._epochs[epoch]
 

@@ -1,0 +1,182 @@
+"""Training pieces without Ray: config, policy, objective, data order, optimisers, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.loop import (
+    StepPlan, TrainState, flow_matching_loss, load_checkpoint, lora_parameters, make_batch, make_lr_scheduler,
+    make_optimizer, sample_sigmas, save_checkpoint, setup_transformer, shift_mu,
+)
+from train.cache import CachedItem, TrainingData
+from train.recipe import ConfigError, TrainConfig, choose_variant, default_steps
+
+
+def test_yaml_uses_ai_toolkit_keys(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("rank: 16\nlinear_alpha: 8\noptimizer: adamw\nlr: 0.0002\nsteps: 40\ncaption_dropout_rate: 0.1\n"
+                    "resolution: 512\nsave_every: 10\nsample_every: 20\nnetwork_dim: 16\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert (cfg.rank, cfg.linear_alpha, cfg.optimizer, cfg.lr, cfg.steps) == (16, 8, "adamw", 2e-4, 40)
+    assert cfg.caption_dropout_rate == 0.1 and cfg.resolution == 512 and cfg.save_every == 10
+
+
+def test_unknown_key_and_bad_value_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown keys \['learning_rat'\]"):
+        TrainConfig.from_dict({"learning_rat": 1e-4})
+    with pytest.raises(ConfigError, match="optimizer: choose one of"):
+        TrainConfig.from_dict({"optimizer": "sgd"})
+    with pytest.raises(ConfigError, match="resolution"):
+        TrainConfig.from_dict({"resolution": 1000})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rank: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        TrainConfig.from_yaml(bad)
+
+
+def test_seed_defaults():
+    cfg = TrainConfig()
+    assert (cfg.rank, cfg.linear_alpha, cfg.optimizer, cfg.lr, cfg.weight_decay) == (32, 32, "adafactor", 1e-4, 1e-4)
+    assert cfg.lr_scheduler == "cosine" and cfg.caption_dropout_rate == 0.05 and cfg.resolution == 1024
+
+
+@pytest.mark.parametrize("n,variant", [(2, "B_r128"), (3, "B_r128"), (5, "GEM+B"), (7, "GEM+B"), (12, "GEM+A"), (40, "GEM+A")])
+def test_dataset_size_policy(n, variant):
+    assert choose_variant(n).variant == variant
+
+
+def test_two_refs_warn_and_one_is_refused():
+    assert "nothing works reliably" in choose_variant(2).warnings[0]
+    with pytest.raises(ConfigError, match="at least 2"):
+        choose_variant(1)
+
+
+def test_steps_formula_and_resolution():
+    assert default_steps(32, 10) == 500 and default_steps(32, 30) == 900
+    assert default_steps(128, 10) == 500 and default_steps(128, 40) == 800
+    cfg, decision = TrainConfig().resolved(5, on_gpu=False)
+    assert decision.variant == "GEM+B" and cfg.rank == 128 and cfg.steps == 500 and cfg.early_stopping
+    assert cfg.optimizer == "adamw" and "adamw8bit needs a GPU" in decision.warnings[0]
+    cfg, _ = TrainConfig().resolved(3, on_gpu=True)
+    assert cfg.use_gemini is False and cfg.optimizer == "adamw8bit"
+    cfg, _ = TrainConfig(variant="custom", rank=8, steps=7).resolved(12)
+    assert cfg.rank == 8 and cfg.steps == 7
+
+
+def test_adamw8bit_on_cpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="adamw8bit runs only on CUDA"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+
+
+def test_shift_grows_with_resolution():
+    assert shift_mu(256) == pytest.approx(0.5) and shift_mu(4096) == pytest.approx(1.15)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    small, large = sample_sigmas(4000, 256, g()), sample_sigmas(4000, 4096, g())
+    assert ((small > 0) & (small < 1)).all()
+    assert large.mean() > small.mean()  # larger images train at higher noise
+
+
+def _data(n=5, buckets=((64, 64), (80, 48))):
+    items = [CachedItem(f"{i}.png", f"t. item {i}", buckets[i % len(buckets)], torch.randn(128, 4, 4) if i % 2 == 0 else torch.randn(128, 3, 5),
+                        torch.randn(16, 48)) for i in range(n)]
+    return TrainingData("k", items, torch.zeros(16, 48), "tiny", 64)
+
+
+def test_step_plan_is_deterministic_and_covers_every_item():
+    data = _data()
+    plan, again = StepPlan(data.items, 1, 1, seed=3), StepPlan(data.items, 1, 1, seed=3)
+    seen = [plan.batch(s, 0)[0] for s in range(1, 6)]
+    assert sorted(seen) == list(range(5))  # one epoch visits every item once
+    assert seen == [again.batch(s, 0)[0] for s in range(1, 6)]
+    many = _data(20).items
+    assert [StepPlan(many, 1, 1, seed=3).batch(s, 0)[0] for s in range(1, 21)] != [StepPlan(many, 1, 1, seed=4).batch(s, 0)[0] for s in range(1, 21)]
+    # two workers split each step's global batch
+    two = StepPlan(data.items, 1, 2, seed=3)
+    assert {two.batch(1, 0)[0], two.batch(1, 1)[0]} == set(seen[:2])
+
+
+def test_batches_stay_within_one_bucket():
+    data = _data(8)
+    plan = StepPlan(data.items, 2, 1, seed=0)
+    for step in range(1, 9):
+        idx = plan.batch(step, 0)
+        assert len({data.items[i].bucket for i in idx}) == 1
+
+
+def test_caption_dropout_replaces_the_whole_caption():
+    data = _data()
+    plan = StepPlan(data.items, 1, 1, seed=0)
+    drops = 0
+    for step in range(1, 200):
+        _, embeds, _, _, dropped = make_batch(plan, data, step, 0, caption_dropout_rate=0.3)
+        if dropped[0]:
+            drops += 1
+            assert torch.equal(embeds[0], data.empty_embeds)
+    assert 30 < drops < 90
+
+
+def test_flow_matching_target_is_noise_minus_x0():
+    class Oracle(torch.nn.Module):
+        """Predicts exactly noise - x0 from what it is given, to check the objective's algebra."""
+
+        def __init__(self, x0, noise):
+            super().__init__()
+            self.frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+            self.x0, self.noise = x0, noise
+
+        def forward(self, hidden_states, timestep, **kw):
+            from train.loop import pack_latents
+
+            sigma = timestep.view(-1, 1, 1)
+            packed_x0, _ = pack_latents(self.x0)
+            packed_noise, _ = pack_latents(self.noise)
+            assert torch.allclose(hidden_states, (1 - sigma) * packed_x0 + sigma * packed_noise, atol=1e-6)
+            return (packed_noise - packed_x0,)
+
+    x0, noise = torch.randn(2, 128, 4, 4), torch.randn(2, 128, 4, 4)
+    loss = flow_matching_loss(Oracle(x0, noise), x0, torch.randn(2, 8, 48), torch.tensor([0.3, 0.8]), noise)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("name", ["cosine", "cosine_with_restarts", "constant_with_warmup"])
+def test_lr_schedulers(name):
+    p = torch.nn.Parameter(torch.zeros(1))
+    cfg = TrainConfig(lr_scheduler=name, steps=10, lr_warmup_steps=2 if name == "constant_with_warmup" else 0)
+    opt = torch.optim.AdamW([p], lr=cfg.lr)
+    sched = make_lr_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    if name == "cosine":
+        assert lrs[-1] < lrs[0] and lrs[-1] == pytest.approx(0.0, abs=1e-9)
+    elif name == "constant_with_warmup":
+        assert lrs[-1] == pytest.approx(cfg.lr)
+
+
+def test_checkpoint_round_trip_restores_lora_optimizer_and_schedule(tmp_path, tiny_dir):
+    cfg = TrainConfig(steps=10, rank=4, linear_alpha=4, targets="single_blocks", lr=1e-3, optimizer="adamw")
+    tr = setup_transformer(cfg, torch.device("cpu"))
+    params = list(lora_parameters(tr).values())
+    opt, sched = make_optimizer(params, cfg, torch.device("cpu")), None
+    sched = make_lr_scheduler(opt, cfg)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sched.step()
+    state = TrainState(step=1, log=[{"step": 1, "loss": 0.5}], val=[])
+    save_checkpoint(tmp_path, tr, opt, sched, state, b"lora")
+    tr2 = setup_transformer(TrainConfig(**{**cfg.to_dict(), "seed": 9}), torch.device("cpu"))
+    params2 = list(lora_parameters(tr2).values())
+    opt2 = make_optimizer(params2, cfg, torch.device("cpu"))
+    sched2 = make_lr_scheduler(opt2, cfg)
+    restored = load_checkpoint(tmp_path, tr2, opt2, sched2)
+    assert restored.step == 1 and restored.attempt == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert math.isclose(opt2.param_groups[0]["lr"], opt.param_groups[0]["lr"])
