@@ -37,7 +37,7 @@ STYLE_WORDS: dict[str, frozenset[str]] = {
 }
 
 _ALL = {word: kind for kind, words in STYLE_WORDS.items() for word in words}
-_TOKEN = re.compile(r"[a-zA-Z][a-zA-Z0-9\-]*")
+_TOKEN = re.compile(r"[a-zA-Z][a-zA-Z0-9_\-]*")  # "zxy_neon" is one token: a trigger is not a style word
 
 
 def find_style_words(text: str) -> list[tuple[str, str]]:

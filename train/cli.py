@@ -1,0 +1,192 @@
+"""`klein-style train` and `klein-style demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+# The tiny preset's base weights are random, so it needs a larger step than real Klein (lr 1e-4) to show
+# a style within a few hundred CPU steps. These settings are for the tiny demo only.
+TINY_DEMO = dict(resolution=64, steps=240, save_every=80, lr=2e-3, sample_steps=8,
+                 sample_prompts=["a lighthouse on a cliff", "a cat sitting on a chair", "a boat on the sea"])
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="train a style LoRA from reference images through Ray Train")
+    t.add_argument("refs", help="folder, .zip or storage URI (s3://, gs://) of 2–50 reference images (+ optional .txt captions)")
+    t.add_argument("--trigger", required=True, help="a rare token that will call up the style, e.g. zxy_ink")
+    t.add_argument("--config", help="TrainConfig YAML (ai-toolkit key names: rank, linear_alpha, lr, steps, ...)")
+    t.add_argument("--model", default=None, help="`tiny` or a local FLUX.2 Klein folder (default: the config's, else tiny)")
+    t.add_argument("--storage", default=None, help="storage URI for caches, checkpoints and the LoRA")
+    t.add_argument("--tenant", default=None)
+    t.add_argument("--job-id", default=None, help="resubmitting an id resumes it from its last checkpoint")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--workers", type=int, default=None, help="data-parallel Ray Train workers")
+    t.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="board → tiny LoRA on Ray Train → before/after images → contact sheet")
+    d.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    d.add_argument("--style", default="neon", help="procedural board style (default neon)")
+    d.add_argument("--steps", type=int, default=TINY_DEMO["steps"])
+    d.set_defaults(func=cmd_demo)
+
+
+def _start_ray(address: str | None) -> None:
+    import ray
+
+    from cluster.pools import init_local_ray
+
+    if address:
+        ray.init(address=address)
+    else:
+        init_local_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024, log_to_driver=False)
+
+
+def _watch_progress(cfg, stop: threading.Event) -> None:
+    """A tqdm bar fed by the job's status.json (the workers write it; the driver only reads)."""
+    from tqdm import tqdm
+
+    from cluster.storage import Storage, StorageError
+
+    storage = Storage.from_uri(cfg.storage)
+    bar = None
+    while not stop.wait(0.5):
+        try:
+            st = storage.read_json(f"jobs/{cfg.job_id}/status.json")
+        except StorageError:
+            continue
+        if st.get("state") == "training" and st.get("steps"):
+            if bar is None:
+                bar = tqdm(total=st["steps"], desc="training", unit="step")
+            if st.get("step", 0) == bar.n:
+                continue
+            bar.n = st.get("step", 0)
+            if "loss" in st:
+                bar.set_postfix(loss=f"{st['loss']:.4f}", s_per_step=f"{st.get('s_per_step', 0):.3f}", eta=f"{st.get('eta_s', 0):.0f}s")
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+
+
+def run_with_progress(source, cfg):
+    from train.job import new_job_id, run_training_job
+
+    cfg.job_id = cfg.job_id or new_job_id()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_progress, args=(cfg, stop), daemon=True)
+    watcher.start()
+    try:
+        return run_training_job(source, cfg, progress=lambda s: print(f"[{s['state']}]", flush=True) if s["state"] != "training" else None)
+    finally:
+        stop.set()
+        watcher.join(timeout=2)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.captions import TriggerError
+    from train.dataset import DatasetError
+    from train.recipe import ConfigError, TrainConfig
+
+    overrides = {"trigger": args.trigger, "model": args.model, "storage": args.storage, "tenant": args.tenant,
+                 "job_id": args.job_id, "steps": args.steps, "num_workers": args.workers}
+    try:
+        if args.config:
+            cfg = TrainConfig.from_yaml(args.config, **overrides)
+        else:
+            cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+        _start_ray(args.address)
+        manifest = run_with_progress(args.refs, cfg)
+    except (ConfigError, DatasetError, TriggerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_summary(manifest, cfg)
+    return 0
+
+
+def _print_summary(manifest: dict, cfg) -> None:
+    from cluster.storage import Storage
+    from train.job import lora_prefix
+
+    storage = Storage.from_uri(cfg.storage)
+    prefix = lora_prefix(manifest["tenant"], manifest["id"])
+    m = manifest["metrics"]
+    print(f"\nLoRA {manifest['id']} ({manifest['decision']['variant']}: {manifest['decision']['reason']})")
+    print(f"  steps {m['steps']}, final loss {m['final_loss']:.4f}, val loss "
+          + " → ".join(f"{v['val_loss']:.4f}@{v['step']}" for v in m["val_curve"]))
+    print(f"  best step {manifest['best_step']}, delivered step {manifest['delivered_step']}, {manifest['elapsed_s']:.0f} s")
+    for flag in manifest["midpoint_jumps"]:
+        print(f"  check: val loss rose {flag['rise']:.0%} from step {flag['from_step']} to {flag['to_step']} (cosine midpoint)")
+    for w in manifest["warnings"][:10]:
+        print(f"  warning: {w}")
+    for name in manifest["files"]:
+        print(f"  {storage.uri_of(prefix + '/' + name)}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cluster.storage import Storage
+    from klein.generate import GenerateRequest, generate_image, set_active_loras
+    from klein.lora import read_lora
+    from klein.model import load_pipeline
+    from klein.style_score import style_distance
+    from train.board import make_board
+    from train.job import lora_prefix
+    from train.recipe import TrainConfig
+    from train.report import image_grid
+
+    started = time.time()
+    out = Path(args.out).resolve()
+    board = out / "board"
+    make_board(args.style, 12, board, size=256, seed=0)
+    print(f"1. board: 12 '{args.style}' images with content-only captions in {board}")
+    cfg = TrainConfig(trigger=f"zxy_{args.style}", model="tiny", storage=str(out / "storage"), job_id=f"demo-{args.style}",
+                      **{**TINY_DEMO, "steps": args.steps, "save_every": max(1, args.steps // 3)})
+    _start_ray(None)
+    print("2. training a tiny LoRA through Ray Train on a local cluster")
+    manifest = run_with_progress(board, cfg)
+    storage = Storage.from_uri(cfg.storage)
+    prefix = lora_prefix(cfg.tenant, cfg.job_id)
+    lora = read_lora(storage.read_verified(f"{prefix}/lora.safetensors", manifest["files"]["lora.safetensors"]))
+    pipe = load_pipeline("tiny")
+    prompts = [f"{cfg.trigger}. {p}" for p in cfg.sample_prompts]
+    requests = [GenerateRequest(prompt=p, seed=i, steps=20, width=64, height=64) for i, p in enumerate(prompts)]
+    set_active_loras(pipe, [])
+    before = [generate_image(pipe, r) for r in requests]
+    set_active_loras(pipe, [("demo", lora, 1.0)])
+    after = [generate_image(pipe, r) for r in requests]
+    refs = [_open_rgb(p).resize((64, 64)) for p in sorted(board.glob("*.png"))]
+    d_before, d_after = style_distance(before, refs), style_distance(after, refs)
+    grid = image_grid([refs[: len(prompts)], before, after], col_labels=cfg.sample_prompts, row_labels=["refs", "before (base)", "after (LoRA)"])
+    grid.save(out / "before_after.png")
+    print(f"3. before/after with the same seeds: style distance to the refs {d_before:.3f} → {d_after:.3f} "
+          f"({(1 - d_after / d_before):.0%} closer); val loss {manifest['metrics']['val_curve'][0]['val_loss']:.3f} → "
+          f"{manifest['metrics']['val_curve'][-1]['val_loss']:.3f}")
+    print(f"   {out / 'before_after.png'}")
+    print(f"   contact sheet: {storage.uri_of(prefix + '/samples/contact_sheet.png')}")
+    print(f"   loss plot:     {storage.uri_of(prefix + '/samples/loss.png')}")
+    print(f"   LoRA:          {storage.uri_of(prefix + '/lora.safetensors')} (+ ComfyUI export, manifest.json)")
+    http_step = _demo_http(cfg, manifest, out)
+    if http_step:
+        print(http_step)
+    print(f"done in {time.time() - started:.0f} s")
+    return 0
+
+
+def _open_rgb(path):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")
+
+
+def _demo_http(cfg, manifest, out: Path) -> str | None:
+    """Ask the HTTP endpoint for a styled image, when the serving layer is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("serve.demo") is None:
+        return None
+    from serve.demo import demo_http_generate
+
+    return demo_http_generate(cfg, manifest, out)
