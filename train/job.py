@@ -100,7 +100,7 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.pools import train_scaling_config
+    from cluster.pools import queued_train_loop, train_pool_turn, train_scaling_config
     from train.cache import build_cache
     from train.loop import train_loop_per_worker
 
@@ -135,7 +135,7 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     )
     status("training", step=0, steps=cfg.steps, decision=prepared.decision)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        queued_train_loop(train_loop_per_worker, cfg.job_id),
         train_loop_config={"train": cfg.to_dict(), "cache_key": cache_key},
         scaling_config=train_scaling_config(cfg.num_workers, use_gpu=bool(cfg.use_gpu)),
         run_config=RunConfig(
@@ -145,7 +145,9 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
-    result = trainer.fit()
+    # jobs enter the training pool in arrival order (Ray alone retries pending placement groups by back-off)
+    with train_pool_turn(cfg.job_id, poll_s=1.0):
+        result = trainer.fit()
     if result.error is not None or result.checkpoint is None:
         status("failed", error=str(result.error), stage="training")
         raise JobError(f"training job {cfg.job_id} failed: {result.error}")
