@@ -1,0 +1,84 @@
+"""The Serve application: Ingress → StyleStage → Generator, with Fusion beside them.
+
+    serve run serve.app:app_builder storage=/data model=tiny      # args on the command line
+    serve deploy serve/serve_config.yaml                          # or a config file (serveConfigV2)
+
+`build_app(config)` binds the graph; each deployment gets the same `ServeConfig` as a dict. Replica counts,
+autoscaling, queue limits and resources come from each deployment's defaults here, and a Serve config file
+overrides them per deployment (serve/serve_config.yaml).
+"""
+
+from __future__ import annotations
+
+from ray import serve
+
+from cluster.pools import serve_actor_options
+from serve.config import ServeConfig
+from serve.fusion import Fusion
+from serve.generator import Generator
+from serve.ingress import Ingress
+from serve.style import StyleStage
+
+APP_NAME = "klein-style"
+ROUTE_PREFIX = "/"
+
+
+def _cpu_replica(num_cpus: float) -> dict:
+    # CPU-only replicas still take a sliver of `infer_gpu`, so they stay in the inference pool
+    return serve_actor_options(num_gpus=0, num_cpus=num_cpus)
+
+
+def _generator_options(config: ServeConfig, num_cpus: float) -> dict:
+    gpus = 1 if config.device.startswith("cuda") else 0
+    return serve_actor_options(num_gpus=gpus, num_cpus=num_cpus)
+
+
+def build_app(config: dict | ServeConfig | None = None, *, replica_cpus: float = 0.1) -> serve.Application:
+    """The bound application. `replica_cpus` is what each replica reserves (small on a laptop or in tests)."""
+    cfg = ServeConfig.from_any(config)
+    cfg_dict = cfg.to_dict()
+    style = StyleStage.options(ray_actor_options=_cpu_replica(replica_cpus), max_ongoing_requests=32).bind(cfg_dict)
+    fusion = Fusion.options(ray_actor_options=_cpu_replica(replica_cpus), max_ongoing_requests=8).bind(cfg_dict)
+    generator = Generator.options(
+        ray_actor_options=_generator_options(cfg, replica_cpus),
+        # enough ongoing requests to fill a batch; more wait in the queue, and past that, callers get 503s
+        max_ongoing_requests=max(2 * cfg.max_batch_size, 4),
+        max_queued_requests=64,
+        health_check_period_s=30,
+        health_check_timeout_s=60,
+    ).bind(cfg_dict)
+    return Ingress.options(
+        ray_actor_options=_cpu_replica(replica_cpus), max_ongoing_requests=64, max_queued_requests=256,
+    ).bind(style, generator, fusion, cfg_dict)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Entry point for `serve run serve.app:app_builder key=value ...` and the `import_path` of a config file.
+
+    `args` are ServeConfig fields; `replica_cpus` sets the CPUs each replica reserves.
+    """
+    args = dict(args or {})
+    replica_cpus = float(args.pop("replica_cpus", 0.1))
+    return build_app(_coerce(args), replica_cpus=replica_cpus)
+
+
+def _coerce(args: dict) -> dict:
+    """`serve run` passes every CLI arg as a string: convert to the field's type."""
+    import dataclasses
+    import json
+
+    types = {f.name: f.type for f in dataclasses.fields(ServeConfig)}
+    out = {}
+    for key, value in args.items():
+        kind = str(types.get(key, "str"))
+        if isinstance(value, str) and key in types:
+            if kind.startswith("int"):
+                value = int(value)
+            elif kind.startswith("float"):
+                value = float(value)
+            elif kind.startswith("bool"):
+                value = value.lower() in ("1", "true", "yes", "on")
+            elif kind.startswith(("dict", "list")):
+                value = json.loads(value)
+        out[key] = value
+    return out

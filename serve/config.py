@@ -1,0 +1,86 @@
+"""ServeConfig: every knob of the HTTP service in one object, built from the app's `args` (serve config YAML)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ServeConfigError(ValueError):
+    """An unknown or invalid serve option; the message names it."""
+
+
+def _default_storage() -> str:
+    return os.environ.get("KLEIN_STORAGE", str(Path.home() / ".cache" / "klein-style" / "storage"))
+
+
+@dataclass
+class ServeConfig:
+    storage: str = field(default_factory=_default_storage)
+    model: str = "tiny"
+    device: str = "cpu"
+    # image limits and defaults (None: 64 on the tiny preset, 2048 on real weights)
+    max_side: int = 2048
+    default_side: int | None = None
+    default_steps: int = 50
+    default_guidance: float = 4.0
+    # generator replica: adapters kept resident (LRU) and request batching
+    max_loras_per_replica: int = 4
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.05
+    # True: one pipeline call per batch group (faster on GPU, but not bit-identical to single calls on
+    # CPU BLAS); False: the group shares one adapter activation and runs item by item (exact).
+    batch_forward: bool = False
+    # tenancy
+    rate_limit_per_s: float = 5.0
+    rate_limit_burst: int = 20
+    max_training_jobs_per_tenant: int = 1
+    # uploads and training sources
+    max_upload_bytes: int = 200 * 1024 * 1024
+    allow_local_source_uri: bool = False  # tests and single-user setups only: lets `source_uri` be a local path
+    # training jobs launched by the service (overrides of TrainConfig fields, e.g. steps for tests)
+    train_overrides: dict = field(default_factory=dict)
+    train_task_num_cpus: float = 0.0  # the driver task only waits on Ray Train; its workers hold the CPUs
+    # Gemini text stage: "auto" uses it when a key is configured
+    gemini: str = "auto"
+    # CORS: off unless origins are listed
+    cors_origins: list = field(default_factory=list)
+    # K-LoRA constants (the paper's alpha/beta; gamma balances content vs style)
+    klora_alpha: float = 1.5
+    klora_beta: float = 0.5
+    klora_gamma: float = 1.0
+    fusion_cache_size: int = 32
+
+    @classmethod
+    def from_any(cls, config: "ServeConfig | dict | None") -> "ServeConfig":
+        if isinstance(config, ServeConfig):
+            return config
+        data = dict(config or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ServeConfigError(f"unknown serve option(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**data)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.max_side < 64 or self.max_side % 16:
+            raise ServeConfigError(f"max_side must be a multiple of 16 and at least 64, got {self.max_side}")
+        if self.max_loras_per_replica < 1:
+            raise ServeConfigError("max_loras_per_replica must be at least 1")
+        if self.gemini not in ("auto", "on", "off"):
+            raise ServeConfigError(f"gemini must be auto, on or off, got {self.gemini!r}")
+        if self.max_upload_bytes < 1:
+            raise ServeConfigError("max_upload_bytes must be positive")
+
+    @property
+    def side_default(self) -> int:
+        if self.default_side is not None:
+            return self.default_side
+        return 64 if self.model == "tiny" else 2048
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

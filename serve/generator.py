@@ -1,0 +1,300 @@
+"""The generator: one Klein pipeline per replica, LoRA adapters multiplexed by id, requests batched.
+
+`KleinGenerator` is the plain part (tests call it without Ray); `Generator` is the Serve deployment.
+
+An "adapter set" is what one request needs resident: one trained LoRA, one linearly fused LoRA, or the
+2–3 LoRAs of a K-LoRA fusion. Its multiplexed model id lists the storage keys and sha256s of its files
+(`key#sha|key#sha`), so any replica can load it from storage, checked, with nothing else to look up.
+Serve keeps at most `max_loras_per_replica` sets per replica (LRU); on eviction the set's adapters are
+deleted from the transformer, which frees their parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from klein.generate import GenerateRequest, generate_image, set_active_loras
+from serve.fusion import KLoraSchedule
+
+log = logging.getLogger("klein.serve.generator")
+
+BASE_MODEL_ID = ""  # no adapters: the base model
+
+
+class GeneratorError(RuntimeError):
+    """The generator could not load an adapter or run the pipeline."""
+
+
+# -- adapter-set ids ---------------------------------------------------------------------------------------
+def adapter_set_id(files: list[dict]) -> str:
+    """Multiplexed model id of the files [{key, sha256}] (order matters: it is the adapter order)."""
+    return "|".join(f"{f['key']}#{f['sha256']}" for f in files)
+
+
+def parse_adapter_set_id(model_id: str) -> list[dict]:
+    if not model_id:
+        return []
+    files = []
+    for part in model_id.split("|"):
+        key, sep, sha = part.rpartition("#")
+        if not sep or not key or len(sha) != 64:
+            raise GeneratorError(f"malformed adapter set id part {part!r}")
+        files.append({"key": key, "sha256": sha})
+    return files
+
+
+def adapter_names(model_id: str, count: int) -> list[str]:
+    # peft adapter names become ModuleDict keys: no dots or slashes, so hash the id
+    digest = hashlib.sha1(model_id.encode()).hexdigest()[:16]
+    return [f"set_{digest}_{i}" for i in range(count)]
+
+
+# -- the plain generator -----------------------------------------------------------------------------------
+@dataclass
+class GenerateItem:
+    """One image to make. `adapter_weights` has one weight per adapter of the set; `klora` holds the K-LoRA
+    per-layer scores when the set is a K-LoRA fusion."""
+
+    prompt: str
+    seed: int
+    steps: int
+    width: int
+    height: int
+    guidance: float
+    negative_prompt: str = ""
+    model_id: str = BASE_MODEL_ID
+    adapter_weights: list = field(default_factory=list)
+    klora: dict | None = None
+
+    def request(self) -> GenerateRequest:
+        return GenerateRequest(prompt=self.prompt, seed=self.seed, steps=self.steps, width=self.width,
+                               height=self.height, guidance=self.guidance, negative_prompt=self.negative_prompt)
+
+    def group_key(self) -> tuple:
+        """Items with the same key can share one adapter activation (and one batched pipeline call)."""
+        klora = None if self.klora is None else id(self.klora.get("scores"))
+        return (self.model_id, tuple(self.adapter_weights), self.width, self.height, self.steps,
+                float(self.guidance), self.negative_prompt, klora)
+
+
+class KleinGenerator:
+    """A Klein pipeline and the adapters resident in its transformer. Thread-safe: one pipeline call at a time."""
+
+    def __init__(self, model: str = "tiny", device: str = "cpu", max_side: int = 2048, storage=None,
+                 klora_constants: tuple[float, float, float] = (1.5, 0.5, 1.0)):
+        from klein.model import load_pipeline
+
+        self.model = model
+        self.max_side = max_side
+        self.storage = storage
+        self.klora_constants = klora_constants
+        self.pipe = load_pipeline(model, device=device)
+        self.lock = threading.Lock()
+        self.last_ok = time.monotonic()
+
+    # -- adapters --------------------------------------------------------------------------------------
+    def resident_adapters(self) -> list[str]:
+        return sorted(getattr(self.pipe.transformer, "peft_config", {}) or {})
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.pipe.transformer.parameters())
+
+    def load_adapter_set(self, model_id: str) -> list[str]:
+        """Read the set's files from storage (sha256-checked) and add them as adapters; returns their names."""
+        from klein.lora import read_lora
+
+        files = parse_adapter_set_id(model_id)
+        names = adapter_names(model_id, len(files))
+        loras = [read_lora(self.storage.read_verified(f["key"], f["sha256"]), name=f["key"]) for f in files]
+        with self.lock:
+            resident = set(self.resident_adapters())
+            for name, lora in zip(names, loras):
+                if name not in resident:
+                    from klein.lora import add_lora
+
+                    add_lora(self.pipe.transformer, lora, adapter_name=name)
+        return names
+
+    def delete_adapters(self, names: list[str]) -> None:
+        """Remove adapters from the transformer and free their memory."""
+        with self.lock:
+            present = [n for n in names if n in set(self.resident_adapters())]
+            if present:
+                self.pipe.transformer.delete_adapters(present)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- generation ------------------------------------------------------------------------------------
+    def validate(self, item: GenerateItem) -> None:
+        item.request().validate(self.max_side)
+
+    def run_group(self, items: list[GenerateItem], names: list[str], batch_forward: bool = False) -> list[bytes]:
+        """Generate every item of one group (same adapters, weights, size, steps) as PNG bytes."""
+        first = items[0]
+        with self.lock:
+            set_active_loras(self.pipe, [(n, None, w) for n, w in zip(names, first.adapter_weights)])
+            if first.klora is not None:
+                images = [self._run_klora(item, names) for item in items]
+            elif batch_forward and len(items) > 1:
+                images = self._run_batched(items)
+            else:
+                images = [generate_image(self.pipe, item.request()) for item in items]
+            self.last_ok = time.monotonic()
+        return [_png(image) for image in images]
+
+    def _run_batched(self, items: list[GenerateItem]):
+        # One pipeline call for the group: a list of prompts and one generator per item. On CPU BLAS the
+        # batched forward is not bit-identical to single calls (±1/255), hence opt-in (`batch_forward`).
+        first = items[0]
+        generators = [torch.Generator(device="cpu").manual_seed(i.seed) for i in items]
+        negative = None
+        if first.guidance > 1.0 and first.negative_prompt:
+            negative, _ = self.pipe.encode_prompt([first.negative_prompt] * len(items), device=self.pipe._execution_device)
+        out = self.pipe(prompt=[i.prompt for i in items], negative_prompt_embeds=negative, height=first.height,
+                        width=first.width, num_inference_steps=first.steps, guidance_scale=first.guidance,
+                        generator=generators)
+        return out.images
+
+    def _run_klora(self, item: GenerateItem, names: list[str]):
+        alpha, beta, gamma = self.klora_constants
+        schedule = KLoraSchedule.build(item.klora["scores"], item.steps, alpha, beta, gamma)
+        modules = _lora_modules(self.pipe.transformer, schedule.layers)
+        apply_klora_step(modules, names, schedule, 0, item.adapter_weights)
+
+        def on_step(i: int, total: int) -> None:
+            if i < total:  # after step i-1 finished: set up step i
+                apply_klora_step(modules, names, schedule, i, item.adapter_weights)
+
+        return generate_image(self.pipe, item.request(), on_step=on_step)
+
+    def probe(self) -> None:
+        """A real 1-step forward at the smallest size; raises if the pipeline is broken."""
+        if not self.lock.acquire(blocking=False):
+            return  # busy generating: the pipeline is evidently alive
+        try:
+            out = self.pipe(prompt="health check", height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
+                            generator=torch.Generator(device="cpu").manual_seed(0), output_type="np")
+            image = np.asarray(out.images[0])
+            if image.shape[:2] != (64, 64) or not np.isfinite(image).all():
+                raise GeneratorError(f"the health probe produced an invalid image (shape {image.shape})")
+            self.last_ok = time.monotonic()
+        finally:
+            self.lock.release()
+
+
+def _lora_modules(transformer, layer_names: list[str]) -> dict:
+    modules = dict(transformer.named_modules())
+    return {name: modules[name] for name in layer_names if name in modules}
+
+
+def apply_klora_step(modules: dict, names: list[str], schedule: KLoraSchedule, step: int, user_weights: list[float]) -> None:
+    """Set each layer's adapter scales for `step`: the chosen LoRA at its weight, the others at 0."""
+    for layer, weights in schedule.weights_at(step, user_weights).items():
+        module = modules.get(layer)
+        if module is None:
+            continue
+        for name, weight in zip(names, weights):
+            module.set_scale(name, weight)
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- the Serve deployment ----------------------------------------------------------------------------------
+from ray import serve  # noqa: E402  (the plain part above must import without Serve's side effects)
+
+
+class ResidentAdapterSet:
+    """What `@serve.multiplexed` keeps per model id. Serve calls `__del__` on LRU eviction (and Python may
+    call it again at garbage collection), so deleting is idempotent."""
+
+    def __init__(self, generator: KleinGenerator, model_id: str, names: list[str]):
+        self.generator = generator
+        self.model_id = model_id
+        self.names = names
+        self._deleted = False
+
+    def __del__(self):
+        if not self._deleted:
+            self._deleted = True
+            log.info("evicting adapter set %s (%s)", self.model_id[:60], self.names)
+            self.generator.delete_adapters(self.names)
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    def __init__(self, config: dict):
+        from cluster.storage import Storage
+        from serve.config import ServeConfig
+
+        self.config = ServeConfig.from_any(config)
+        storage = Storage.from_uri(self.config.storage)
+        self.core = KleinGenerator(self.config.model, self.config.device, self.config.max_side, storage,
+                                   (self.config.klora_alpha, self.config.klora_beta, self.config.klora_gamma))
+        # the decorators' numbers are placeholders: the config decides (the multiplex limit is applied once
+        # Serve has created its wrapper, see `_adapter_set`)
+        self.generate_batch.set_max_batch_size(self.config.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def get_adapter_set(self, model_id: str) -> ResidentAdapterSet:
+        names = await asyncio.to_thread(self.core.load_adapter_set, model_id)
+        return ResidentAdapterSet(self.core, model_id, names)
+
+    async def _adapter_set(self, model_id: str) -> ResidentAdapterSet:
+        adapter_set = await self.get_adapter_set(model_id)
+        # Serve builds the multiplex wrapper lazily with the decorator's limit; the limit is checked before
+        # each load, so setting it after the first load makes the configured limit hold from then on.
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        if wrapper is not None:
+            wrapper.max_num_models_per_replica = self.config.max_loras_per_replica
+        return adapter_set
+
+    async def generate(self, item: dict) -> bytes:
+        result = await self.generate_batch(GenerateItem(**item))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate_batch(self, items: list[GenerateItem]) -> list:
+        results: list = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(item.group_key(), []).append(index)
+        for indices in groups.values():
+            group = [items[i] for i in indices]
+            try:
+                names: list[str] = []
+                if group[0].model_id:
+                    # resolve adapters before taking the pipeline lock: an eviction triggered here needs it
+                    adapter_set = await self._adapter_set(group[0].model_id)
+                    names = adapter_set.names
+                pngs = await asyncio.to_thread(self.core.run_group, group, names, self.config.batch_forward)
+                for i, png in zip(indices, pngs):
+                    results[i] = png
+            except Exception as e:  # noqa: BLE001 — one group's failure must not fail the others
+                log.exception("generation failed for a group of %d", len(group))
+                for i in indices:
+                    results[i] = e
+        return results
+
+    async def stats(self) -> dict:
+        return {"resident_adapters": self.core.resident_adapters(), "parameters": self.core.parameter_count()}
+
+    async def check_health(self) -> None:
+        await asyncio.to_thread(self.core.probe)

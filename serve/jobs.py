@@ -1,0 +1,159 @@
+"""Training jobs started over HTTP: ownership records, the background Ray task, status for clients.
+
+Layout in storage:
+- `tenants/<t>/submissions/<id>.json`: who asked for job <id> and when (written before the job starts,
+  so ownership is known even before the LoRA exists);
+- `uploads/<t>/<id>/refs.zip`: the uploaded references;
+- `jobs/<id>/status.json` and `tenants/<t>/loras/<id>/...`: written by `train.job.run_training_job`.
+
+The job runs as a Ray task (`num_cpus` 0 by default: it only drives Ray Train, whose workers hold the CPUs
+or GPUs of the training pool), so the ingress never blocks on training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import fields
+
+import ray
+
+from cluster.storage import Storage, StorageError, tenant_prefix
+from train.job import check_job_id, lora_prefix, new_job_id
+
+log = logging.getLogger("klein.serve.jobs")
+
+TERMINAL_STATES = ("done", "failed", "cancelled")
+# what clients may download from a LoRA folder, by the short name used in URLs
+PUBLIC_FILES = {
+    "contact_sheet.png": "samples/contact_sheet.png",
+    "loss.png": "samples/loss.png",
+    "lora.safetensors": "lora.safetensors",
+    "lora_comfyui.safetensors": "lora_comfyui.safetensors",
+}
+
+
+def submission_key(tenant: str, job_id: str) -> str:
+    return f"{tenant_prefix(tenant, 'submissions')}/{check_job_id(job_id)}.json"
+
+
+def upload_key(tenant: str, job_id: str) -> str:
+    return f"uploads/{tenant}/{check_job_id(job_id)}/refs.zip"
+
+
+def status_key(job_id: str) -> str:
+    return f"jobs/{check_job_id(job_id)}/status.json"
+
+
+def owns(storage: Storage, tenant: str, job_id: str) -> bool:
+    """True when `job_id` belongs to `tenant` (submitted by it, or a LoRA stored under it)."""
+    return storage.exists(submission_key(tenant, job_id)) or storage.exists(f"{lora_prefix(tenant, job_id)}/manifest.json")
+
+
+def list_jobs(storage: Storage, tenant: str) -> list[str]:
+    submitted = [k.rsplit("/", 1)[-1][: -len(".json")] for k in _list_quiet(storage, tenant_prefix(tenant, "submissions"))
+                 if k.endswith(".json")]
+    finished = storage.list_tenant(tenant, "loras")
+    return sorted(set(submitted) | set(finished))
+
+
+def _list_quiet(storage: Storage, prefix: str) -> list[str]:
+    try:
+        return storage.list(prefix) if storage.exists(prefix) else []
+    except StorageError:
+        return []
+
+
+def read_status(storage: Storage, job_id: str) -> dict | None:
+    key = status_key(job_id)
+    return storage.read_json(key) if storage.exists(key) else None
+
+
+def read_manifest(storage: Storage, tenant: str, job_id: str) -> dict | None:
+    key = f"{lora_prefix(tenant, job_id)}/manifest.json"
+    return storage.read_json(key) if storage.exists(key) else None
+
+
+def train_config(config_overrides: dict, tenant: str, job_id: str, trigger: str, storage_uri: str, model: str,
+                 request_options: dict):
+    """The TrainConfig of a job: server overrides win over the request's options (the operator decides steps)."""
+    from train.recipe import TrainConfig
+
+    allowed = {f.name for f in fields(TrainConfig)}
+    options = {k: v for k, v in request_options.items() if k in allowed and k in ("rank", "linear_alpha", "steps", "lr", "resolution", "variant", "targets", "seed")}
+    options.update(config_overrides)
+    return TrainConfig(trigger=trigger, tenant=tenant, job_id=job_id, storage=storage_uri, model=model, **options)
+
+
+def _run_job(source: str, cfg_dict: dict) -> dict:
+    """Body of the Ray task: run the whole job; failures are recorded in status.json by run_training_job."""
+    from train.job import run_training_job
+    from train.recipe import TrainConfig
+
+    cfg = TrainConfig.from_dict(cfg_dict) if hasattr(TrainConfig, "from_dict") else TrainConfig(**cfg_dict)
+    manifest = run_training_job(source, cfg)
+    return {"id": manifest["id"], "best_step": manifest.get("best_step")}
+
+
+class JobRunner:
+    """Starts jobs as Ray tasks and remembers their refs, to report crashes status.json cannot show."""
+
+    def __init__(self, storage: Storage, task_num_cpus: float = 0.0):
+        self.storage = storage
+        self.task_num_cpus = task_num_cpus
+        self.running: dict[str, ray.ObjectRef] = {}
+
+    def submit(self, tenant: str, source: str, cfg) -> str:
+        job_id = cfg.job_id
+        self.storage.write_json(submission_key(tenant, job_id), {"id": job_id, "tenant": tenant, "created": time.time(),
+                                                                 "trigger": cfg.trigger})
+        self.storage.write_json(status_key(job_id), {"state": "queued", "job_id": job_id, "tenant": tenant, "updated": time.time()})
+        task = ray.remote(_run_job).options(num_cpus=self.task_num_cpus, max_retries=0, name=f"train-{job_id}")
+        self.running[job_id] = task.remote(source, cfg.to_dict())
+        return job_id
+
+    def state_of(self, job_id: str) -> dict:
+        """status.json, corrected when the task died without writing a final state."""
+        status = read_status(self.storage, job_id) or {"state": "unknown", "job_id": job_id}
+        ref = self.running.get(job_id)
+        if ref is not None and status.get("state") not in TERMINAL_STATES:
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # noqa: BLE001 — the job's error, reported as its state
+                    status = {**status, "state": "failed", "error": _short_error(e)}
+        return status
+
+    def active_count(self, tenant: str) -> int:
+        count = 0
+        for job_id in list_jobs(self.storage, tenant):
+            if self.state_of(job_id).get("state") not in TERMINAL_STATES:
+                count += 1
+        return count
+
+    def cancel(self, job_id: str) -> None:
+        ref = self.running.pop(job_id, None)
+        if ref is not None:
+            try:
+                ray.cancel(ref, force=True, recursive=True)
+            except Exception:  # noqa: BLE001 — already finished
+                pass
+
+    def delete(self, tenant: str, job_id: str) -> None:
+        self.cancel(job_id)
+        for key in (lora_prefix(tenant, job_id), f"jobs/{job_id}", f"uploads/{tenant}/{job_id}", submission_key(tenant, job_id)):
+            try:
+                self.storage.delete(key)
+            except (StorageError, OSError) as e:
+                log.warning("could not delete %s: %s", key, e)
+
+
+def _short_error(e: Exception) -> str:
+    # the first line only: a RayTaskError's str() carries the remote traceback, which clients must not see
+    text = str(getattr(e, "cause", None) or e).strip().splitlines()
+    return text[0][:500] if text else type(e).__name__
+
+
+def new_id() -> str:
+    return new_job_id()

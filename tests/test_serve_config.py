@@ -1,0 +1,41 @@
+"""The Serve config file and the app builder, without starting Ray."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.app import _coerce, app_builder, build_app
+from serve.config import ServeConfig, ServeConfigError
+
+CONFIG = Path(__file__).resolve().parents[1] / "serve" / "serve_config.yaml"
+
+
+def test_serve_config_yaml_is_a_valid_serve_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(data)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:app_builder"
+    names = {d.name for d in app.deployments}
+    assert names == {"Ingress", "StyleStage", "Fusion", "Generator"}
+    generator = next(d for d in app.deployments if d.name == "Generator")
+    assert generator.ray_actor_options.resources["infer_gpu"] > 0
+    assert generator.autoscaling_config and generator.max_queued_requests
+
+
+def test_app_builder_accepts_the_config_args(tmp_path):
+    args = dict(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"], storage=str(tmp_path))
+    assert app_builder(args) is not None
+    assert app_builder({"storage": str(tmp_path), "max_loras_per_replica": "3", "batch_forward": "false"}) is not None
+
+
+def test_cli_strings_are_coerced_and_unknown_options_refused(tmp_path):
+    coerced = _coerce({"max_side": "1024", "rate_limit_per_s": "2.5", "batch_forward": "true", "cors_origins": '["http://a"]'})
+    assert coerced == {"max_side": 1024, "rate_limit_per_s": 2.5, "batch_forward": True, "cors_origins": ["http://a"]}
+    with pytest.raises(ServeConfigError):
+        build_app({"storage": str(tmp_path), "no_such_option": 1})
+    with pytest.raises(ServeConfigError):
+        ServeConfig.from_any({"max_side": 100})
+    assert ServeConfig(model="tiny").side_default == 64 and ServeConfig(model="/models/klein").side_default == 2048

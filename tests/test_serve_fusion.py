@@ -1,0 +1,117 @@
+"""Fusion math without Ray: the linear merge is exact; K-LoRA picks per the paper's formula."""
+
+import math
+
+import pytest
+import torch
+
+from klein.lora import LoraLayer, LoraWeights
+from serve.fusion import (FusionError, FusionService, KLoraSchedule, fusion_cache_key, klora_choose,
+                          klora_layer_scores, klora_time_scale, linear_merge, topk_abs_sum)
+
+
+def _layer(out_f, in_f, r, alpha, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return LoraLayer(down=torch.randn(r, in_f, generator=g) * scale, up=torch.randn(out_f, r, generator=g) * scale, alpha=alpha)
+
+
+def _lora(seed, rank=3, alpha=6.0, scale=1.0, names=("a.q", "a.k", "b.out")):
+    shapes = {"a.q": (12, 8), "a.k": (12, 8), "b.out": (5, 12)}
+    return LoraWeights(layers={n: _layer(*shapes[n], rank, alpha, seed + i, scale) for i, n in enumerate(names)})
+
+
+def test_linear_merge_equals_the_dense_weighted_sum():
+    a, b, c = _lora(0, rank=2, alpha=4.0), _lora(10, rank=3, alpha=3.0), _lora(20, rank=5, alpha=1.0, names=("a.q",))
+    weights = [0.7, -0.3, 1.5]
+    merged = linear_merge([a, b, c], weights)
+    for name, layer in merged.layers.items():
+        dense = sum(w * l.layers[name].delta() for l, w in zip((a, b, c), weights) if name in l.layers)
+        assert torch.allclose(layer.delta(), dense, atol=1e-5), name
+    assert merged.layers["a.q"].rank == 2 + 3 + 5  # rank adds up: factors are stacked, never densified
+    assert merged.layers["b.out"].rank == 2 + 3
+    assert merged.layers["a.q"].scale == 1.0
+
+
+def test_topk_abs_sum_matches_brute_force():
+    layer = _layer(12, 8, 3, 6.0, 1)
+    dense = layer.delta().abs().flatten().sort(descending=True).values
+    assert topk_abs_sum(layer, 9) == pytest.approx(float(dense[:9].sum()), rel=1e-5)
+    assert topk_abs_sum(layer, 10_000) == pytest.approx(float(dense.sum()), rel=1e-5)  # k capped at numel
+
+
+def test_klora_scores_use_k_as_the_product_of_ranks():
+    a, b = _lora(0, rank=2), _lora(5, rank=3)
+    scores = klora_layer_scores([a, b])
+    for name in a.layers:
+        k = 2 * 3
+        assert scores[name][0] == pytest.approx(topk_abs_sum(a.layers[name], k), rel=1e-6)
+        assert scores[name][1] == pytest.approx(topk_abs_sum(b.layers[name], k), rel=1e-6)
+
+
+def test_klora_chooses_the_larger_scaled_topk_sum_at_every_layer_and_step():
+    a, b = _lora(0, rank=2, scale=1.0), _lora(5, rank=2, scale=0.9)
+    scores = klora_layer_scores([a, b])
+    steps, alpha, beta, gamma = 8, 1.5, 0.5, 1.0
+    schedule = KLoraSchedule.build(scores, steps, alpha, beta, gamma)
+    switched = False
+    for step in range(steps):
+        scale = alpha * step / steps + beta
+        for layer, chosen in zip(schedule.layers, schedule.choices[step]):
+            s_content, s_style = scores[layer][0] / gamma, scores[layer][1] * scale
+            expected = 0 if s_content >= s_style else 1
+            assert chosen == expected, (layer, step)
+            switched |= step > 0 and chosen != schedule.choices[0][schedule.layers.index(layer)]
+    assert switched, "with comparable LoRAs the growing style scale must flip some layer to the style LoRA"
+
+
+def test_klora_weights_at_a_step_keep_only_the_chosen_lora():
+    schedule = KLoraSchedule(layers=["x", "y"], choices=[[0, 1], [1, 1]])
+    assert schedule.weights_at(0, [0.8, 1.2]) == {"x": [0.8, 0.0], "y": [0.0, 1.2]}
+    assert schedule.weights_at(1, [0.8, 1.2]) == {"x": [0.0, 1.2], "y": [0.0, 1.2]}
+
+
+def test_klora_three_loras_and_time_scale():
+    assert klora_time_scale(0.0) == 0.5 and klora_time_scale(0.5) == pytest.approx(1.25)
+    assert klora_choose([10.0, 4.0, 6.0], 0.0) == 0  # 10 vs 2 vs 3
+    assert klora_choose([10.0, 4.0, 6.0], 0.99) == 2  # late: 10 vs 7.9 vs 11.9
+    assert klora_choose([10.0, 4.0, 4.5], 0.99) == 0  # 10 vs 7.9 vs 8.9
+    assert klora_choose([1.0, 1.0], 0.0, gamma=1.0) == 0  # 1 vs 0.5
+    assert klora_choose([1.0, 1.0], 0.5) == 1  # 1 vs 1.25
+
+
+def test_klora_refuses_one_or_four_loras():
+    with pytest.raises(FusionError):
+        klora_layer_scores([_lora(0)])
+    with pytest.raises(FusionError):
+        klora_layer_scores([_lora(i) for i in range(4)])
+
+
+def test_fusion_cache_key_depends_on_contents_weights_and_method():
+    k = fusion_cache_key(["a" * 64, "b" * 64], [1.0, 0.5], "linear")
+    assert k == fusion_cache_key(["a" * 64, "b" * 64], [1.0, 0.5], "linear")
+    assert k != fusion_cache_key(["a" * 64, "b" * 64], [1.0, 0.6], "linear")
+    assert k != fusion_cache_key(["a" * 64, "b" * 64], [1.0, 0.5], "klora")
+    assert k != fusion_cache_key(["b" * 64, "a" * 64], [1.0, 0.5], "linear")
+
+
+def test_fusion_service_caches_and_verifies(tmp_path):
+    from cluster.storage import IntegrityError, Storage, sha256_bytes
+    from klein.lora import lora_to_bytes, read_lora
+
+    storage = Storage.from_uri(tmp_path)
+    specs = []
+    for i in range(2):
+        data = lora_to_bytes(_lora(i))
+        storage.write_bytes(f"l{i}.safetensors", data)
+        specs.append({"id": f"l{i}", "key": f"l{i}.safetensors", "sha256": sha256_bytes(data), "weight": 0.5 + i})
+    service = FusionService(storage)
+    first = service.linear(specs)
+    assert not first["cached"] and service.linear(specs)["cached"]
+    merged = read_lora(storage.read_verified(first["key"], first["sha256"]))
+    expected = linear_merge([_lora(0), _lora(1)], [0.5, 1.5])
+    for name in expected.layers:
+        assert torch.allclose(merged.layers[name].delta(), expected.layers[name].delta(), atol=1e-5)
+    assert not service.klora_scores(specs)["cached"] and service.klora_scores(specs)["cached"]
+    bad = [dict(specs[0], sha256="0" * 64), specs[1]]
+    with pytest.raises(IntegrityError):
+        FusionService(storage).linear(bad)

@@ -1,0 +1,97 @@
+"""The generator's plain part, without Ray: adapters load and go away, groups match single calls, K-LoRA steps."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cluster.storage import Storage
+from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.lora import lora_to_bytes
+from serve.fusion import klora_layer_scores
+from serve.generator import GenerateItem, KleinGenerator, adapter_set_id, parse_adapter_set_id
+from serve.testing import random_lora
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    storage = Storage.from_uri(tmp_path_factory.mktemp("gen-storage"))
+    return KleinGenerator("tiny", storage=storage)
+
+
+def _stored(gen, name, lora):
+    data = lora_to_bytes(lora)
+    sha = gen.storage.write_bytes(f"{name}.safetensors", data)
+    return {"key": f"{name}.safetensors", "sha256": sha}
+
+
+def _item(prompt="zxy_test. a house", seed=3, model_id="", weights=(), klora=None):
+    return GenerateItem(prompt=prompt, seed=seed, steps=3, width=64, height=64, guidance=4.0,
+                        model_id=model_id, adapter_weights=list(weights), klora=klora)
+
+
+def test_adapter_set_ids_round_trip():
+    files = [{"key": "tenants/a/loras/x/lora.safetensors", "sha256": "a" * 64}, {"key": "k2", "sha256": "b" * 64}]
+    assert parse_adapter_set_id(adapter_set_id(files)) == files
+    assert parse_adapter_set_id("") == []
+
+
+def test_deleting_adapters_frees_their_parameters(gen):
+    base = gen.parameter_count()
+    lora = random_lora(gen.pipe.transformer, rank=4, seed=1)
+    lora_params = sum(l.down.numel() + l.up.numel() for l in lora.layers.values())
+    model_id = adapter_set_id([_stored(gen, "evict", lora)])
+    names = gen.load_adapter_set(model_id)
+    assert gen.resident_adapters() == names
+    assert gen.parameter_count() == base + lora_params
+    gen.delete_adapters(names)
+    assert gen.resident_adapters() == []
+    assert gen.parameter_count() == base
+
+
+def test_a_group_run_item_by_item_equals_single_generation(gen, tiny_pipe):
+    lora = random_lora(gen.pipe.transformer, rank=4, seed=2)
+    model_id = adapter_set_id([_stored(gen, "group", lora)])
+    names = gen.load_adapter_set(model_id)
+    items = [_item(seed=s, model_id=model_id, weights=[0.8]) for s in (1, 2, 3)]
+    pngs = gen.run_group(items, names)
+    set_active_loras(tiny_pipe, [("ref_group", lora, 0.8)])
+    for item, png in zip(items, pngs):
+        expected = np.asarray(generate_image(tiny_pipe, item.request()).convert("RGB"))
+        assert np.array_equal(_pixels(png), expected)
+    set_active_loras(tiny_pipe, [])
+    tiny_pipe.transformer.delete_adapters(["ref_group"])
+    gen.delete_adapters(names)
+
+
+def test_klora_with_a_dominant_lora_equals_that_lora_alone(gen):
+    big = random_lora(gen.pipe.transformer, rank=4, scale=0.08, seed=3)
+    small = random_lora(gen.pipe.transformer, rank=4, scale=0.001, seed=4)
+    files = [_stored(gen, "big", big), _stored(gen, "small", small)]
+    klora_id = adapter_set_id(files)
+    names = gen.load_adapter_set(klora_id)
+    scores = klora_layer_scores([big, small])
+    klora_png = gen.run_group([_item(model_id=klora_id, weights=[0.9, 1.0], klora={"scores": scores})], names)[0]
+    single_id = adapter_set_id(files[:1])
+    single_names = gen.load_adapter_set(single_id)
+    single_png = gen.run_group([_item(model_id=single_id, weights=[0.9])], single_names)[0]
+    base_png = gen.run_group([_item()], [])[0]
+    assert np.array_equal(_pixels(klora_png), _pixels(single_png))
+    assert not np.array_equal(_pixels(klora_png), _pixels(base_png))
+    gen.delete_adapters(names + single_names)
+
+
+def test_probe_runs_a_real_forward(gen):
+    gen.probe()
+    original = gen.pipe.transformer.forward
+    gen.pipe.transformer.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken"))
+    try:
+        with pytest.raises(RuntimeError):
+            gen.probe()
+    finally:
+        gen.pipe.transformer.forward = original

@@ -1,0 +1,345 @@
+"""The whole service over real HTTP: one local Ray cluster and one Serve app for this module.
+
+Training runs in the background from the first test on (it takes a while on 2 CPUs); the tests that do
+not need the trained LoRA run meanwhile, on synthetic LoRAs stored exactly where training puts them.
+"""
+
+import base64
+import io
+import time
+import zipfile
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+PORT = 8472
+APP = "klein-style-test"
+TRAIN_OVERRIDES = {"steps": 20, "save_every": 10, "lr": 2e-3, "resolution": 64, "sample_prompts": ["a house"],
+                   "sample_steps": 4}
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from cluster.pools import init_local_ray
+    from cluster.storage import Storage
+    from serve.app import build_app
+    from serve.tenants import create_api_key
+
+    root = tmp_path_factory.mktemp("serve-storage")
+    storage = Storage.from_uri(root)
+    config = {"storage": str(root), "max_loras_per_replica": 2, "max_upload_bytes": 5 * 1024 * 1024,
+              "rate_limit_per_s": 5.0, "rate_limit_burst": 40, "train_overrides": TRAIN_OVERRIDES,
+              "max_training_jobs_per_tenant": 1}
+    init_local_ray(num_cpus=2)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(config, replica_cpus=0.1), name=APP, route_prefix="/")
+    keys = {t: create_api_key(storage, t) for t in ("acme", "globex", "hammer")}
+    client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120)
+    yield {"client": client, "keys": keys, "storage": storage}
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    return service["client"]
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    from klein.model import load_pipeline
+
+    return load_pipeline("tiny").transformer
+
+
+@pytest.fixture(scope="module")
+def synthetic(service, transformer):
+    """Synthetic LoRAs: four for acme, one for globex."""
+    from serve.testing import random_lora, store_lora
+
+    storage = service["storage"]
+    made = {}
+    for i, (tenant, lora_id, scale) in enumerate([("acme", "syn-a1", 0.08), ("acme", "syn-a2", 0.06),
+                                                  ("acme", "syn-a3", 0.05), ("acme", "syn-a4", 0.05),
+                                                  ("globex", "syn-b1", 0.05)]):
+        lora = random_lora(transformer, rank=4, scale=scale, seed=100 + i)
+        store_lora(storage, tenant, lora_id, lora)
+        made[lora_id] = lora
+    return made
+
+
+@pytest.fixture(scope="module")
+def training_job(service, tmp_path_factory):
+    """Submit the training job over HTTP (multipart zip) as soon as the service is up."""
+    from train.board import make_board
+
+    board = tmp_path_factory.mktemp("board")
+    make_board("neon", 6, board, size=256, seed=0)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for path in sorted(board.iterdir()):
+            z.write(path, path.name)
+    r = service["client"].post("/v1/loras", headers=_auth(service["keys"]["acme"]),
+                               files={"refs": ("refs.zip", buf.getvalue(), "application/zip")},
+                               data={"trigger": "zxy_neon"})
+    assert r.status_code == 202, r.text
+    return {"id": r.json()["id"], "zip": buf.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def trained(service, training_job):
+    http, key = service["client"], service["keys"]["acme"]
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        body = http.get(f"/v1/loras/{training_job['id']}", headers=_auth(key)).json()
+        if body["status"] in ("done", "failed"):
+            break
+        time.sleep(2)
+    assert body["status"] == "done", body
+    return body
+
+
+def _generate(http, key, **body):
+    payload = {"prompt": "a house", "steps": 4, "seed": 7, "use_gemini": "off", "response": "json", **body}
+    r = http.post("/v1/generate", headers=_auth(key), json=payload)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    return data, base64.b64decode(data["image_base64"])
+
+
+def _assert_error(r, status, field=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) >= {"error", "detail", "field"}, body
+    assert "Traceback" not in r.text and 'File "' not in r.text
+    if field is not None:
+        assert body["field"] == field, body
+    return body
+
+
+# -- tests that run while training runs -------------------------------------------------------------------
+def test_training_started_and_a_second_job_is_refused(service, training_job):
+    http, key = service["client"], service["keys"]["acme"]
+    r = http.post("/v1/loras", headers=_auth(key), files={"refs": ("refs.zip", training_job["zip"], "application/zip")})
+    body = _assert_error(r, 429)
+    assert "Retry-After" in r.headers and "training" in body["detail"]
+    status = http.get(f"/v1/loras/{training_job['id']}", headers=_auth(key)).json()
+    assert status["status"] in ("queued", "preparing", "caching", "training", "done")
+
+
+def test_health_docs_and_metrics(http):
+    assert http.get("/healthz").json()["status"] == "ok"
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/generate", "/v1/loras", "/v1/loras/{lora_id}", "/v1/style-profile"} <= set(paths)
+    text = http.get("/metrics").text
+    assert "klein_http_requests_total" in text and "klein_http_request_seconds_bucket" in text
+
+
+def test_auth_is_required_and_checked(http, service):
+    _assert_error(http.get("/v1/loras"), 401, "authorization")
+    _assert_error(http.get("/v1/loras", headers=_auth("ks_000000000000_wrong")), 401, "authorization")
+    _assert_error(http.post("/v1/generate", json={"prompt": "x"}, headers={"X-API-Key": "nope"}), 401)
+    assert http.get("/v1/loras", headers={"X-API-Key": service["keys"]["acme"]}).status_code == 200
+
+
+def test_bad_requests_get_json_errors_with_the_field(http, service):
+    key = service["keys"]["acme"]
+    _assert_error(http.post("/v1/generate", headers=_auth(key), json={"prompt": "a", "width": 100}), 422, "width")
+    _assert_error(http.post("/v1/generate", headers=_auth(key), json={"prompt": "a", "height": 4096}), 422, "height")
+    _assert_error(http.post("/v1/generate", headers=_auth(key), json={"prompt": "a", "steps": 0}), 422, "steps")
+    _assert_error(http.post("/v1/generate", headers=_auth(key), json={"width": 64}), 422, "prompt")
+    _assert_error(http.post("/v1/generate", headers=_auth(key), json={"prompt": "a", "fusion": "magic"}), 422, "fusion")
+    _assert_error(http.post("/v1/generate", headers={**_auth(key), "Content-Type": "application/json"},
+                            content=b"{nope"), 422)
+    _assert_error(http.post("/v1/generate", headers=_auth(key), json={"prompt": "a", "lora_id": "../../etc/passwd"}), 404, "lora_id")
+    _assert_error(http.get("/v1/loras/..%2F..%2Fauth", headers=_auth(key)), 404)
+    _assert_error(http.get("/v1/nothing-here", headers=_auth(key)), 404)
+    other = service["keys"]["globex"]  # acme has a training job running: its POST /v1/loras would be a 429
+    _assert_error(http.post("/v1/loras", headers=_auth(other), json={"source_uri": "/etc"}), 422, "source_uri")
+    _assert_error(http.post("/v1/loras", headers=_auth(other), json={"source_uri": service["storage"].uri}), 422,
+                  "source_uri")
+    _assert_error(http.post("/v1/loras", headers=_auth(other), files={"refs": ("r.zip", b"not a zip", "application/zip")}),
+                  422, "refs")
+    _assert_error(http.post("/v1/loras", headers={**_auth(other), "Content-Type": "text/plain"}, content=b"hi"), 415)
+    _assert_error(http.post("/v1/loras", headers=_auth(other), content=b"x" * (6 * 1024 * 1024)), 413)
+
+
+def test_base_generation_is_deterministic(http, service):
+    key = service["keys"]["acme"]
+    r1 = http.post("/v1/generate", headers=_auth(key), json={"prompt": "a house", "steps": 4, "seed": 3})
+    r2 = http.post("/v1/generate", headers=_auth(key), json={"prompt": "a house", "steps": 4, "seed": 3})
+    assert r1.status_code == 200 and r1.headers["content-type"] == "image/png"
+    assert r1.content == r2.content
+    assert _pixels(r1.content).shape == (64, 64, 3)  # tiny default size
+
+
+def test_tenant_isolation_on_every_endpoint(http, service, synthetic):
+    a, b = service["keys"]["acme"], service["keys"]["globex"]
+    listed_a = {item["id"] for item in http.get("/v1/loras", headers=_auth(a)).json()["loras"]}
+    listed_b = {item["id"] for item in http.get("/v1/loras", headers=_auth(b)).json()["loras"]}
+    assert "syn-a1" in listed_a and "syn-b1" not in listed_a
+    assert listed_b == {"syn-b1"}
+    assert http.get("/v1/loras/syn-a1", headers=_auth(a)).status_code == 200
+    for r in (
+        http.get("/v1/loras/syn-a1", headers=_auth(b)),
+        http.delete("/v1/loras/syn-a1", headers=_auth(b)),
+        http.get("/v1/loras/syn-a1/files/lora.safetensors", headers=_auth(b)),
+        http.post("/v1/generate", headers=_auth(b), json={"prompt": "x", "steps": 2, "lora_id": "syn-a1"}),
+        http.post("/v1/generate", headers=_auth(b), json={"prompt": "x", "steps": 2,
+                                                          "loras": [{"id": "syn-b1"}, {"id": "syn-a1"}]}),
+        http.post("/v1/style-profile", headers=_auth(b), json={"lora_id": "syn-a1"}),
+    ):
+        body = _assert_error(r, 404)
+        assert "syn-a1" not in body["detail"] or "not found" in body["detail"]
+    # a missing id answers exactly like someone else's
+    assert http.get("/v1/loras/syn-zz", headers=_auth(b)).json() == http.get("/v1/loras/syn-a1", headers=_auth(b)).json()
+    assert http.get("/v1/loras/syn-a1", headers=_auth(a)).status_code == 200  # B's DELETE did nothing
+
+
+def test_linear_fusion_equals_the_merged_lora_in_process(http, service, synthetic):
+    from klein.generate import GenerateRequest, generate_image, set_active_loras
+    from klein.model import load_pipeline
+    from serve.fusion import linear_merge
+
+    key = service["keys"]["acme"]
+    data, png = _generate(http, key, loras=[{"id": "syn-a1", "weight": 0.7}, {"id": "syn-a2", "weight": 0.5}],
+                          fusion="linear")
+    assert data["fusion"]["method"] == "linear" and data["fusion"]["rank"] == 8
+    again, png2 = _generate(http, key, loras=[{"id": "syn-a1", "weight": 0.7}, {"id": "syn-a2", "weight": 0.5}],
+                            fusion="linear")
+    assert again["fusion"]["cached"] and png2 == png
+    pipe = load_pipeline("tiny")
+    set_active_loras(pipe, [("merged", linear_merge([synthetic["syn-a1"], synthetic["syn-a2"]], [0.7, 0.5]), 1.0)])
+    expected = generate_image(pipe, GenerateRequest(prompt=data["prompt"], seed=7, steps=4, width=64, height=64))
+    assert np.array_equal(_pixels(png), np.asarray(expected.convert("RGB")))
+
+
+def test_klora_fusion_runs_and_mixes(http, service, synthetic):
+    key = service["keys"]["acme"]
+    data, png = _generate(http, key, loras=[{"id": "syn-a1"}, {"id": "syn-a3"}], fusion="klora")
+    assert data["fusion"]["method"] == "klora"
+    _, single1 = _generate(http, key, lora_id="syn-a1")
+    _, base = _generate(http, key)
+    assert not np.array_equal(_pixels(png), _pixels(base))
+    assert not np.array_equal(_pixels(png), _pixels(single1))  # the style LoRA takes some layers late on
+    _assert_error(http.post("/v1/generate", headers=_auth(key), json={
+        "prompt": "x", "steps": 2, "fusion": "klora",
+        "loras": [{"id": i} for i in ("syn-a1", "syn-a2", "syn-a3", "syn-a4")]}), 422, "loras")
+
+
+def test_adapter_eviction_frees_memory(http, service, synthetic, transformer):
+    from ray import serve
+
+    key = service["keys"]["acme"]
+    handle = serve.get_deployment_handle("Generator", app_name=APP)
+    base_params = sum(p.numel() for p in transformer.parameters())
+    per_lora = sum(l.down.numel() + l.up.numel() for l in synthetic["syn-a2"].layers.values())
+    seen = []
+    for lora_id in ("syn-a2", "syn-a3", "syn-a4"):
+        _generate(http, key, lora_id=lora_id)
+        stats = handle.stats.remote().result()
+        seen.append(stats)
+    # max_loras_per_replica=2: the third set evicts the least recently used one, and its parameters go
+    assert len(seen[-1]["resident_adapters"]) == 2
+    assert seen[-1]["parameters"] == base_params + 2 * per_lora
+    assert not set(seen[0]["resident_adapters"]) & set(seen[-1]["resident_adapters"]) - set(seen[1]["resident_adapters"])
+
+
+def test_style_profile_from_images(http, service, training_job):
+    key = service["keys"]["acme"]
+    with zipfile.ZipFile(io.BytesIO(training_job["zip"])) as z:
+        images = [(n, z.read(n)) for n in z.namelist() if n.endswith(".png")][:3]
+    r = http.post("/v1/style-profile", headers=_auth(key),
+                  files=[("images", (n, data, "image/png")) for n, data in images])
+    assert r.status_code == 200, r.text
+    assert r.json()["profile"]["schema_version"]
+    _assert_error(http.post("/v1/style-profile", headers=_auth(key),
+                            files=[("images", ("x.png", b"not a picture", "image/png"))]), 422, "images")
+
+
+def test_rate_limit_answers_429_with_retry_after(http, service):
+    key = service["keys"]["hammer"]
+    codes, retry = [], None
+    for _ in range(70):
+        r = http.get("/v1/loras", headers=_auth(key))
+        codes.append(r.status_code)
+        if r.status_code == 429:
+            retry = r.headers.get("Retry-After")
+            _assert_error(r, 429)
+    assert 429 in codes and retry is not None and int(retry) >= 1
+    assert codes[0] == 200
+
+
+# -- tests that need the trained LoRA ----------------------------------------------------------------------
+def test_trained_lora_status_and_files(http, service, trained):
+    key = service["keys"]["acme"]
+    assert trained["metrics"]["steps"] == 20 and trained["decision"]["variant"]
+    assert "text_stage" in trained["decision"]
+    assert set(trained["files"]) >= {"contact_sheet.png", "loss.png"}
+    sheet = http.get(trained["files"]["contact_sheet.png"], headers=_auth(key))
+    assert sheet.status_code == 200 and sheet.headers["content-type"] == "image/png"
+    Image.open(io.BytesIO(sheet.content)).verify()
+    _assert_error(http.get(f"/v1/loras/{trained['id']}/files/manifest.json", headers=_auth(key)), 404, "name")
+    assert trained["id"] in {i["id"] for i in http.get("/v1/loras", headers=_auth(key)).json()["loras"]}
+
+
+def test_generate_with_the_trained_lora_matches_in_process(http, service, trained):
+    from klein.generate import GenerateRequest, generate_image, set_active_loras
+    from klein.lora import read_lora
+    from klein.model import load_pipeline
+
+    key, storage = service["keys"]["acme"], service["storage"]
+    data, png = _generate(http, key, lora_id=trained["id"], use_gemini="auto", seed=11)
+    assert data["gemini_source"] in ("offline", "gemini", "none")
+    assert "zxy_neon" in data["prompt"]
+    _, base_png = _generate(http, key, prompt=data["prompt"], seed=11)
+    assert not np.array_equal(_pixels(png), _pixels(base_png))
+    manifest = storage.read_json(f"tenants/acme/loras/{trained['id']}/manifest.json")
+    lora = read_lora(storage.read_verified(f"tenants/acme/loras/{trained['id']}/lora.safetensors",
+                                           manifest["files"]["lora.safetensors"]))
+    pipe = load_pipeline("tiny")
+    set_active_loras(pipe, [("trained", lora, 1.0)])
+    expected = generate_image(pipe, GenerateRequest(prompt=data["prompt"], seed=11, steps=4, width=64, height=64))
+    assert np.array_equal(_pixels(png), np.asarray(expected.convert("RGB")))
+    r = http.post("/v1/style-profile", headers=_auth(key), json={"lora_id": trained["id"]})
+    assert r.status_code == 200 and r.json()["profile"]
+
+
+def test_delete_removes_the_lora(http, service, trained):
+    key = service["keys"]["acme"]
+    assert http.delete(f"/v1/loras/{trained['id']}", headers=_auth(key)).json()["deleted"] is True
+    _assert_error(http.get(f"/v1/loras/{trained['id']}", headers=_auth(key)), 404)
+    _assert_error(http.post("/v1/generate", headers=_auth(key), json={"prompt": "x", "lora_id": trained["id"]}), 404)
+
+
+def test_cli_client_generates_and_reports_errors(http, service, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from serve.client import generate_remote
+
+    args = SimpleNamespace(prompt="a house", lora=["syn-a1"], seed=1, steps=3, width=64, height=64, guidance=4.0,
+                           negative_prompt="", output=str(tmp_path / "out.png"), url=f"http://127.0.0.1:{PORT}",
+                           api_key=service["keys"]["acme"], use_gemini="off")
+    assert generate_remote(args) == 0
+    assert _pixels((tmp_path / "out.png").read_bytes()).shape == (64, 64, 3)
+    args.api_key = "ks_000000000000_wrong"
+    assert generate_remote(args) == 2
+    assert "HTTP 401" in capsys.readouterr().err
+    args.api_key, args.width = service["keys"]["acme"], 70
+    assert generate_remote(args) == 2
+    assert "field: width" in capsys.readouterr().err
