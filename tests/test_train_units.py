@@ -37,6 +37,13 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
         TrainConfig.from_yaml(bad)
 
 
+def test_unimplemented_options_are_refused_not_ignored():
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO is not implemented"):
+        TrainConfig(deepspeed_stage=2).validate()
+    with pytest.raises(ConfigError, match="ConsisLoRA"):
+        TrainConfig(consis_lora=True).validate()
+
+
 def test_seed_defaults():
     cfg = TrainConfig()
     assert (cfg.rank, cfg.linear_alpha, cfg.optimizer, cfg.lr, cfg.weight_decay) == (32, 32, "adafactor", 1e-4, 1e-4)

@@ -158,6 +158,9 @@ class TrainConfig:
         check(self.save_every >= 1, "save_every", "a positive integer")
         check(self.num_workers >= 1, "num_workers", "a positive integer")
         check(self.deepspeed_stage in (None, 2, 3), "deepspeed_stage", "2, 3 or null")
+        # Refused rather than silently ignored until the loop implements them (see the closing notes).
+        check(self.deepspeed_stage is None, "deepspeed_stage", "DeepSpeed ZeRO is not implemented yet; leave it null")
+        check(not self.consis_lora, "consis_lora", "ConsisLoRA two-stage training is not implemented yet; leave it false")
         check(self.max_refs >= 2, "max_refs", "at least 2")
 
     # -- resolution of 'auto' ----------------------------------------------------------------------------
