@@ -79,11 +79,9 @@ def generate_image(
     negative = None
     if request.guidance > 1.0 and request.negative_prompt:
         negative, _ = pipe.encode_prompt(request.negative_prompt, device=device, max_sequence_length=request.max_sequence_length)
-    callback = None
-    if on_step is not None:
-        def callback(_pipe, i, _t, kwargs):
-            on_step(i + 1, request.steps)
-            return kwargs
+    def report_step(_pipe, i, _t, kwargs):
+        on_step(i + 1, request.steps)
+        return kwargs
     out = pipe(
         prompt=request.prompt,
         negative_prompt_embeds=negative,
@@ -93,6 +91,6 @@ def generate_image(
         guidance_scale=request.guidance,
         generator=generator,
         max_sequence_length=request.max_sequence_length,
-        callback_on_step_end=callback,
+        callback_on_step_end=report_step if on_step is not None else None,
     )
     return out.images[0]

@@ -19,7 +19,6 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
 from train.captions import (
     COMMON_TRIGGER_WORDS,
     TriggerError,
-    build_captions,
     check_trigger,
     lint_caption,
     with_trigger,
@@ -327,28 +326,6 @@ def test_lint_caption():
 ])
 def test_with_trigger(caption, expected):
     assert with_trigger("zxy_ink", caption) == expected
-
-
-def test_build_captions_sources_and_warnings(tmp_path):
-    refset = load_refs(_folder(tmp_path, _five_refs()))
-    plan = build_captions(refset.refs, "zxy_ink")
-    assert plan.captions[0] == "zxy_ink. a lighthouse on a rock"
-    assert plan.sources == ["sidecar", "sidecar", "trigger-only", "trigger-only", "trigger-only"]
-    assert plan.captions[2] == "zxy_ink"
-    assert refset.sidecar_captions == {"img_0.png": "a lighthouse on a rock", "img_1.png": "two cats on a sofa"}
-    assert any("3 of 5 refs have no caption" in w and "generalise poorly" in w for w in plan.warnings)
-
-    captioned = build_captions(refset.refs, "zxy_ink", captioner=lambda ref: f"a dreamy scene from {ref.name}")
-    assert captioned.sources == ["sidecar", "sidecar", "captioner", "captioner", "captioner"]
-    assert captioned.captions[2] == "zxy_ink. a dreamy scene from img_2.png"
-    assert any(w.startswith("img_2.png (captioner caption): the caption describes how") for w in captioned.warnings)
-    assert not any("have no caption" in w for w in captioned.warnings)
-
-    with pytest.raises(TriggerError):
-        build_captions(refset.refs, "style")
-
-
-# -- conversions and sidecar details ------------------------------------------------------------------------
 
 
 def test_broken_colour_profile_warns_and_keeps_the_picture(tmp_path):

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
 
 from gemini.style_words import STYLE_WORDS, find_style_words
 
@@ -127,50 +125,3 @@ def with_trigger(trigger: str, caption: str | None) -> str:
     if leading:
         return trigger + text[leading.end():]
     return f"{trigger}. {text}"
-
-
-@dataclass
-class CaptionPlan:
-    """The caption for each ref (same order as the refs), where each came from, and what to tell the user."""
-
-    captions: list[str]
-    sources: list[str]  # "sidecar" | "captioner" | "trigger-only"
-    warnings: list[str] = field(default_factory=list)
-
-
-def build_captions(
-    refs: Sequence[Any],
-    trigger: str,
-    captioner: Callable[[Any], str] | None = None,
-) -> CaptionPlan:
-    """Pick each ref's caption: its sidecar `.txt`, else `captioner(ref)` (Gemini), else the trigger alone.
-
-    `refs` are `train.dataset.Ref` objects (anything with `.name` and `.sidecar_caption`). Every caption
-    is linted for style words and prefixed with the trigger.
-    """
-    trigger = check_trigger(trigger)
-    captions: list[str] = []
-    sources: list[str] = []
-    warnings: list[str] = []
-    trigger_only: list[str] = []
-    for ref in refs:
-        caption = (getattr(ref, "sidecar_caption", None) or "").strip()
-        source = "sidecar"
-        if not caption and captioner is not None:
-            caption = (captioner(ref) or "").strip()
-            source = "captioner"
-        if not caption:
-            source = "trigger-only"
-            trigger_only.append(ref.name)
-        else:
-            for warning in lint_caption(caption):
-                warnings.append(f"{ref.name} ({source} caption): {warning}")
-        captions.append(with_trigger(trigger, caption))
-        sources.append(source)
-    if trigger_only:
-        warnings.append(
-            f"{len(trigger_only)} of {len(captions)} refs have no caption and train on the trigger alone "
-            f"({', '.join(trigger_only[:5])}{', ...' if len(trigger_only) > 5 else ''}): identical stub captions "
-            "generalise poorly; add sidecar .txt files that say what is in each picture, or use the Gemini captioner"
-        )
-    return CaptionPlan(captions=captions, sources=sources, warnings=warnings)

@@ -8,6 +8,7 @@ once every file it names is in place (with its sha256).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 import time
@@ -44,6 +45,11 @@ def lora_prefix(tenant: str, job_id: str) -> str:
     return f"tenants/{tenant}/loras/{job_id}"
 
 
+def checkpoint_key(job_id: str, step: int) -> str:
+    """Where the training loop stores each checkpoint's LoRA (for sheets and the best-step choice)."""
+    return f"jobs/{job_id}/checkpoints/step_{step:06d}.safetensors"
+
+
 @dataclass
 class PreparedDataset:
     ref_set: object
@@ -58,7 +64,7 @@ def prepare_dataset(source, cfg: TrainConfig, on_gpu: bool) -> tuple[PreparedDat
     from gemini.captions import caption_images
     from gemini.client import GeminiClient, GeminiConfig
     from gemini.policy import text_stage_policy
-    from train.captions import check_trigger, lint_caption
+    from train.captions import check_trigger
     from train.dataset import load_refs
 
     cfg.trigger = check_trigger(cfg.trigger)
@@ -72,9 +78,8 @@ def prepare_dataset(source, cfg: TrainConfig, on_gpu: bool) -> tuple[PreparedDat
     result = caption_images([r.image for r in ref_set.refs], [r.name for r in ref_set.refs], resolved.trigger,
                             ref_set.sidecar_captions, client, policy=policy)
     captions = [result.captions[r.name] for r in ref_set.refs]
+    # caption_images already lints every caption and carries those warnings in result.warnings
     warnings = list(ref_set.warnings) + list(decision.warnings) + list(result.warnings)
-    for ref, caption in zip(ref_set.refs, captions):
-        warnings += [f"{ref.name}: {w}" for w in lint_caption(caption)]
     decision_info = {"variant": decision.variant, "reason": decision.reason, "text_stage": policy.model_dump(mode="json")}
     return PreparedDataset(ref_set, captions, result.to_manifest(), decision_info, warnings), resolved
 
@@ -151,8 +156,6 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     if result.error is not None or result.checkpoint is None:
         status("failed", error=str(result.error), stage="training")
         raise JobError(f"training job {cfg.job_id} failed: {result.error}")
-    import json
-
     with result.checkpoint.as_directory() as d:
         final_state = json.loads((Path(d) / "state.json").read_text())
     manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started)
@@ -172,26 +175,22 @@ def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10) -> list[dict]
 
 def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_key: str, storage: Storage, started: float) -> dict:
     """Pick the delivered checkpoint, render sheets and plots, write everything, manifest last."""
-    from klein.lora import export_lora, read_lora
+    from klein.lora import export_lora, lora_to_bytes, read_lora
     from klein.model import model_id
+    from train.report import loss_plot_png
 
     val = state["val"]
     best = min(val, key=lambda v: v["val_loss"])
     final_step = state["step"]
     delivered_step = best["step"] if cfg.early_stopping else final_step
-    ckpt_key = lambda s: f"jobs/{cfg.job_id}/checkpoints/step_{s:06d}.safetensors"  # noqa: E731
-    lora = read_lora(storage.read_bytes(ckpt_key(delivered_step)))
+    lora = read_lora(storage.read_bytes(checkpoint_key(cfg.job_id, delivered_step)))
     lora.meta.update({"trigger": cfg.trigger, "base_model": model_id(cfg.model), "targets": cfg.targets, "step": delivered_step,
                       "job_id": cfg.job_id, "variant": prepared.decision["variant"]})
-    from klein.lora import lora_to_bytes
-
     lora_bytes = lora_to_bytes(lora)
     comfy_bytes = export_lora(lora, "comfyui")
     checkpoints = [v["step"] for v in val]
-    sheet_png = ray.get(render_contact_sheet_task().remote(cfg.model, [storage.read_bytes(ckpt_key(s)) for s in checkpoints],
+    sheet_png = ray.get(render_contact_sheet_task().remote(cfg.model, [storage.read_bytes(checkpoint_key(cfg.job_id, s)) for s in checkpoints],
                                                            checkpoints, cfg.sample_prompts, cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
-    from train.report import loss_plot_png
-
     loss_png = loss_plot_png(state["log"], val, best_step=best["step"])
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
     files = {

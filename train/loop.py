@@ -17,7 +17,6 @@ step k and resumed from its step-k checkpoint therefore trains steps k+1.. exact
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -242,10 +241,6 @@ def setup_transformer(cfg: TrainConfig, device: torch.device):
     return transformer
 
 
-def _report_status(cfg: TrainConfig, status: dict) -> None:
-    from cluster.storage import Storage
-
-    Storage.from_uri(cfg.storage).write_json(f"jobs/{cfg.job_id}/status.json", status)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -257,6 +252,7 @@ def train_loop_per_worker(config: dict) -> None:
     from cluster.storage import Storage
     from klein.lora import extract_lora, lora_to_bytes
     from train.cache import load_cache
+    from train.job import checkpoint_key
 
     cfg = TrainConfig.from_dict(config["train"])
     context = ray.train.get_context()
@@ -315,7 +311,7 @@ def train_loop_per_worker(config: dict) -> None:
                 lora = extract_lora(transformer, "default", meta={"step": step})
                 lora_bytes = lora_to_bytes(lora)
                 # every checkpoint's LoRA is kept in our storage for contact sheets and best-checkpoint choice
-                storage.write_bytes(f"jobs/{cfg.job_id}/checkpoints/step_{step:06d}.safetensors", lora_bytes)
+                storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_bytes)
                 with tempfile.TemporaryDirectory() as tmp:
                     save_checkpoint(Path(tmp), transformer, optimizer, scheduler, state, lora_bytes)
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
@@ -324,7 +320,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and (is_save or step % 10 == 0 or step == first_step):
             elapsed = time.perf_counter() - started
             per_step = elapsed / (step - first_step + 1)
-            _report_status(cfg, {
+            storage.write_json(f"jobs/{cfg.job_id}/status.json", {
                 "state": "training", "step": step, "steps": cfg.steps, "loss": loss_total, "s_per_step": per_step,
                 "eta_s": per_step * (cfg.steps - step), "val": state.val, "attempt": state.attempt,
                 "effective_batch": cfg.batch_size * accum * world,
