@@ -354,3 +354,22 @@ def test_empty_and_bom_captions(tmp_path):
     assert refset.refs[2].sidecar_caption is None
     assert any(w == "img_2.txt: is empty; img_2.png has no caption" for w in refset.warnings)
     assert refset.refs[3].sidecar_caption == "a bridge over a river"
+
+
+def test_large_refs_are_kept_downscaled_with_the_original_size_and_hash(tmp_path, monkeypatch):
+    import train.dataset as dataset
+
+    files = {f"{k}.png": png_bytes(good_image(700 + k, (1000, 500))) for k in range(2)}
+    full = load_refs(_folder(tmp_path / "a", files))
+    monkeypatch.setattr(dataset, "KEEP_PIXELS", 300 * 300)  # as a 64 MP photo is to the real cap
+    kept = load_refs(_folder(tmp_path / "b", files))
+    for big, small in zip(full.refs, kept.refs):
+        assert (small.width, small.height) == (1000, 500) and small.sha256 == big.sha256
+        w, h = small.image.size
+        assert w * h <= 300 * 300 and abs(w / h - 2.0) < 0.02  # aspect kept
+    assert kept.dataset_hash == full.dataset_hash
+    # The bucket is still cut from the kept image without upscaling, and looks like the full-size cut.
+    bucket = bucket_size(1000, 500, 256)
+    a = np.asarray(prepare_image(full.refs[0].image, bucket)).astype(float)
+    b = np.asarray(prepare_image(kept.refs[0].image, bucket)).astype(float)
+    assert kept.refs[0].image.size[0] >= bucket[0] and np.abs(a - b).mean() < 12

@@ -125,3 +125,15 @@ def with_trigger(trigger: str, caption: str | None) -> str:
     if leading:
         return trigger + text[leading.end():]
     return f"{trigger}. {text}"
+
+
+def without_trigger(caption: str, trigger: str) -> str:
+    """The caption with a leading trigger (and its '.' or ',') removed: ConsisLoRA's content captions.
+
+    A trigger-only caption becomes "" (the empty prompt), so the content stage learns the picture, not the word.
+    """
+    text = " ".join((caption or "").split())
+    leading = _leading_trigger(trigger, text)
+    if leading:
+        text = text[leading.end():].lstrip(" .,;:")
+    return text

@@ -73,6 +73,9 @@ FEW_REFS_WARN_BELOW = 4  # 2-3 refs: DESIGN.md, "2 refs: nothing works reliably"
 TARGET_SIDE = 1024  # the training resolution the "small image" warning compares against
 MAX_ASPECT = 4.0  # buckets stop at 4:1; wider images are center-cropped to it
 BUCKET_WIDTH_STEP = 64  # coarse bucket grid so similar shapes share a bucket (and a batch)
+# Kept in memory per ref: at most 4 × the largest training bucket (2048²). Every bucket is then still cut
+# from at least as many pixels as it has (no upscaling), while 50 refs of up to 64 MP stay ~2.5 GB, not ~10.
+KEEP_PIXELS = 4 * 2048 * 2048
 # Near-duplicates: pHash (64 bits) within this distance, confirmed by 32×32 thumbnail correlation. Measured on
 # resized / JPEG-50 / contrast-changed copies (distance 0-8, correlation >= 0.98) against different pictures
 # of one style board (closest pairs: correlation 0.90 at most).
@@ -118,7 +121,7 @@ class Ref:
     """One usable reference image."""
 
     name: str  # '/'-separated path relative to the source (folder, zip or storage prefix), NFC
-    image: Image.Image  # RGB, EXIF orientation applied, full resolution
+    image: Image.Image  # RGB, EXIF orientation applied; downscaled to at most KEEP_PIXELS (width/height are the file's)
     sha256: str  # of the decoded RGB pixels and the size (see module docstring), not of the file bytes
     sidecar_caption: str | None
     width: int
@@ -867,7 +870,7 @@ def _decode_refs(images: list[_SourceFile], reader: _BoundedReader, sidecars: di
                 f"use a larger version (at least {min_side} px on each side, {TARGET_SIDE} px or more is best)",
             ))
             continue
-        ref = Ref(name=f.name, image=result.image, sha256=_pixel_sha256(result.image), sidecar_caption=None,
+        ref = Ref(name=f.name, image=_kept_image(result.image), sha256=_pixel_sha256(result.image), sidecar_caption=None,
                   width=width, height=height, warnings=list(result.warnings), format=result.format,
                   original_mode=result.original_mode)
         _attach_caption(ref, sidecars.get(_caption_key(f.name)))
@@ -876,6 +879,15 @@ def _decode_refs(images: list[_SourceFile], reader: _BoundedReader, sidecars: di
             ref.warnings.append(small)
         refs.append(ref)
     return refs
+
+
+def _kept_image(image: Image.Image) -> Image.Image:
+    """The image as held for training: same aspect ratio, at most KEEP_PIXELS (the hash is of the original)."""
+    width, height = image.size
+    if width * height <= KEEP_PIXELS:
+        return image
+    scale = (KEEP_PIXELS / (width * height)) ** 0.5
+    return image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def _near_duplicate_warnings(refs: list[Ref]) -> list[str]:

@@ -102,16 +102,12 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     (Ray Train restores a run with the same name and storage path).
     """
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
-    from cluster.pools import queued_train_loop, train_pool_turn, train_scaling_config
-    from train.cache import build_cache
-    from train.loop import train_loop_per_worker
 
     if cfg.use_gpu is None:
         cfg.use_gpu = torch.cuda.is_available()
     cfg.job_id = check_job_id(cfg.job_id or new_job_id())
+    if cfg.consis_lora and cfg.content_lora:
+        raise JobError("content_lora is what consis_lora's first stage trains: give consis_lora or content_lora, not both")
     storage = Storage.from_uri(cfg.storage)
     cfg.storage = storage.uri
     status_key = f"jobs/{cfg.job_id}/status.json"
@@ -133,12 +129,48 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         log.warning("%s", w)
     status("caching", decision=prepared.decision, warnings=prepared.warnings)
     ref_set = prepared.ref_set
-    cache_key = ray.get(
-        ray.remote(build_cache).options(**_cache_task_options(cfg)).remote(
-            ref_set, prepared.captions, cfg.model, cfg.storage, cfg.resolution, "cuda" if cfg.use_gpu else "cpu"
-        )
-    )
+    cache_key = _build_cache(ref_set, prepared.captions, cfg)
+    consis = None
+    if cfg.consis_lora:
+        # ConsisLoRA: a content LoRA on the trigger-less captions first; the style LoRA then trains on top
+        # of it (frozen, active), so content that the content LoRA explains does not leak into the style.
+        from dataclasses import replace
+
+        from train.captions import without_trigger
+
+        content_cfg = replace(cfg, job_id=f"{cfg.job_id}-content", consis_lora=False, early_stopping=False, sample_every=None,
+                              steps=cfg.content_steps or max(1, cfg.steps // 2))
+        content_cfg.save_every = content_cfg.steps
+        content_captions = [without_trigger(c, cfg.trigger) for c in prepared.captions]
+        content_cache = _build_cache(ref_set, content_captions, content_cfg)
+        status("training content LoRA", step=0, steps=content_cfg.steps, decision=prepared.decision)
+        content_state = _fit(content_cfg, content_cache, storage)
+        cfg.content_lora = checkpoint_key(content_cfg.job_id, content_state["step"])
+        consis = {"content_job": content_cfg.job_id, "content_steps": content_state["step"], "content_val": content_state["val"],
+                  "content_lora": cfg.content_lora}
     status("training", step=0, steps=cfg.steps, decision=prepared.decision)
+    final_state = _fit(cfg, cache_key, storage)
+    manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
+    status("done", manifest=f"{lora_prefix(cfg.tenant, cfg.job_id)}/manifest.json", best_step=manifest["best_step"])
+    return manifest
+
+
+def _build_cache(ref_set, captions: list[str], cfg: TrainConfig) -> str:
+    """Latents and embeddings as one Ray task on the training pool (workers never load the VAE or Qwen3)."""
+    from train.cache import build_cache
+
+    return ray.get(ray.remote(build_cache).options(**_cache_task_options(cfg)).remote(
+        ref_set, captions, cfg.model, cfg.storage, cfg.resolution, "cuda" if cfg.use_gpu else "cpu"))
+
+
+def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
+    """One TorchTrainer run (resumed if a run of this job id exists); returns the final state.json."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.pools import queued_train_loop, train_pool_turn, train_scaling_config
+    from train.loop import train_loop_per_worker
+
     trainer = TorchTrainer(
         queued_train_loop(train_loop_per_worker, cfg.job_id),
         train_loop_config={"train": cfg.to_dict(), "cache_key": cache_key},
@@ -154,13 +186,18 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     with train_pool_turn(cfg.job_id, poll_s=1.0):
         result = trainer.fit()
     if result.error is not None or result.checkpoint is None:
-        status("failed", error=str(result.error), stage="training")
+        storage.write_json(f"jobs/{cfg.job_id}/status.json", {"state": "failed", "job_id": cfg.job_id, "error": str(result.error),
+                                                              "stage": "training", "updated": time.time()})
         raise JobError(f"training job {cfg.job_id} failed: {result.error}")
     with result.checkpoint.as_directory() as d:
-        final_state = json.loads((Path(d) / "state.json").read_text())
-    manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started)
-    status("done", manifest=f"{lora_prefix(cfg.tenant, cfg.job_id)}/manifest.json", best_step=manifest["best_step"])
-    return manifest
+        return json.loads((Path(d) / "state.json").read_text())
+
+
+def sheet_steps(cfg: TrainConfig, saved_steps: list[int]) -> list[int]:
+    """The checkpoints a contact sheet shows: every save, or every `sample_every` steps plus the last."""
+    if not cfg.sample_every:
+        return list(saved_steps)
+    return sorted(set(range(cfg.sample_every, cfg.steps + 1, cfg.sample_every)) | {saved_steps[-1]})
 
 
 def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10) -> list[dict]:
@@ -173,7 +210,8 @@ def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10) -> list[dict]
     return flags
 
 
-def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_key: str, storage: Storage, started: float) -> dict:
+def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_key: str, storage: Storage, started: float,
+               consis: dict | None = None) -> dict:
     """Pick the delivered checkpoint, render sheets and plots, write everything, manifest last."""
     from klein.lora import export_lora, lora_to_bytes, read_lora
     from klein.model import model_id
@@ -189,8 +227,9 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
     lora_bytes = lora_to_bytes(lora)
     comfy_bytes = export_lora(lora, "comfyui")
     checkpoints = [v["step"] for v in val]
-    sheet_png = ray.get(render_contact_sheet_task().remote(cfg.model, [storage.read_bytes(checkpoint_key(cfg.job_id, s)) for s in checkpoints],
-                                                           checkpoints, cfg.sample_prompts, cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
+    sampled = sheet_steps(cfg, checkpoints)
+    sheet_png = ray.get(render_contact_sheet_task().remote(cfg.model, [storage.read_bytes(checkpoint_key(cfg.job_id, s)) for s in sampled],
+                                                           sampled, cfg.sample_prompts, cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
     loss_png = loss_plot_png(state["log"], val, best_step=best["step"])
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
     files = {
@@ -207,7 +246,7 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
         "tenant": cfg.tenant,
         "trigger": cfg.trigger,
         "base_model": model_id(cfg.model),
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("fail_at_step", "step_delay_s")},
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("fail_at_step", "step_delay_s", "content_lora")},
         "decision": prepared.decision,
         "warnings": prepared.warnings,
         "captions": prepared.caption_info,
@@ -220,11 +259,15 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
             "loss_curve": [{"step": e["step"], "loss": e["loss"]} for e in state["log"]],
             "attempts": max(e.get("attempt", 0) for e in state["log"]) + 1,
             "steps_trained_once": steps_logged == list(range(1, final_step + 1)),
+            "effective_batch": cfg.batch_size * cfg.gradient_accumulation_steps * cfg.num_workers,
         },
         "best_step": best["step"],
         "delivered_step": delivered_step,
         "midpoint_jumps": midpoint_jumps(val, cfg.steps),
         "checkpoints": checkpoints,
+        "sampled_steps": sampled,
+        # ConsisLoRA: only the style LoRA is delivered; the content stage is recorded for the record
+        "consis_lora": consis,
         "style_profile": profile,
         "files": hashes,
         "elapsed_s": time.time() - started,

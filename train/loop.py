@@ -223,16 +223,30 @@ def load_checkpoint(directory: Path, transformer, optimizer, scheduler) -> Train
 
 
 # -- 6. the worker function --------------------------------------------------------------------------------
-def setup_transformer(cfg: TrainConfig, device: torch.device):
-    """The frozen base transformer with a fresh LoRA adapter on `cfg.targets` (seeded)."""
-    from klein.lora import lora_config
+CONTENT_ADAPTER = "content"
+
+
+def setup_transformer(cfg: TrainConfig, device: torch.device, content_lora=None):
+    """The frozen base transformer with a fresh LoRA adapter on `cfg.targets` (seeded).
+
+    `content_lora` (ConsisLoRA's second stage): a LoRA loaded as a frozen adapter that stays active under
+    the trained one, so the trained adapter learns what the content LoRA does not already explain.
+    """
+    from klein.lora import add_lora, lora_config
     from klein.model import load_transformer
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer = load_transformer(cfg.model, dtype=dtype, device=device)
     transformer.requires_grad_(False)
+    if content_lora is not None:
+        add_lora(transformer, content_lora, adapter_name=CONTENT_ADAPTER)
     torch.manual_seed(_mix(cfg.seed, 1))
     transformer.add_adapter(lora_config(transformer, cfg.rank, cfg.linear_alpha, cfg.targets), adapter_name="default")
+    if content_lora is not None:
+        transformer.set_adapters([CONTENT_ADAPTER, "default"], [1.0, 1.0])
+        # peft marks every active adapter trainable: the content adapter must stay frozen
+        for name, p in transformer.named_parameters():
+            p.requires_grad_(".default." in name or name.endswith(".default"))
     for p in lora_parameters(transformer).values():
         p.data = p.data.float()  # LoRA weights train in fp32 under bf16 autocast
     if cfg.gradient_checkpointing:
@@ -262,7 +276,12 @@ def train_loop_per_worker(config: dict) -> None:
     storage = Storage.from_uri(cfg.storage)
 
     data = load_cache(cfg.storage, config["cache_key"])
-    transformer = setup_transformer(cfg, device)
+    content_lora = None
+    if cfg.content_lora:
+        from klein.lora import read_lora
+
+        content_lora = read_lora(storage.read_bytes(cfg.content_lora))
+    transformer = setup_transformer(cfg, device, content_lora)
     params = list(lora_parameters(transformer).values())
     optimizer = make_optimizer(params, cfg, device)
     scheduler = make_lr_scheduler(optimizer, cfg)
@@ -291,6 +310,10 @@ def train_loop_per_worker(config: dict) -> None:
                 if not storage.exists(marker):  # once per job: the resumed attempt must get past it
                     storage.write_bytes(marker, b"killed mid-step by fail_at_step")
                     os.kill(os.getpid(), signal.SIGKILL)
+        if world > 1:  # the logged loss is the mean over every worker's batch, like the gradient
+            mean_loss = torch.tensor([loss_total], device=device)
+            torch.distributed.all_reduce(mean_loss)
+            loss_total = mean_loss.item() / world
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
@@ -302,6 +325,9 @@ def train_loop_per_worker(config: dict) -> None:
         state.log.append({"step": step, "loss": loss_total, "lr": scheduler.get_last_lr()[0], "attempt": state.attempt})
         is_save = step % cfg.save_every == 0 or step == cfg.steps
         metrics = {"step": step, "loss": loss_total, "lr": scheduler.get_last_lr()[0]}
+        if rank == 0 and not is_save and cfg.sample_every and step % cfg.sample_every == 0:
+            # a sample step between saves: keep its LoRA for the contact sheet (no trainer state needed)
+            storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_to_bytes(extract_lora(transformer, "default", meta={"step": step})))
         if is_save:
             transformer.eval()
             metrics["val_loss"] = validation_loss(transformer, data, cfg.seed, autocast_dtype)

@@ -98,7 +98,8 @@ class TrainConfig:
     # text stage
     use_gemini: bool | None = None  # None: as the variant says
     consis_lora: bool = False  # ConsisLoRA: content LoRA first, then the style LoRA on top of it
-    content_steps: int | None = None
+    content_steps: int | None = None  # ConsisLoRA's content stage (None: half of `steps`)
+    content_lora: str | None = None  # storage key of a frozen LoRA the trained one sits on (ConsisLoRA stage 2)
     # scale-out
     num_workers: int = 1
     use_gpu: bool | None = None  # None: if CUDA is available
@@ -158,9 +159,12 @@ class TrainConfig:
         check(self.save_every >= 1, "save_every", "a positive integer")
         check(self.num_workers >= 1, "num_workers", "a positive integer")
         check(self.deepspeed_stage in (None, 2, 3), "deepspeed_stage", "2, 3 or null")
-        # Refused rather than silently ignored until the loop implements them (see the closing notes).
+        # Refused rather than silently ignored until the loop implements it (see the closing notes).
         check(self.deepspeed_stage is None, "deepspeed_stage", "DeepSpeed ZeRO is not implemented yet; leave it null")
-        check(not self.consis_lora, "consis_lora", "ConsisLoRA two-stage training is not implemented yet; leave it false")
+        check(self.content_steps is None or (isinstance(self.content_steps, int) and self.content_steps >= 1),
+              "content_steps", "a positive integer or null")
+        check(self.sample_every is None or (isinstance(self.sample_every, int) and self.sample_every >= 1),
+              "sample_every", "a positive integer or null")
         check(self.max_refs >= 2, "max_refs", "at least 2")
 
     # -- resolution of 'auto' ----------------------------------------------------------------------------

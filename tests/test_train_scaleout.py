@@ -1,0 +1,154 @@
+"""Data-parallel training (two Ray Train workers), ConsisLoRA's two stages, and `sample_every` sheets."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from cluster.storage import Storage
+from klein.lora import extract_lora, read_lora
+from train.board import make_board
+from train.job import checkpoint_key, lora_prefix, run_training_job
+from train.recipe import ConfigError, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tiny_dir):
+    from cluster.pools import init_local_ray
+
+    # two training slots: one job of two workers (each takes a `train_gpu` slot and a CPU)
+    init_local_ray(num_cpus=3, object_store_memory=300 * 1024 * 1024, train_slots=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def board(tmp_path_factory):
+    out = tmp_path_factory.mktemp("board")
+    make_board("sepia", 6, out, size=256, seed=1)
+    return out
+
+
+def _cfg(storage, job_id, **kw):
+    base = dict(trigger="zxy_sepia", storage=str(storage), resolution=64, steps=6, save_every=3, job_id=job_id,
+                lr=2e-3, sample_prompts=["a house"], sample_steps=3, seed=3, variant="GEM+A")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _replay_data_parallel(cfg: TrainConfig, cache_key: str, world: int):
+    """The same training in one process: each step averages the losses of every rank's batch, which is
+    what DDP's gradient all-reduce computes. Returns the trained LoRA."""
+    from train.cache import load_cache
+    from train.loop import (
+        StepPlan,
+        flow_matching_loss,
+        lora_parameters,
+        make_batch,
+        make_lr_scheduler,
+        make_optimizer,
+        setup_transformer,
+    )
+
+    device = torch.device("cpu")
+    data = load_cache(cfg.storage, cache_key)
+    transformer = setup_transformer(cfg, device)
+    params = list(lora_parameters(transformer).values())
+    optimizer, scheduler = make_optimizer(params, cfg, device), None
+    scheduler = make_lr_scheduler(optimizer, cfg)
+    plan = StepPlan(data.items, cfg.batch_size, world, cfg.seed)
+    for step in range(1, cfg.steps + 1):
+        for rank in range(world):
+            x0, embeds, sigmas, noise, _ = make_batch(plan, data, step, rank, cfg.caption_dropout_rate)
+            (flow_matching_loss(transformer, x0, embeds, sigmas, noise) / world).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return extract_lora(transformer, "default")
+
+
+def test_two_workers_train_data_parallel_exactly(ray_cluster, board, tmp_path):
+    """Two DDP workers on disjoint batches give the LoRA a single process gets by averaging the same two
+    batches' losses at every step; the effective batch is reported."""
+    manifest = run_training_job(board, _cfg(tmp_path, "job-ddp", num_workers=2))
+    storage = Storage.from_uri(tmp_path)
+    status = storage.read_json("jobs/job-ddp/status.json")
+    assert status["state"] == "done"
+    assert manifest["config"]["num_workers"] == 2 and manifest["metrics"]["steps_trained_once"]
+    assert manifest["metrics"]["effective_batch"] == 2
+    trained = read_lora(storage.read_bytes(f"{lora_prefix('default', 'job-ddp')}/lora.safetensors"))
+    cfg = TrainConfig.from_dict(manifest["config"])
+    replayed = _replay_data_parallel(cfg, manifest["cache_key"], world=2)
+    assert set(trained.layers) == set(replayed.layers)
+    worst = max((trained.layers[n].up - replayed.layers[n].up).abs().max().item() for n in trained.layers)
+    assert worst < 1e-4, f"DDP result differs from the replay by {worst}"
+    # and the LoRA did move: the up-projections start at zero
+    assert max(trained.layers[n].up.abs().max().item() for n in trained.layers) > 1e-3
+
+
+def test_consis_lora_trains_style_on_a_frozen_content_lora(ray_cluster, board, tmp_path):
+    manifest = run_training_job(board, _cfg(tmp_path, "job-consis", consis_lora=True, content_steps=4,
+                                            steps=6, save_every=6, sample_every=2))
+    storage = Storage.from_uri(tmp_path)
+    consis = manifest["consis_lora"]
+    assert consis["content_job"] == "job-consis-content" and consis["content_steps"] == 4
+    content = read_lora(storage.read_bytes(consis["content_lora"]))
+    style = read_lora(storage.read_bytes(f"{lora_prefix('default', 'job-consis')}/lora.safetensors"))
+    assert set(style.layers) == set(content.layers) and style.rank == 32
+    # two different adapters: the style one was trained from a fresh start on top of the content one
+    assert any(not torch.allclose(style.layers[n].up, content.layers[n].up) for n in style.layers)
+    # only the style LoRA is delivered; sample_every=2 puts steps 2, 4 and 6 on the contact sheet
+    assert set(manifest["files"]) == {"lora.safetensors", "lora_comfyui.safetensors", "samples/contact_sheet.png", "samples/loss.png"}
+    assert manifest["checkpoints"] == [6] and manifest["sampled_steps"] == [2, 4, 6]
+    for step in (2, 4, 6):
+        assert storage.exists(checkpoint_key("job-consis", step))
+    sheet = Image.open(io.BytesIO(storage.read_bytes(f"{lora_prefix('default', 'job-consis')}/samples/contact_sheet.png")))
+    one_column = Image.open(io.BytesIO(storage.read_bytes(f"{lora_prefix('default', 'job-consis')}/samples/loss.png")))
+    assert sheet.width > 3 * sheet.height and one_column.width > 0  # base + 3 sampled checkpoints in one row
+    # the content stage trained on captions without the trigger
+    assert "content_lora" not in manifest["config"]
+
+
+def test_content_adapter_stays_frozen_under_the_trained_one(tiny_dir):
+    from serve.testing import random_lora
+    from train.loop import CONTENT_ADAPTER, flow_matching_loss, lora_parameters, setup_transformer
+
+    cfg = TrainConfig(trigger="zxy_sepia", resolution=64, rank=4, linear_alpha=4, seed=0)
+    plain = setup_transformer(cfg, torch.device("cpu"))
+    content = random_lora(plain, rank=4, seed=5, scale=0.5)
+    transformer = setup_transformer(cfg, torch.device("cpu"), content_lora=content)
+    trainable = lora_parameters(transformer)
+    assert trainable and all(".default." in n for n in trainable)
+    assert len(trainable) == len(lora_parameters(plain))
+    before = extract_lora(transformer, CONTENT_ADAPTER)
+    optimizer = torch.optim.SGD(list(trainable.values()), lr=0.1)
+    x0 = torch.randn(1, 128, 4, 4)
+    embeds = torch.randn(1, 8, transformer.config.joint_attention_dim)
+    loss = flow_matching_loss(transformer, x0, embeds, torch.tensor([0.5]), torch.randn_like(x0))
+    loss.backward()
+    optimizer.step()
+    after = extract_lora(transformer, CONTENT_ADAPTER)
+    assert all(torch.equal(before.layers[n].up, after.layers[n].up) for n in before.layers)
+    # and the content adapter is active: the output differs from the model without it
+    with torch.no_grad():
+        noise = torch.randn_like(x0)
+        with_content = flow_matching_loss(transformer, x0, embeds, torch.tensor([0.5]), noise)
+        transformer.set_adapters(["default"])
+        without = flow_matching_loss(transformer, x0, embeds, torch.tensor([0.5]), noise)
+    assert not torch.isclose(with_content, without)
+
+
+def test_consis_options_are_checked():
+    with pytest.raises(ConfigError, match="content_steps"):
+        TrainConfig(content_steps=0).validate()
+    from train.job import JobError
+
+    with pytest.raises(JobError, match="not both"):
+        run_training_job("unused", TrainConfig(consis_lora=True, content_lora="jobs/x/checkpoints/step_000001.safetensors", job_id="job-x"))
+    with pytest.raises(ConfigError, match="sample_every"):
+        TrainConfig(sample_every=0).validate()
