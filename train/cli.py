@@ -168,9 +168,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   contact sheet: {storage.uri_of(prefix + '/samples/contact_sheet.png')}")
     print(f"   loss plot:     {storage.uri_of(prefix + '/samples/loss.png')}")
     print(f"   LoRA:          {storage.uri_of(prefix + '/lora.safetensors')} (+ ComfyUI export, manifest.json)")
-    http_step = _demo_http(cfg, manifest, out)
-    if http_step:
-        print(http_step)
+    from serve.demo import demo_http_generate
+
+    first = requests[0]
+    print(demo_http_generate(cfg, manifest, out, first.prompt, first.seed, first.steps, first.width, expected=after[0]))
     print(f"done in {time.time() - started:.0f} s")
     return 0
 
@@ -179,14 +180,3 @@ def _open_rgb(path):
     from PIL import Image
 
     return Image.open(path).convert("RGB")
-
-
-def _demo_http(cfg, manifest, out: Path) -> str | None:
-    """Ask the HTTP endpoint for a styled image, when the serving layer is installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("serve.demo") is None:
-        return None
-    from serve.demo import demo_http_generate
-
-    return demo_http_generate(cfg, manifest, out)
