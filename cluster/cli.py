@@ -5,7 +5,9 @@
     klein-style make-board --style neon -n 12 DIR     a procedural style board with content-only captions
     klein-style train REFS --trigger zxy_style        a style LoRA through Ray Train
     klein-style serve [--config serve.yaml]           the HTTP API on Ray Serve
-    klein-style submit -- python -m train.sweep ...   a job on a remote Ray cluster
+    klein-style sweep SWEEP.yaml | --example          boards × variants on Ray Train → samples → scores → tables
+    klein-style submit --address URL --working-dir . -- python -m train.sweep sweep.yaml
+                                                      a command as a Ray job on a cluster (waits, streams logs)
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_later_commands(sub) -> None:
     """Commands whose modules pull in Ray Train / Serve register themselves."""
-    for module in ("train.cli", "serve.cli"):
+    for module in ("train.cli", "serve.cli", "train.sweep", "cluster.jobs"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(sub)
 

@@ -1,0 +1,1266 @@
+"""Evaluation sweeps: boards × variants → one Ray Train job per cell → samples on the inference pool → tables.
+
+    python -m train.sweep sweep.yaml              # inside `ray job submit --working-dir . -- ...`, or locally
+    klein-style sweep sweep.yaml                  # the same
+    klein-style sweep --example                   # the built-in sweep: 2 procedural boards × 2 variants, tiny model
+
+What a sweep does:
+
+1. For every (board, variant) cell, one training job (`train.job.run_training_job`) with a job id derived
+   from (sweep name, board, variant), so a re-run finds it. At most `concurrency` jobs train at once (the
+   training pool's `train_gpu` units ÷ GPUs per job, unless the YAML says otherwise); the jobs also queue
+   FIFO in the pool through `cluster.pools.train_pool_turn`.
+2. As each job finishes, a Ray task on the inference pool (`cluster.pools.infer_task_options`) renders one
+   image per (checkpoint, prompt, seed), and the base model's image per (board, prompt, seed).
+3. Every sample is scored: style distance to the board's refs (`klein.style_score`), a content check
+   (offline proxy: correlation of the edge maps of the sample and of the base model's image for the same
+   prompt and seed; with GEMINI_API_KEY, the Gemini judge also says whether each compared image still shows
+   the prompt) and the checkpoint's validation loss (the job manifest's `metrics.val_curve`).
+4. Variants are judged pairwise on the same (board, prompt, seed) at their delivered checkpoints: by the
+   Gemini judge (`gemini.judge.judge_pair`) when a key is set, else by the style score.
+5. Tables (Markdown, CSV and PNG) under `sweeps/<name>/report/` in the storage, printed at the end: the
+   seeds' table (variant, wins, win rate, notes), per board × variant, the dataset-size × variant matrix with
+   the `auto` policy (`train.recipe.choose_variant`) beside the winner of each band, the convergence table
+   (best step per board and variant) and a contact sheet per board.
+
+A cell is finished when `sweeps/<name>/cells/<job_id>/manifest.json` exists (written last, with the same
+settings); a re-run skips finished cells, reuses a finished LoRA whose samples are missing, and resumes an
+interrupted training job from its last checkpoint.
+
+Sweep YAML (every key but `boards` and `variants` optional):
+
+    name: ink-sweep            # [a-z0-9][a-z0-9_-]*: outputs under sweeps/<name>/, part of every job id
+    storage: s3://bucket/pfx   # --storage wins; default KLEIN_STORAGE, else ~/.cache/klein-style/storage
+    model: tiny                # or a local FLUX.2 Klein folder
+    tenant: default
+    concurrency: null          # training jobs at once; default: the pool's train_gpu ÷ GPUs per job
+                               # (set it when the pools autoscale from zero: they advertise nothing yet)
+    judge: auto                # auto (Gemini with a key, else style score) | gemini | offline
+    base: {resolution: 1024}   # TrainConfig keys (ai-toolkit names) for every cell; `use_gpu: true` when the
+                               # GPU pools start at zero (default: whether the cluster has GPUs now)
+    steps: 600                 # steps of every cell (overrides base.steps); null: the seeds' formula
+    boards:
+      - {name: ink, refs: s3://bucket/refs/ink.zip, trigger: zxy_ink, steps: 400}
+      - {name: neon3, make: {style: neon, n: 3}}        # a procedural board (train.board.make_board)
+    variants:
+      - GEM+A                                           # a recipe variant by name
+      - {name: r128-long, variant: B_r128, steps: 900}  # a name plus TrainConfig overrides
+      - {name: r64, rank: 64, linear_alpha: 64}         # no `variant`: custom (the keys as given)
+    prompts: [a lighthouse on a cliff, a cat on a chair]
+    seeds: [0, 1]
+    sample: {steps: 28, size: null, guidance: 4.0}      # size null: 64 for tiny, 1024 otherwise
+
+Steps of a cell: the variant's `steps`, else the board's, else the top-level `steps`, else `base.steps`,
+else the seeds' formula. Board entries may carry `config:` (TrainConfig overrides for that board).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+log = logging.getLogger("klein.sweep")
+
+EXAMPLE_SWEEP = Path(__file__).with_name("sweeps") / "example.yaml"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+JUDGES = ("auto", "gemini", "offline")
+# Dataset-size bands of the seeds' findings. Sizes between them go where `choose_variant` puts them:
+# 4 refs with 5–7, 8–29 with 10–15.
+BANDS = ("1–3", "5–7", "10–15", "30+")
+CONTENT_PROXY = ("content proxy (offline): correlation of the edge maps (gradient magnitude of the blurred 32×32 grey "
+                 "image) of the sample and the base model's image for the same board, prompt and seed; it follows the "
+                 "layout, not the palette (same scene in another style ~0.4–0.9, another scene ~0)")
+CONTENT_KEPT_AT = 0.3
+_TRAIN_CONFIG_KEYS_NOT_COMPARED = {"storage", "use_gpu", "fail_at_step", "step_delay_s"}
+
+
+class SweepError(ValueError):
+    """A bad sweep file or a sweep that cannot run; the message names the key or the cell."""
+
+
+# -- the sweep file -----------------------------------------------------------------------------------------
+@dataclass
+class BoardSpec:
+    name: str
+    refs: str | None = None  # folder, .zip or storage URI of refs
+    make: dict | None = None  # procedural board: {style, n, size, seed}
+    trigger: str | None = None
+    steps: int | None = None
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class VariantSpec:
+    name: str
+    config: dict = field(default_factory=dict)  # TrainConfig overrides, `variant` included
+    steps: int | None = None
+
+
+@dataclass
+class SampleSpec:
+    steps: int = 28
+    size: int | None = None
+    guidance: float = 4.0
+
+
+@dataclass
+class SweepSpec:
+    boards: list[BoardSpec]
+    variants: list[VariantSpec]
+    name: str = "sweep"
+    storage: str | None = None
+    model: str = "tiny"
+    tenant: str = "default"
+    concurrency: int | None = None
+    judge: str = "auto"
+    base: dict = field(default_factory=dict)
+    steps: int | None = None
+    prompts: list[str] = field(default_factory=lambda: ["a lighthouse on a cliff", "a cat sitting on a chair"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    sample: SampleSpec = field(default_factory=SampleSpec)
+
+    # -- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> "SweepSpec":
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise SweepError(f"cannot read the sweep file {path}: {e}") from e
+        except yaml.YAMLError as e:
+            raise SweepError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise SweepError(f"{path} must hold a mapping (name, boards, variants, ...), got {type(data).__name__}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, source=str(path), base_dir=Path(path).resolve().parent)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "sweep", base_dir: Path | None = None) -> "SweepSpec":
+        from train.recipe import VARIANTS, ConfigError, TrainConfig
+
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SweepError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+        data = dict(data)
+
+        def check_overrides(where: str, overrides: Any) -> dict:
+            if overrides is None:
+                return {}
+            if not isinstance(overrides, dict):
+                raise SweepError(f"{source}: {where} must be a mapping of TrainConfig keys")
+            managed = {"trigger", "model", "storage", "job_id", "tenant", "sample_prompts"}
+            bad = sorted(set(overrides) & managed)
+            if bad:
+                raise SweepError(f"{source}: {where} sets {bad}, which the sweep sets itself (use the sweep's keys)")
+            try:
+                TrainConfig.from_dict(dict(overrides), source=f"{source}: {where}")
+            except ConfigError as e:
+                raise SweepError(str(e)) from e
+            return dict(overrides)
+
+        base = check_overrides("base", data.pop("base", None))
+        boards_raw = data.pop("boards", None)
+        variants_raw = data.pop("variants", None)
+        if not boards_raw or not isinstance(boards_raw, list):
+            raise SweepError(f"{source}: `boards` must be a non-empty list of {{name, refs | make, trigger, steps}}")
+        if not variants_raw or not isinstance(variants_raw, list):
+            raise SweepError(f"{source}: `variants` must be a non-empty list of variant names or {{name, ...}}")
+
+        boards = []
+        for i, raw in enumerate(boards_raw):
+            if not isinstance(raw, dict) or not raw.get("name"):
+                raise SweepError(f"{source}: boards[{i}] needs a `name`")
+            extra = sorted(set(raw) - {f.name for f in fields(BoardSpec)})
+            if extra:
+                raise SweepError(f"{source}: boards[{i}] has unknown keys {extra}; use name, refs, make, trigger, steps, config")
+            board = BoardSpec(**{**raw, "name": str(raw["name"])})
+            if (board.refs is None) == (board.make is None):
+                raise SweepError(f"{source}: board {board.name!r} needs exactly one of `refs` (a folder, zip or URI) or `make`")
+            if board.make is not None:
+                from train.board import BOARD_STYLES
+
+                if not isinstance(board.make, dict) or board.make.get("style") not in BOARD_STYLES or int(board.make.get("n", 0)) < 2:
+                    raise SweepError(f"{source}: board {board.name!r}: make needs style (one of {sorted(BOARD_STYLES)}) and n >= 2")
+                extra = sorted(set(board.make) - {"style", "n", "size", "seed"})
+                if extra:
+                    raise SweepError(f"{source}: board {board.name!r}: make has unknown keys {extra}; use style, n, size, seed")
+            elif base_dir is not None and "://" not in board.refs and not Path(board.refs).expanduser().is_absolute():
+                board.refs = str((base_dir / board.refs).resolve())  # relative to the sweep file
+            board.config = check_overrides(f"board {board.name!r} config", board.config)
+            _check_steps(board.steps, f"{source}: board {board.name!r} steps")
+            boards.append(board)
+
+        variants = []
+        for i, raw in enumerate(variants_raw):
+            if isinstance(raw, str):
+                if raw not in VARIANTS and raw != "auto":
+                    raise SweepError(f"{source}: variants[{i}]: unknown variant {raw!r}; use auto, one of {sorted(VARIANTS)}, "
+                                     "or a mapping {name: ..., variant: ..., <TrainConfig keys>} for a custom one")
+                raw = {"name": raw}
+            if not isinstance(raw, dict) or not raw.get("name"):
+                raise SweepError(f"{source}: variants[{i}] must be a variant name or a mapping with `name`")
+            raw = dict(raw)
+            name = str(raw.pop("name"))
+            steps = raw.pop("steps", None)
+            _check_steps(steps, f"{source}: variant {name!r} steps")
+            if "variant" not in raw:
+                raw["variant"] = name if name in VARIANTS or name == "auto" else "custom"
+            variants.append(VariantSpec(name=name, config=check_overrides(f"variant {name!r}", raw), steps=steps))
+
+        sample = data.pop("sample", None) or {}
+        if not isinstance(sample, dict) or set(sample) - {"steps", "size", "guidance"}:
+            raise SweepError(f"{source}: `sample` takes steps, size and guidance")
+        spec = cls(boards=boards, variants=variants, base=base, sample=SampleSpec(**sample), **data)
+        spec.validate(source)
+        return spec
+
+    def validate(self, source: str = "sweep") -> None:
+        if not isinstance(self.name, str) or not NAME_RE.match(self.name):
+            raise SweepError(f"{source}: name {self.name!r}: use 1–40 lowercase letters, digits, '-' or '_'")
+        for what, items in (("board", [b.name for b in self.boards]), ("variant", [v.name for v in self.variants])):
+            dupes = sorted({n for n in items if items.count(n) > 1})
+            if dupes:
+                raise SweepError(f"{source}: {what} names must be unique; repeated: {dupes}")
+        if self.judge not in JUDGES:
+            raise SweepError(f"{source}: judge {self.judge!r}: choose one of {JUDGES}")
+        if self.concurrency is not None and (not isinstance(self.concurrency, int) or self.concurrency < 1):
+            raise SweepError(f"{source}: concurrency must be a positive integer or null, got {self.concurrency!r}")
+        _check_steps(self.steps, f"{source}: steps")
+        if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise SweepError(f"{source}: prompts must be a non-empty list of non-empty strings")
+        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise SweepError(f"{source}: seeds must be a non-empty list of distinct integers >= 0")
+        s = self.sample
+        if not isinstance(s.steps, int) or not 1 <= s.steps <= 200:
+            raise SweepError(f"{source}: sample.steps must be in [1, 200], got {s.steps!r}")
+        if s.size is not None and (not isinstance(s.size, int) or s.size % 16 or not 64 <= s.size <= 2048):
+            raise SweepError(f"{source}: sample.size must be a multiple of 16 in [64, 2048] or null, got {s.size!r}")
+        from train.captions import TriggerError, check_trigger
+
+        for board in self.boards:
+            try:
+                check_trigger(self.trigger(board))
+            except TriggerError as e:
+                raise SweepError(f"{source}: board {board.name!r}: {e}") from e
+        for cell in self.cells():  # every cell's TrainConfig must be valid before anything starts
+            self.train_config(cell)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # -- cells -----------------------------------------------------------------------------------------
+    def cells(self) -> list["Cell"]:
+        return [Cell(board, variant, cell_job_id(self.name, board.name, variant.name))
+                for board in self.boards for variant in self.variants]
+
+    def sample_size(self) -> int:
+        return self.sample.size or (64 if self.model == "tiny" else 1024)
+
+    def trigger(self, board: BoardSpec) -> str:
+        return board.trigger or "zxy_" + re.sub(r"[^a-z0-9_]", "_", board.name.lower())
+
+    def train_config(self, cell: "Cell", storage_uri: str | None = None):
+        """The cell's `TrainConfig` (not yet resolved against its dataset size)."""
+        from train.recipe import ConfigError, TrainConfig
+
+        data = {**self.base, **cell.board.config, **cell.variant.config}
+        steps = next((s for s in (cell.variant.steps, cell.board.steps, self.steps) if s is not None), data.get("steps"))
+        data.update(
+            trigger=self.trigger(cell.board), model=self.model, tenant=self.tenant, job_id=cell.job_id, steps=steps,
+            sample_prompts=list(self.prompts), sample_steps=self.sample.steps, sample_size=self.sample_size(),
+        )
+        if storage_uri is not None:
+            data["storage"] = storage_uri
+        try:
+            return TrainConfig.from_dict(data, source=f"cell {cell.label}")
+        except ConfigError as e:
+            raise SweepError(str(e)) from e
+
+
+def _check_steps(value, where: str) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise SweepError(f"{where} must be a positive integer or null, got {value!r}")
+
+
+@dataclass
+class Cell:
+    board: BoardSpec
+    variant: VariantSpec
+    job_id: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.board.name} × {self.variant.name}"
+
+
+def _slug(text: str, limit: int) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (slug or "x")[:limit].strip("-") or "x"
+
+
+def cell_job_id(sweep: str, board: str, variant: str) -> str:
+    """Deterministic, valid job id of a cell: readable slugs plus a hash of the exact names."""
+    digest = hashlib.sha256(json.dumps([sweep, board, variant]).encode()).hexdigest()[:8]
+    return f"sw-{_slug(sweep, 16)}-{_slug(board, 14)}-{_slug(variant, 12)}-{digest}"
+
+
+def load_sweep(path: str | os.PathLike, **overrides) -> SweepSpec:
+    return SweepSpec.from_yaml(path, **overrides)
+
+
+def size_band(n_refs: int) -> str:
+    """The seeds' dataset-size band of `n_refs` (as `train.recipe.choose_variant` groups sizes)."""
+    if n_refs <= 3:
+        return BANDS[0]
+    if n_refs <= 7:
+        return BANDS[1]
+    if n_refs < 30:
+        return BANDS[2]
+    return BANDS[3]
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -- Ray: connect, pools ------------------------------------------------------------------------------------
+def connect_ray(address: str | None = None, *, train_slots: int = 1) -> str:
+    """Join the cluster this process runs in, or start a local one that advertises both pools.
+
+    `address` (or RAY_ADDRESS, which `ray job submit` gives its entrypoint) joins that cluster; without
+    either, `cluster.pools.init_local_ray` starts a private instance (address="local", never a stray
+    `ray start` head) with `train_slots` training slots.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address)
+        return address
+    from cluster.pools import init_local_ray
+
+    init_local_ray(num_cpus=max(2, os.cpu_count() or 2), object_store_memory=300 * 1024 * 1024,
+                   train_slots=train_slots, log_to_driver=False)
+    return "local"
+
+
+def training_concurrency(spec: SweepSpec, resources: dict | None = None) -> tuple[int, str]:
+    """How many cells train at once: the YAML's `concurrency`, else the pool's `train_gpu` ÷ GPUs per job.
+
+    Raises SweepError when the cluster advertises no training or inference pool and the YAML does not
+    say how many jobs to run (a pool that autoscales from zero advertises nothing until it grows).
+    """
+    import ray
+
+    from cluster.pools import INFER_RESOURCE, TRAIN_RESOURCE
+
+    resources = resources if resources is not None else ray.cluster_resources()
+    per_job = max(spec.train_config(c).num_workers for c in spec.cells())
+    missing = [r for r in (TRAIN_RESOURCE, INFER_RESOURCE) if resources.get(r, 0) <= 0]
+    if spec.concurrency is not None:
+        note = f"concurrency {spec.concurrency} (from the sweep file)"
+        if missing:
+            note += f"; the cluster advertises no {', '.join(missing)} yet (autoscaling from zero?)"
+        return spec.concurrency, note
+    if missing:
+        raise SweepError(
+            f"the Ray cluster advertises no {' or '.join(missing)}: a sweep trains on the `{TRAIN_RESOURCE}` pool and "
+            f"samples on the `{INFER_RESOURCE}` pool (cluster/pools.py). Start the nodes with those resources, or set "
+            "`concurrency:` in the sweep file when the pools autoscale from zero")
+    slots = resources[TRAIN_RESOURCE]
+    n = max(1, int(slots // per_job))
+    return n, f"concurrency {n} = {slots:g} {TRAIN_RESOURCE} ÷ {per_job} GPU(s) per job"
+
+
+def _cluster_has_gpus(resources: dict | None = None) -> bool:
+    import ray
+    import torch
+
+    resources = resources if resources is not None else ray.cluster_resources()
+    return resources.get("GPU", 0) > 0 or torch.cuda.is_available()
+
+
+# -- samples on the inference pool ---------------------------------------------------------------------------
+_PIPELINES: dict[tuple[str, str], Any] = {}
+_PIPELINE_LOCK = threading.Lock()
+
+
+def _pipeline(model: str, device: str):
+    """One pipeline per (model, device) per worker process: Ray reuses workers, so later tasks skip the load."""
+    from klein.model import load_pipeline
+
+    with _PIPELINE_LOCK:
+        key = (model, device)
+        if key not in _PIPELINES:
+            _PIPELINES[key] = load_pipeline(model, device=device)
+        return _PIPELINES[key]
+
+
+def sample_name(step: int | None, prompt_index: int, seed: int) -> str:
+    return f"{'base' if step is None else f'step_{step:06d}'}/p{prompt_index}_s{seed}.png"
+
+
+def render_samples(model: str, storage_uri: str, lora_keys: dict[int, str] | None, prompts: list[str],
+                   seeds: list[int], size: int, steps: int, guidance: float, use_gpu: bool) -> dict[str, bytes]:
+    """PNG bytes per (checkpoint, prompt, seed) — or of the base model when `lora_keys` is None.
+
+    `lora_keys` maps a checkpoint's step to its LoRA's key in the storage (read here, on the inference node).
+    `prompts` are full prompts (trigger included). Keys of the result are `sample_name(step, i, seed)`.
+    """
+    from cluster.storage import Storage
+    from klein.generate import GenerateRequest, generate_image, set_active_loras
+    from klein.lora import read_lora
+
+    pipe = _pipeline(model, "cuda" if use_gpu else "cpu")
+    storage = Storage.from_uri(storage_uri)
+    out: dict[str, bytes] = {}
+    checkpoints: list[tuple[int | None, str | None]] = [(None, None)] if lora_keys is None else sorted(lora_keys.items())
+    with _PIPELINE_LOCK:  # adapters are per pipeline: one render at a time in this process
+        for step, key in checkpoints:
+            adapter = None
+            if key is None:
+                set_active_loras(pipe, [])
+            else:
+                adapter = "sweep_" + hashlib.sha256(f"{storage_uri}/{key}".encode()).hexdigest()[:16]
+                set_active_loras(pipe, [(adapter, read_lora(storage.read_bytes(key)), 1.0)])
+            try:
+                for p_idx, prompt in enumerate(prompts):
+                    for seed in seeds:
+                        req = GenerateRequest(prompt=prompt, seed=seed, steps=steps, width=size, height=size, guidance=guidance)
+                        buf = io.BytesIO()
+                        generate_image(pipe, req).save(buf, format="PNG")
+                        out[sample_name(step, p_idx, seed)] = buf.getvalue()
+            finally:
+                if adapter is not None:
+                    set_active_loras(pipe, [])
+                    pipe.transformer.delete_adapters([adapter])
+    return out
+
+
+def _render_task(use_gpu: bool):
+    import ray
+
+    from cluster.pools import infer_task_options
+
+    return ray.remote(render_samples).options(**infer_task_options(num_gpus=1 if use_gpu else 0, num_cpus=1))
+
+
+# -- scores ------------------------------------------------------------------------------------------------
+def _edge_map(image, side: int = 32):
+    import numpy as np
+    from PIL import ImageFilter
+
+    grey = image.convert("L").filter(ImageFilter.GaussianBlur(max(0.5, image.width / 64))).resize((side, side))
+    g = np.asarray(grey, dtype=np.float64)
+    gx, gy = np.zeros_like(g), np.zeros_like(g)
+    gx[:, 1:-1] = g[:, 2:] - g[:, :-2]
+    gy[1:-1] = g[2:] - g[:-2]
+    return np.hypot(gx, gy).ravel()
+
+
+def content_proxy(sample, base) -> float:
+    """Does `sample` still show what the base model drew for the same prompt and seed? The correlation of
+    their edge maps (gradient magnitude of the blurred 32×32 grey image): it follows the layout and ignores
+    palette and brightness, so the same scene in another style scores ~0.4–0.9 and another scene ~0."""
+    a, b = _edge_map(sample), _edge_map(base)
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    if denom < 1e-9:  # a flat image has no layout: only another flat image matches it
+        return 1.0 if float(abs(a).max() + abs(b).max()) < 1e-9 else 0.0
+    return float((a * b).sum() / denom)
+
+
+def _png(data: bytes):
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- boards ------------------------------------------------------------------------------------------------
+@dataclass
+class PreparedBoard:
+    spec: BoardSpec
+    source: str
+    refs: list  # PIL images
+    n_refs: int
+    dataset_hash: str
+    scorer: Any = None
+
+    @property
+    def band(self) -> str:
+        return size_band(self.n_refs)
+
+
+def prepare_board(board: BoardSpec, workdir: Path) -> PreparedBoard:
+    """Materialise a procedural board (deterministic) and load the refs the scores compare against."""
+    from klein.style_score import StyleScorer
+    from train.board import make_board
+    from train.dataset import load_refs
+
+    source = board.refs
+    if board.make is not None:
+        folder = workdir / "boards" / _slug(board.name, 40)
+        make_board(board.make["style"], int(board.make["n"]), folder, size=int(board.make.get("size", 256)),
+                   seed=int(board.make.get("seed", 0)))
+        source = str(folder)
+    ref_set = load_refs(source)
+    images = [r.image for r in ref_set.refs]
+    return PreparedBoard(board, source, images, len(images), ref_set.dataset_hash, StyleScorer(images))
+
+
+# -- running a sweep -------------------------------------------------------------------------------------------
+@dataclass
+class SweepRun:
+    spec: SweepSpec
+    storage: Any
+    boards: dict[str, PreparedBoard]
+    use_gpu: bool
+    log: Callable[[str], None]
+    base_refs: dict[str, Any] = field(default_factory=dict)  # board name -> ObjectRef of base images (None: stored)
+    base_locks: dict[str, threading.Lock] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.base_locks = {name: threading.Lock() for name in self.boards}
+
+    @property
+    def prefix(self) -> str:
+        return f"sweeps/{self.spec.name}"
+
+    def cell_prefix(self, cell: Cell) -> str:
+        return f"{self.prefix}/cells/{cell.job_id}"
+
+    def base_prefix(self, board: str) -> str:
+        return f"{self.prefix}/base/{_slug(board, 40)}-{hashlib.sha256(board.encode()).hexdigest()[:6]}"
+
+    def prompts_for(self, board: PreparedBoard) -> list[str]:
+        trigger = self.spec.trigger(board.spec)
+        return [f"{trigger}. {p}" for p in self.spec.prompts]
+
+    def sample_fingerprint(self, board: PreparedBoard) -> dict:
+        s = self.spec.sample
+        return {"model": self.spec.model, "prompts": self.prompts_for(board), "seeds": self.spec.seeds,
+                "size": self.spec.sample_size(), "steps": s.steps, "guidance": s.guidance}
+
+
+def run_sweep(spec: SweepSpec, storage_uri: str | None = None, *, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) a sweep on the connected Ray cluster; returns the report (also stored and printed by the CLI).
+
+    Cells that fail are listed in the report's `failed` and do not stop the others.
+    """
+    import ray
+
+    from cluster.storage import Storage
+    from train.recipe import TrainConfig
+
+    if not ray.is_initialized():
+        raise SweepError("connect to Ray first (train.sweep.connect_ray)")
+    storage_uri = storage_uri or spec.storage or TrainConfig().storage
+    storage = Storage.from_uri(storage_uri)
+    resources = ray.cluster_resources()
+    concurrency, why = training_concurrency(spec, resources)
+    use_gpu = bool(spec.base["use_gpu"]) if spec.base.get("use_gpu") is not None else _cluster_has_gpus(resources)
+    started = time.time()
+    cells = spec.cells()
+    log(f"sweep {spec.name}: {len(spec.boards)} board(s) × {len(spec.variants)} variant(s) = {len(cells)} cells; "
+        f"{why}; storage {storage.uri_of(f'sweeps/{spec.name}')}")
+    storage.write_json(f"sweeps/{spec.name}/sweep.json", {**spec.to_dict(), "storage": storage.uri})
+
+    with tempfile.TemporaryDirectory(prefix="klein-sweep-") as tmp:
+        boards = {b.name: prepare_board(b, Path(tmp)) for b in spec.boards}
+        run = SweepRun(spec, storage, boards, use_gpu, log)
+        for board in boards.values():
+            log(f"  board {board.spec.name}: {board.n_refs} refs (band {board.band}), trigger {spec.trigger(board.spec)}")
+        results: dict[str, dict] = {}
+        failed: dict[str, str] = {}
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="sweep-train") as train_pool, \
+                ThreadPoolExecutor(max(2, concurrency), thread_name_prefix="sweep-sample") as sample_pool:
+            train_futures = {train_pool.submit(_train_cell, run, cell): cell for cell in cells}
+            sample_futures = {}
+            for fut in as_completed(train_futures):
+                cell = train_futures[fut]
+                try:
+                    outcome = fut.result()
+                except Exception as e:  # one failed cell must not stop the sweep
+                    log(f"  cell {cell.label} failed in training: {e}")
+                    failed[cell.job_id] = f"training: {e}"
+                    continue
+                if outcome["state"] == "finished":
+                    results[cell.job_id] = outcome["manifest"]
+                    continue
+                sample_futures[sample_pool.submit(_sample_cell, run, cell, outcome)] = cell
+            for fut in as_completed(sample_futures):
+                cell = sample_futures[fut]
+                try:
+                    results[cell.job_id] = fut.result()
+                except Exception as e:
+                    log(f"  cell {cell.label} failed in sampling: {e}")
+                    failed[cell.job_id] = f"sampling: {e}"
+        report = build_report(run, [results[c.job_id] for c in cells if c.job_id in results], failed,
+                              elapsed_s=time.time() - started)
+    return report
+
+
+def _train_cell(run: SweepRun, cell: Cell) -> dict:
+    """Training part of a cell (in one of the `concurrency` driver threads). Skips what is already done."""
+    from train.job import lora_prefix, run_training_job
+
+    board = run.boards[cell.board.name]
+    cfg = run.spec.train_config(cell, run.storage.uri)
+    cfg.use_gpu = run.use_gpu
+    fingerprint = _cell_fingerprint(run, cell, board, cfg)
+    manifest_key = f"{run.cell_prefix(cell)}/manifest.json"
+    if run.storage.exists(manifest_key):
+        manifest = run.storage.read_json(manifest_key)
+        if manifest.get("fingerprint") == fingerprint:
+            run.log(f"  cell {cell.label} ({cell.job_id}): finished earlier, skipped")
+            return {"state": "finished", "manifest": manifest}
+        run.log(f"  cell {cell.label}: its manifest has other settings; redoing what changed")
+    lora_key = f"{lora_prefix(cfg.tenant, cfg.job_id)}/manifest.json"
+    lora = run.storage.read_json(lora_key) if run.storage.exists(lora_key) else None
+    if lora is not None:
+        _check_same_training(cell, cfg, board, lora)
+    _submit_base(run, board)  # base images render on the inference pool while the cell trains
+    if lora is not None:
+        run.log(f"  cell {cell.label}: LoRA {cell.job_id} trained earlier, reused")
+    else:
+        run.log(f"  cell {cell.label}: training job {cell.job_id} ({cfg.variant}, {cfg.steps or 'formula'} steps)")
+        t0 = time.time()
+        lora = run_training_job(board.source, cfg)
+        run.log(f"  cell {cell.label}: trained in {time.time() - t0:.0f} s (best val step {lora['best_step']})")
+    return {"state": "trained", "lora": lora, "fingerprint": fingerprint}
+
+
+def _cell_fingerprint(run: SweepRun, cell: Cell, board: PreparedBoard, cfg) -> str:
+    train = {k: v for k, v in cfg.to_dict().items() if k not in _TRAIN_CONFIG_KEYS_NOT_COMPARED}
+    return _fingerprint({"train": train, "dataset": board.dataset_hash, "sample": run.sample_fingerprint(board),
+                         "use_gpu": run.use_gpu})
+
+
+def _check_same_training(cell: Cell, cfg, board: PreparedBoard, lora: dict) -> None:
+    """A stored LoRA with this cell's job id must have been trained with this cell's settings."""
+    resolved, _ = cfg.resolved(board.n_refs, on_gpu=bool(lora["config"].get("use_gpu")))
+    ours = {k: v for k, v in resolved.to_dict().items() if k not in _TRAIN_CONFIG_KEYS_NOT_COMPARED}
+    theirs = {k: v for k, v in lora["config"].items() if k not in _TRAIN_CONFIG_KEYS_NOT_COMPARED}
+    differ = sorted(k for k in ours if k in theirs and ours[k] != theirs[k])
+    if lora.get("dataset", {}).get("hash") not in (None, board.dataset_hash):
+        differ.append("dataset (the refs changed)")
+    if differ:
+        raise SweepError(
+            f"cell {cell.label}: LoRA {cell.job_id} exists with other settings ({', '.join(differ)}); "
+            "give the sweep a new name, or delete the cell's LoRA to retrain it")
+
+
+def _submit_base(run: SweepRun, board: PreparedBoard):
+    """The base model's images for a board (stored once; rendered on the inference pool when missing)."""
+    with run.base_locks[board.spec.name]:
+        if board.spec.name in run.base_refs:
+            return run.base_refs[board.spec.name]
+        prefix = run.base_prefix(board.spec.name)
+        fp = _fingerprint(run.sample_fingerprint(board))
+        ref = None
+        if not (run.storage.exists(f"{prefix}/manifest.json") and run.storage.read_json(f"{prefix}/manifest.json").get("fingerprint") == fp):
+            s = run.spec.sample
+            ref = _render_task(run.use_gpu).remote(run.spec.model, run.storage.uri, None, run.prompts_for(board),
+                                                   run.spec.seeds, run.spec.sample_size(), s.steps, s.guidance, run.use_gpu)
+        run.base_refs[board.spec.name] = ref
+        return ref
+
+
+def _base_images(run: SweepRun, board: PreparedBoard) -> dict[str, Any]:
+    """{sample name: PIL image} of the base model for `board`, waiting for (and storing) the render if needed."""
+    import ray
+
+    ref = _submit_base(run, board)
+    prefix = run.base_prefix(board.spec.name)
+    with run.base_locks[board.spec.name]:
+        if ref is not None and run.base_refs.get(board.spec.name) is ref:
+            pngs = ray.get(ref)
+            hashes = {name: run.storage.write_bytes(f"{prefix}/{name}", data) for name, data in pngs.items()}
+            run.storage.write_json(f"{prefix}/manifest.json", {"fingerprint": _fingerprint(run.sample_fingerprint(board)),
+                                                             "files": hashes})
+            run.base_refs[board.spec.name] = None
+        files = run.storage.read_json(f"{prefix}/manifest.json")["files"]
+    return {name: _png(run.storage.read_verified(f"{prefix}/{name}", sha)) for name, sha in files.items()}
+
+
+def _sample_cell(run: SweepRun, cell: Cell, outcome: dict) -> dict:
+    """Samples of every checkpoint on the inference pool, their scores, and the cell manifest (written last)."""
+    import ray
+
+    from train.job import checkpoint_key
+
+    lora, board = outcome["lora"], run.boards[cell.board.name]
+    s = run.spec.sample
+    checkpoints = list(lora["checkpoints"])
+    keys = {step: checkpoint_key(cell.job_id, step) for step in checkpoints}
+    t0 = time.time()
+    pngs = ray.get(_render_task(run.use_gpu).remote(run.spec.model, run.storage.uri, keys, run.prompts_for(board),
+                                                    run.spec.seeds, run.spec.sample_size(), s.steps, s.guidance, run.use_gpu))
+    base = _base_images(run, board)
+    prefix = run.cell_prefix(cell)
+    files = {f"samples/{name}": run.storage.write_bytes(f"{prefix}/samples/{name}", data) for name, data in pngs.items()}
+    val = {v["step"]: v["val_loss"] for v in lora["metrics"]["val_curve"]}
+    samples = []
+    for step in checkpoints:
+        for p_idx, prompt in enumerate(run.spec.prompts):
+            for seed in run.spec.seeds:
+                name = sample_name(step, p_idx, seed)
+                image = _png(pngs[name])
+                samples.append({
+                    "step": step, "prompt_index": p_idx, "prompt": prompt, "seed": seed, "file": f"samples/{name}",
+                    "style_distance": board.scorer.distance([image]),
+                    "content_proxy": content_proxy(image, base[sample_name(None, p_idx, seed)]),
+                    "val_loss": val.get(step),
+                })
+    base_style = {sample_name(None, p, sd): board.scorer.distance([base[sample_name(None, p, sd)]])
+                  for p in range(len(run.spec.prompts)) for sd in run.spec.seeds}
+    manifest = {
+        "sweep": run.spec.name, "board": cell.board.name, "variant": cell.variant.name, "job_id": cell.job_id,
+        "n_refs": board.n_refs, "band": board.band, "dataset_hash": board.dataset_hash,
+        "decision": lora["decision"], "lora_manifest": f"tenants/{lora['tenant']}/loras/{lora['id']}/manifest.json",
+        "steps": lora["metrics"]["steps"], "checkpoints": checkpoints, "delivered_step": lora["delivered_step"],
+        "best_step": lora["best_step"], "val_curve": lora["metrics"]["val_curve"],
+        "midpoint_jumps": lora.get("midpoint_jumps", []), "base_style_distance": base_style,
+        "samples": samples, "files": files, "fingerprint": outcome["fingerprint"], "sample_s": time.time() - t0,
+    }
+    run.storage.write_json(f"{prefix}/manifest.json", manifest)
+    run.log(f"  cell {cell.label}: {len(samples)} samples scored")
+    return manifest
+
+
+# -- judging -------------------------------------------------------------------------------------------------
+def _judge_client(mode: str):
+    """The Gemini client for the pairwise judge, or None for the style-score judge."""
+    if mode == "offline":
+        return None
+    from gemini.client import GeminiClient, GeminiConfig
+
+    client = GeminiClient(GeminiConfig.from_env())
+    if not client.available:
+        if mode == "gemini":
+            raise SweepError("judge: gemini needs GEMINI_API_KEY (or GOOGLE_API_KEY); use judge: auto or offline")
+        return None
+    return client
+
+
+def judge_cells(run: SweepRun, manifests: list[dict]) -> list[dict]:
+    """Every pair of variants on the same (board, prompt, seed), at their delivered checkpoints."""
+    from gemini.judge import judge_pair
+
+    client = _judge_client(run.spec.judge)
+    cache_key = f"{run.prefix}/judgements.json"
+    cache = run.storage.read_json(cache_key) if run.storage.exists(cache_key) else {}
+    by_board: dict[str, list[dict]] = {}
+    for m in manifests:
+        by_board.setdefault(m["board"], []).append(m)
+    order = {v.name: i for i, v in enumerate(run.spec.variants)}
+    pairs = []
+    for board_name, cells in by_board.items():
+        board = run.boards[board_name]
+        cells = sorted(cells, key=lambda m: order.get(m["variant"], 0))
+        for p_idx, prompt in enumerate(run.spec.prompts):
+            for seed in run.spec.seeds:
+                for a, b in itertools.combinations(cells, 2):
+                    sa, sb = (_delivered_sample(m, p_idx, seed) for m in (a, b))
+                    fa, fb = a["files"][sa["file"]], b["files"][sb["file"]]
+                    key = _fingerprint([board_name, prompt, seed, a["variant"], b["variant"], fa, fb,
+                                        "gemini" if client else "offline"])
+                    verdict = cache.get(key)
+                    if verdict is None:
+                        img_a = _png(run.storage.read_verified(f"{run.prefix}/cells/{a['job_id']}/{sa['file']}", fa))
+                        img_b = _png(run.storage.read_verified(f"{run.prefix}/cells/{b['job_id']}/{sb['file']}", fb))
+                        verdict = judge_pair(board.refs, img_a, img_b, prompt, client, scorer=board.scorer).model_dump(mode="json")
+                        cache[key] = verdict
+                    pairs.append({
+                        "board": board_name, "prompt_index": p_idx, "prompt": prompt, "seed": seed,
+                        "a": a["variant"], "b": b["variant"], "step_a": sa["step"], "step_b": sb["step"],
+                        "winner": a["variant"] if verdict["winner"] == "a" else b["variant"],
+                        "judge": verdict["source"], "a_shows_content": verdict["a_shows_content"],
+                        "b_shows_content": verdict["b_shows_content"], "reason": verdict["reason"],
+                    })
+    run.storage.write_json(cache_key, cache)
+    return pairs
+
+
+def _delivered_sample(manifest: dict, prompt_index: int, seed: int) -> dict:
+    return next(s for s in manifest["samples"] if s["step"] == manifest["delivered_step"]
+                and s["prompt_index"] == prompt_index and s["seed"] == seed)
+
+
+# -- tables -----------------------------------------------------------------------------------------------------
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def compute_tables(spec: SweepSpec, manifests: list[dict], pairs: list[dict]) -> dict[str, dict]:
+    """The report's tables as {name: {"title", "columns", "rows"}}; rows are lists of display strings."""
+    from train.recipe import choose_variant
+
+    variants = [v.name for v in spec.variants if any(m["variant"] == v.name for m in manifests)]
+    boards = [b.name for b in spec.boards if any(m["board"] == b.name for m in manifests)]
+    cell = {(m["board"], m["variant"]): m for m in manifests}
+    n_refs = {m["board"]: m["n_refs"] for m in manifests}
+
+    def delivered(m):
+        return [s for s in m["samples"] if s["step"] == m["delivered_step"]]
+
+    def record(pair_list, v):
+        comps = [p for p in pair_list if v in (p["a"], p["b"])]
+        wins = sum(1 for p in comps if p["winner"] == v)
+        return wins, len(comps), (wins / len(comps) if comps else None)
+
+    def gemini_content(pair_list, v):
+        seen = [p["a_shows_content"] if p["a"] == v else p["b_shows_content"] for p in pair_list if v in (p["a"], p["b"])]
+        seen = [s for s in seen if s is not None]
+        return (sum(seen) / len(seen)) if seen else None
+
+    def best_style_step(m):
+        by_step: dict[int, list[float]] = {}
+        for s in m["samples"]:
+            by_step.setdefault(s["step"], []).append(s["style_distance"])
+        step = min(by_step, key=lambda k: (_mean(by_step[k]), k))
+        return step, _mean(by_step[step])
+
+    # the dataset-size × variant matrix and the auto policy per band
+    bands = [b for b in BANDS if any(size_band(n_refs[bd]) == b for bd in boards)]
+    band_winner, matrix_rows = {}, []
+    for band in bands:
+        band_boards = [bd for bd in boards if size_band(n_refs[bd]) == band]
+        band_pairs = [p for p in pairs if p["board"] in band_boards]
+        rates = {v: record(band_pairs, v) for v in variants}
+        scored = {v: r[2] for v, r in rates.items() if r[2] is not None}
+        if scored:
+            top = max(scored.values())
+            leaders = [v for v, r in scored.items() if r == top]
+            winner = leaders[0] if len(leaders) == 1 else "tie: " + ", ".join(leaders)
+        else:
+            winner = "—"
+        band_winner[band] = winner
+        picks = sorted({choose_variant(n_refs[bd]).variant for bd in band_boards})
+        if winner == "—" or winner.startswith("tie"):
+            agree = "n/a (no single winner)"
+        elif len(picks) > 1:
+            agree = "agree" if winner in picks else "disagree"
+        elif picks[0] not in variants:
+            agree = f"n/a ({picks[0]} not in the sweep)"
+        else:
+            agree = "agree" if picks[0] == winner else "disagree"
+        matrix_rows.append([band, ", ".join(f"{bd} ({n_refs[bd]})" for bd in band_boards)]
+                           + [f"{_pct(rates[v][2])} ({rates[v][0]}/{rates[v][1]})" for v in variants]
+                           + [winner, ", ".join(picks), agree])
+
+    # the seeds' table
+    seeds_rows = []
+    for v in variants:
+        wins, comps, rate = record(pairs, v)
+        cells_v = [cell[(bd, v)] for bd in boards if (bd, v) in cell]
+        style = _mean(s["style_distance"] for m in cells_v for s in delivered(m))
+        base = _mean(d for m in cells_v for d in m["base_style_distance"].values())
+        content = _mean(s["content_proxy"] for m in cells_v for s in delivered(m))
+        notes = []
+        won = [b for b in bands if band_winner.get(b) == v]
+        if won:
+            notes.append("wins band " + ", ".join(won))
+        picked = [b for b in bands if v in next(r[-2] for r in matrix_rows if r[0] == b).split(", ")]
+        if picked:
+            notes.append("auto policy's pick for " + ", ".join(picked))
+        best_val = sum(1 for bd in boards if (bd, v) in cell and all(
+            min(x["val_loss"] for x in cell[(bd, v)]["val_curve"]) <= min(x["val_loss"] for x in cell[(bd, w)]["val_curve"])
+            for w in variants if (bd, w) in cell))
+        notes.append(f"lowest val loss on {best_val}/{len(cells_v)} boards")
+        if style is not None and base is not None:
+            notes.append(f"style distance {base:.3f} (base) → {style:.3f}")
+        drifting = [m["board"] for m in cells_v if (_mean(s["content_proxy"] for s in delivered(m)) or 0.0) < CONTENT_KEPT_AT]
+        if drifting:
+            notes.append(f"content drifts from the base image on {', '.join(drifting)} (proxy < {CONTENT_KEPT_AT})")
+        seeds_rows.append([v, str(wins), str(comps), _pct(rate), _fmt(style), _fmt(content), _pct(gemini_content(pairs, v)),
+                           "; ".join(notes)])
+
+    # per board × variant
+    board_rows = []
+    for bd in boards:
+        bpairs = [p for p in pairs if p["board"] == bd]
+        for v in variants:
+            m = cell.get((bd, v))
+            if m is None:
+                continue
+            wins, comps, rate = record(bpairs, v)
+            ds = delivered(m)
+            kept = _mean(1.0 if s["content_proxy"] >= CONTENT_KEPT_AT else 0.0 for s in ds)
+            best_val = min(m["val_curve"], key=lambda x: x["val_loss"])
+            board_rows.append([bd, str(m["n_refs"]), m["band"], v, m["decision"]["variant"], str(wins), str(comps), _pct(rate),
+                               _fmt(_mean(s["style_distance"] for s in ds)), _fmt(_mean(m["base_style_distance"].values())),
+                               _fmt(_mean(s["content_proxy"] for s in ds)), _pct(kept), _pct(gemini_content(bpairs, v)),
+                               _fmt(best_val["val_loss"], 4), str(m["delivered_step"])])
+
+    # convergence: best step per board and variant
+    conv_rows, best_rows = [], []
+    for bd in boards:
+        options = []
+        for v in variants:
+            m = cell.get((bd, v))
+            if m is None:
+                continue
+            style_step, style_value = best_style_step(m)
+            val_best = min(m["val_curve"], key=lambda x: x["val_loss"])
+            options.append((style_value, style_step, v, val_best))
+            curve = " → ".join(f"{x['val_loss']:.3f}@{x['step']}" for x in m["val_curve"])
+            jumps = "; ".join(f"{j['from_step']}→{j['to_step']} +{j['rise']:.0%}" for j in m["midpoint_jumps"]) or "none"
+            conv_rows.append([bd, v, str(m["n_refs"]), str(m["steps"]), curve, str(val_best["step"]), str(style_step),
+                              _fmt(style_value), str(m["delivered_step"]), jumps])
+        if options:
+            style_value, style_step, v, _ = min(options, key=lambda o: (o[0], o[1]))
+            val_v = min(options, key=lambda o: o[3]["val_loss"])
+            best_rows.append([bd, f"{v} @ step {style_step}", _fmt(style_value), f"{val_v[2]} @ step {val_v[3]['step']}",
+                              _fmt(val_v[3]["val_loss"], 4)])
+
+    pair_rows = [[p["board"], str(p["prompt_index"]), str(p["seed"]), p["a"], p["b"], p["winner"], p["judge"],
+                  _fmt(p["a_shows_content"]), _fmt(p["b_shows_content"]), p["reason"]] for p in pairs]
+    sample_rows = [[m["board"], m["variant"], str(s["step"]), str(s["prompt_index"]), str(s["seed"]),
+                    _fmt(s["style_distance"], 4), _fmt(s["content_proxy"], 4), _fmt(s["val_loss"], 4),
+                    "yes" if s["step"] == m["delivered_step"] else ""]
+                   for m in manifests for s in m["samples"]]
+    return {
+        "seeds_table": {"title": "Seeds' table (all boards)",
+                        "columns": ["variant", "wins", "comparisons", "win rate", "style dist.", "content proxy",
+                                    "content ok (Gemini)", "notes"], "rows": seeds_rows},
+        "board_variant": {"title": "Per board × variant (delivered checkpoint)",
+                          "columns": ["board", "refs", "band", "variant", "recipe", "wins", "comparisons", "win rate",
+                                      "style dist.", "base style dist.", "content proxy", "content kept",
+                                      "content ok (Gemini)", "best val loss", "delivered step"], "rows": board_rows},
+        "size_matrix": {"title": "Dataset size × variant (win rate in the band) and the auto policy",
+                        "columns": ["refs band", "boards (refs)", *variants, "winner", "auto policy", "auto vs winner"],
+                        "rows": matrix_rows},
+        "convergence": {"title": "Convergence: best step per board and variant",
+                        "columns": ["board", "variant", "refs", "steps", "val loss by checkpoint", "best val step",
+                                    "best style step", "style dist. there", "delivered step", "cosine-midpoint jumps"],
+                        "rows": conv_rows},
+        "best_step": {"title": "Best step per board", "columns": ["board", "best by style score", "style dist.",
+                                                                 "best by val loss", "val loss"], "rows": best_rows},
+        "pairs": {"title": "Pairwise judgements", "columns": ["board", "prompt", "seed", "a", "b", "winner", "judge",
+                                                             "a shows content", "b shows content", "reason"], "rows": pair_rows},
+        "samples": {"title": "Every sample", "columns": ["board", "variant", "step", "prompt", "seed", "style dist.",
+                                                         "content proxy", "val loss", "delivered"], "rows": sample_rows},
+    }
+
+
+def markdown_table(table: dict) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in table["columns"]) + " |",
+             "| " + " | ".join("---" for _ in table["columns"]) + " |"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in table["rows"]]
+    return "\n".join(lines)
+
+
+def csv_table(table: dict) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(table["columns"])
+    writer.writerows(table["rows"])
+    return buf.getvalue().encode("utf-8")
+
+
+# -- pictures -----------------------------------------------------------------------------------------------------
+_ASCII = str.maketrans({"—": "-", "–": "-", "×": "x", "→": "->", "…": "...", "≥": ">=", "≤": "<=", "÷": "/"})
+
+
+def _ascii(text: str) -> str:
+    """Pillow's built-in font has no dashes, arrows or ×: draw their ASCII stand-ins."""
+    return str(text).translate(_ASCII)
+
+
+def table_png(table: dict, max_col_chars: int = 48) -> bytes:
+    """A table drawn as a grid (Pillow only), for the places Markdown does not render."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=12)
+    title_font = ImageFont.load_default(size=14)
+    rows = [table["columns"]] + table["rows"]
+    rows = [[(c if len(c) <= max_col_chars else c[: max_col_chars - 3] + "...") for c in map(_ascii, r)] for r in rows]
+    pad, row_h = 6, 20
+    widths = [max(int(font.getlength(r[i])) for r in rows) + 2 * pad for i in range(len(rows[0]))]
+    width, height = sum(widths) + 2, 28 + row_h * len(rows) + 2
+    img = Image.new("RGB", (max(width, 320), height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, 6), _ascii(table["title"]), fill="black", font=title_font)
+    y = 28
+    for r, row in enumerate(rows):
+        if r == 0:
+            draw.rectangle([0, y, width - 1, y + row_h], fill=(230, 234, 242))
+        x = 0
+        for i, text in enumerate(row):
+            draw.text((x + pad, y + 4), text, fill="black", font=font)
+            draw.rectangle([x, y, x + widths[i], y + row_h], outline=(180, 180, 180))
+            x += widths[i]
+        y += row_h
+    return _png_bytes(img)
+
+
+def win_rate_png(table: dict) -> bytes:
+    """Bars of each variant's overall win rate."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=12)
+    rows = table["rows"]
+    w, bar_h, left = 520, 22, 120
+    img = Image.new("RGB", (w, 30 + bar_h * max(1, len(rows)) + 10), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((6, 6), "win rate per variant (pairwise, all boards)", fill="black", font=font)
+    for i, row in enumerate(rows):
+        y = 30 + i * bar_h
+        rate = float(row[3].rstrip("%")) / 100 if row[3] != "—" else 0.0
+        draw.text((6, y + 4), _ascii(row[0])[:16], fill="black", font=font)
+        draw.rectangle([left, y + 3, left + int(rate * (w - left - 60)), y + bar_h - 3], fill=(60, 110, 200))
+        draw.text((left + int(rate * (w - left - 60)) + 4, y + 4), f"{row[3]} ({row[1]}/{row[2]})", fill="black", font=font)
+    return _png_bytes(img)
+
+
+def curves_png(manifests: list[dict]) -> bytes:
+    """Style distance (left) and validation loss (right) against step, one line per cell."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    pw, ph, pad = 420, 260, 40
+    img = Image.new("RGB", (2 * pw, ph + 20 + 16 * len(manifests)), "white")
+    draw = ImageDraw.Draw(img)
+    series_sets = []
+    for m in manifests:
+        by_step: dict[int, list[float]] = {}
+        for s in m["samples"]:
+            by_step.setdefault(s["step"], []).append(s["style_distance"])
+        style = sorted((k, _mean(v)) for k, v in by_step.items())
+        val = [(x["step"], x["val_loss"]) for x in m["val_curve"]]
+        series_sets.append((style, val))
+    for panel, title in enumerate(("style distance to refs (lower = closer)", "validation loss")):
+        x0 = panel * pw
+        points = [p for s in series_sets for p in s[panel]]
+        draw.text((x0 + pad, 4), title, fill="black", font=font)
+        draw.rectangle([x0 + pad, 20, x0 + pw - 10, ph - 20], outline="black")
+        if not points:
+            continue
+        smin, smax = min(p[0] for p in points), max(p[0] for p in points)
+        vmin, vmax = min(p[1] for p in points), max(p[1] for p in points)
+        smax, vmax = (smax if smax > smin else smin + 1), (vmax if vmax > vmin else vmin + 1e-6)
+
+        def xy(step, value):
+            return (x0 + pad + (step - smin) / (smax - smin) * (pw - pad - 10),
+                    20 + (1 - (value - vmin) / (vmax - vmin)) * (ph - 40))
+
+        for i, series in enumerate(series_sets):
+            pts = [xy(*p) for p in series[panel]]
+            if len(pts) > 1:
+                draw.line(pts, fill=colours[i % len(colours)], width=2)
+            for x, y in pts:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[i % len(colours)])
+        draw.text((x0 + 2, 20), f"{vmax:.3f}", fill="black", font=font)
+        draw.text((x0 + 2, ph - 32), f"{vmin:.3f}", fill="black", font=font)
+        draw.text((x0 + pad, ph - 16), f"step {smin}", fill="black", font=font)
+        draw.text((x0 + pw - 70, ph - 16), f"step {smax}", fill="black", font=font)
+    for i, m in enumerate(manifests):
+        draw.text((pad, ph + 4 + 16 * i), f"-- {m['board']} x {m['variant']}", fill=colours[i % len(colours)], font=font)
+    return _png_bytes(img)
+
+
+def board_contact_sheet(run: SweepRun, board: PreparedBoard, manifests: list[dict]) -> bytes:
+    """Refs on top; then one row per (prompt, seed): the base model, then every variant at every checkpoint."""
+    from train.report import image_grid
+
+    base = _base_images(run, board)
+    size = run.spec.sample_size()
+    columns = [("base", None, None)] + [(f"{m['variant']}@{step}{'*' if step == m['delivered_step'] else ''}", m, step)
+                                       for m in manifests for step in m["checkpoints"]]
+    refs_row = [r.resize((size, size)) for r in board.refs[: len(columns)]]
+    rows, labels = [refs_row], ["refs"]
+    cache: dict[str, Any] = {}
+    for p_idx, prompt in enumerate(run.spec.prompts):
+        for seed in run.spec.seeds:
+            row = []
+            for _, m, step in columns:
+                if m is None:
+                    row.append(base[sample_name(None, p_idx, seed)])
+                    continue
+                rel = f"samples/{sample_name(step, p_idx, seed)}"
+                key = f"{run.prefix}/cells/{m['job_id']}/{rel}"
+                if key not in cache:
+                    cache[key] = _png(run.storage.read_verified(key, m["files"][rel]))
+                row.append(cache[key])
+            rows.append(row)
+            labels.append(f"s{seed} {prompt}")
+    grid = image_grid(rows, col_labels=[_ascii(c[0]) for c in columns], row_labels=[_ascii(label) for label in labels])
+    return _png_bytes(grid)
+
+
+# -- the report -------------------------------------------------------------------------------------------------
+def build_report(run: SweepRun, manifests: list[dict], failed: dict[str, str], elapsed_s: float = 0.0) -> dict:
+    """Judge, tabulate, draw; store everything under sweeps/<name>/report/ (its manifest last)."""
+    pairs = judge_cells(run, manifests) if manifests else []
+    tables = compute_tables(run.spec, manifests, pairs)
+    judge_source = sorted({p["judge"] for p in pairs}) or ["none (fewer than two variants per board)"]
+    gemini_used = "gemini" in judge_source
+    header = [
+        f"# Sweep `{run.spec.name}`",
+        "",
+        f"{len(manifests)} of {len(run.spec.cells())} cells finished"
+        + (f"; failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}" if failed else "")
+        + f"; model `{run.spec.model}`; {len(run.spec.prompts)} prompt(s) × {len(run.spec.seeds)} seed(s); "
+        + f"{run.spec.sample.steps} sampling steps at {run.spec.sample_size()} px.",
+        "",
+        f"- Pairwise judge: {', '.join(judge_source)}"
+        + (" (Gemini judge: style winner and whether each image still shows the prompt)" if gemini_used else
+           " (offline: the lower style distance to the board's refs wins; Gemini judges when GEMINI_API_KEY is set)"),
+        "- Style distance: klein.style_score (palette + Gram distance to the board's refs; lower = closer).",
+        f"- Content check: {CONTENT_PROXY}; 'content kept' = share of samples with proxy ≥ {CONTENT_KEPT_AT}."
+        + (" 'content ok (Gemini)' = share of the judge's verdicts saying the image still shows the prompt."
+           if gemini_used else " The Gemini content verdict ('content ok (Gemini)') needs GEMINI_API_KEY."),
+        "- Validation loss: per checkpoint from each job manifest's metrics.val_curve.",
+        "- Bands: 4 refs count with 5–7 and 8–29 with 10–15, as train.recipe.choose_variant groups sizes; "
+        "'auto policy' is choose_variant's pick for the band's boards.",
+    ]
+    order = ["seeds_table", "size_matrix", "board_variant", "convergence", "best_step"]
+    sections = [f"## {tables[k]['title']}\n\n{markdown_table(tables[k])}" for k in order]
+    report_prefix = f"{run.prefix}/report"
+    files: dict[str, bytes] = {}
+    sheet_names = []
+    for board_name, board in run.boards.items():
+        cells = [m for m in manifests if m["board"] == board_name]
+        if cells:
+            name = f"contact_sheets/{_slug(board_name, 40)}.png"
+            files[name] = board_contact_sheet(run, board, cells)
+            sheet_names.append((board_name, name))
+    for key, table in tables.items():
+        files[f"{key}.csv"] = csv_table(table)
+    for key in order:
+        files[f"{key}.png"] = table_png(tables[key])
+    files["win_rates.png"] = win_rate_png(tables["seeds_table"])
+    if manifests:
+        files["curves.png"] = curves_png(manifests)
+    pictures = ["## Pictures", ""] + [f"- contact sheet {b}: `{n}` (refs; base; variant@step, * = delivered)" for b, n in sheet_names]
+    pictures += ["- win rates: `win_rates.png`; style distance and val loss against step: `curves.png`",
+                 "- every table also as `<table>.csv` and `<table>.png`; every sample in `samples.csv`, "
+                 "every judgement in `pairs.csv`"]
+    markdown = "\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n\n" + "\n".join(pictures) + "\n"
+    files["report.md"] = markdown.encode("utf-8")
+    report = {
+        "name": run.spec.name, "cells": len(run.spec.cells()), "finished": len(manifests), "failed": failed,
+        "judge": judge_source, "content_check": CONTENT_PROXY, "tables": tables, "pairs": pairs,
+        "elapsed_s": elapsed_s, "markdown": markdown,
+    }
+    files["report.json"] = json.dumps(report, indent=1, default=str).encode("utf-8")
+    hashes = {name: run.storage.write_bytes(f"{report_prefix}/{name}", data) for name, data in files.items()}
+    run.storage.write_json(f"{report_prefix}/manifest.json", {"sweep": run.spec.name, "files": hashes,
+                                                              "finished": len(manifests), "failed": failed})
+    report["files"] = {name: run.storage.uri_of(f"{report_prefix}/{name}") for name in hashes}
+    report["uri"] = run.storage.uri_of(report_prefix)
+    return report
+
+
+# -- command line -----------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", nargs="?", help="sweep YAML (boards, variants, prompts, seeds, steps overrides)")
+    p.add_argument("--example", action="store_true", help=f"run the built-in sweep ({EXAMPLE_SWEEP.name}: 2 procedural "
+                   "boards × 2 variants on the tiny model)")
+    p.add_argument("--name", default=None, help="sweep name (overrides the file's; outputs under sweeps/<name>/)")
+    p.add_argument("--storage", default=None, help="storage URI (overrides the file's; default KLEIN_STORAGE)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, as `ray job submit` "
+                   "sets it, else a private local cluster)")
+    p.add_argument("--concurrency", type=int, default=None, help="training jobs at once (default: the pool's "
+                   "train_gpu ÷ GPUs per job)")
+    p.add_argument("--judge", choices=JUDGES, default=None, help="pairwise judge (default: the file's, else auto)")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from train.recipe import ConfigError
+
+    if bool(args.sweep) == bool(args.example):
+        print("error: give a sweep YAML or --example (not both)", file=sys.stderr)
+        return 2
+    path = EXAMPLE_SWEEP if args.example else Path(args.sweep)
+    try:
+        spec = load_sweep(path, name=args.name, storage=args.storage, concurrency=args.concurrency, judge=args.judge)
+    except (SweepError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # a private local cluster (no address): two training slots, or what the file says
+    where = connect_ray(args.address, train_slots=spec.concurrency or min(2, os.cpu_count() or 1))
+    print(f"Ray: {where}", flush=True)
+    from train.dataset import DatasetError
+
+    try:
+        report = run_sweep(spec, log=lambda line: print(line, flush=True))
+    except (SweepError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(report["markdown"])
+    print(f"report: {report['uri']}")
+    for name, uri in sorted(report["files"].items()):
+        if name.endswith((".md", ".png", ".csv")):
+            print(f"  {uri}")
+    return 0 if not report["failed"] and report["finished"] == report["cells"] else 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="evaluation sweep: boards × variants on Ray Train, samples, scores, tables")
+    add_arguments(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return cmd_sweep(args)
+
+
+if __name__ == "__main__":
+    # Run the importable module's code, not this __main__ copy: Ray pickles __main__ functions by value.
+    from train import sweep as _sweep
+
+    sys.exit(_sweep.main())
