@@ -62,7 +62,7 @@ def test_example_sweep_has_two_bands_and_deterministic_job_ids():
     assert cell_job_id("s", "b", "GEM+A") != cell_job_id("s", "b", "GEM-A")
     assert {size_band(b.make["n"]) for b in spec.boards} == {"1–3", "10–15"}
     cfg = spec.train_config(cells[1])
-    assert (cfg.variant, cfg.steps, cfg.resolution, cfg.lr, cfg.save_every, cfg.model) == ("B_r128", 30, 64, 2e-3, 10, "tiny")
+    assert (cfg.variant, cfg.steps, cfg.resolution, cfg.lr, cfg.save_every, cfg.model) == ("B_r128", 30, 64, 2e-3, 15, "tiny")
     assert cfg.trigger == "zxy_neon" and cfg.job_id == ids[1] and cfg.sample_prompts == spec.prompts
 
 

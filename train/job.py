@@ -104,7 +104,8 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     import torch
 
     if cfg.use_gpu is None:
-        cfg.use_gpu = torch.cuda.is_available()
+        # the cluster's GPUs, not the driver's: a driver on a CPU head still trains on the GPU workers
+        cfg.use_gpu = torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
     cfg.job_id = check_job_id(cfg.job_id or new_job_id())
     if cfg.consis_lora and cfg.content_lora:
         raise JobError("content_lora is what consis_lora's first stage trains: give consis_lora or content_lora, not both")
