@@ -1,72 +1,58 @@
-"""A 2048² FLUX.2 Klein 9B image with a style LoRA: one denoising step with CFG, and the 50-step estimate.
+"""A 2048² FLUX.2 Klein 9B image, 50 steps with CFG, with a style LoRA, end to end (denoise + VAE decode).
 
-In one process, on one transformer (Klein 9B config, random bf16 weights, the baseline's r32 LoRA on every
-block Linear, adapters in fp32 as the baseline keeps them):
-  stock   `Flux2KleinPipeline` runs CFG as two batch-1 forwards with the LoRA unfused (what `klein.generate`
-          does today through the stock pipeline); the baseline's CFG-as-batch-2 forward, unfused and after
-          `fuse_lora()`.
-  ours    LoRA fused and the peft wrappers dropped (plain Linears), CFG as a batch of 2, then regional
-          torch.compile of the 32 blocks (attention call left eager, then whole blocks), each kept only if it
-          pays; forced cuDNN attention last, only if the child-process check says it beats the default.
-  VAE     one 2048² decode through a real `AutoencoderKLFlux2` of the default (FLUX.2) config, random weights.
-  total   50 x step + decode, for stock and ours (the Qwen3 text encoding, once per image, is left out of both).
-  attn    SDPA backends (default / flash / cuDNN / efficient) at the shapes the step and the training use.
+In one process, one `Flux2KleinPipeline` (Klein 9B transformer config with random bf16 weights, a random
+`AutoencoderKLFlux2` of the default FLUX.2 config, Klein's scheduler; the text encoder replaced by fixed random
+Qwen3-like embeddings, since the text stage runs once per image for both and is left out) and one r32 LoRA on
+every block Linear:
+  stock   the stock pipeline call with the LoRA loaded through diffusers/peft, unfused, CFG as two batch-1
+          forwards. Timed at 2 and 6 steps: per step = the difference / 4; 50 steps = t(2) + 48 × per step
+          (every step costs the same there, and a 99 s run would buy nothing more).
+  exact   the product path: `klein.accel.prepare_for_inference(pipe, mode="exact")` (takes over the peft
+          adapter, unloads the wrappers, compiles the blocks), `klein.generate.set_active_loras` (fuses the
+          LoRA) and `generate_image` (our loop: CFG as one batch of 2). Timed end to end at 50 steps.
+  fast    `klein.accel.set_inference_mode(pipe, "fast")`: base weights in float8 (requantised with the LoRA
+          fused) and step caching; timed end to end at 50 steps; per step without the cache from 2 and 6 steps.
+          Pixel difference to the exact image of the same seed (mean/max |Δ| of 8-bit RGB, PSNR).
 
 Prints a table and merges the numbers into bench/results/<gpu>-<date>.json (section "generate").
 
-    python bench/generate.py            # on a GPU (about 4-5 min on an H100, compile included)
+    python bench/generate.py            # on a GPU (about 4 min on an H200, compiles included)
     python bench/generate.py --tiny     # the same code on tiny shapes (CPU ok)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import time
 import traceback
 
+import numpy as np
 import torch
-import torch._dynamo as torch_dynamo
 
-from _common import (KLEIN9B, STOCK_TARGETS, TINY, attention_bench, build_transformer, compile_blocks, configure_dynamo,
-                     cudnn_pays, environment, keep_attention_eager,
-                     free_memory, log, model_dtype, pick_device, print_table, save_section, stock_batch,
-                     strip_peft_wrappers, time_steps)
+from _common import (KLEIN9B, TINY, build_pipeline, cuda_timer, environment, free_memory, log, model_dtype, peak_gib,
+                     pick_device, print_table, random_lora_weights, reset_peak, save_section)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=4)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps of the end-to-end estimate")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--size", type=int, default=2048)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--skip-fast", action="store_true")
     return p.parse_args()
 
 
-def vae_decode(args, device, dtype, grid, R) -> dict:
-    """One decode of a (grid*2)² latent through AutoencoderKLFlux2 of the default (FLUX.2) config, random weights."""
-    from diffusers import AutoencoderKLFlux2
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(np.int16)
 
-    vae_kwargs = dict(block_out_channels=(32, 32, 32, 32)) if args.tiny else {}
-    with torch.device(device):
-        vae = AutoencoderKLFlux2(**vae_kwargs).to(dtype).eval()
-    R["vae_config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(vae.config).items() if not k.startswith("_")}
-    lat = torch.randn(1, vae.config.latent_channels, grid * 2, grid * 2, device=device, dtype=dtype)  # 2048/8 = 256
-    measure_vae = lambda: vae.decode(lat, return_dict=False)[0]
-    with torch.no_grad():
-        r = time_steps(measure_vae, device, args.warmup, args.iters)
-        r["output_shape"] = list(vae.decode(lat, return_dict=False)[0].shape)
-    R["vae_decode"] = r
-    log("vae decode", r)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        with torch.no_grad():
-            r2 = time_steps(measure_vae, device, args.warmup + 1, args.iters)
-        R["vae_decode_cudnn_benchmark"] = r2
-        log("vae decode, cudnn.benchmark", r2)
-        torch.backends.cudnn.benchmark = False
-    vae_stock = R["vae_decode"]["median_s"]
-    vae_ours = min(vae_stock, R.get("vae_decode_cudnn_benchmark", {}).get("median_s", vae_stock))
-    return {"stock": vae_stock, "ours": vae_ours}
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    d = np.abs(a - b)
+    mse = float((d.astype(np.float64) ** 2).mean())
+    return {"mean_abs": round(float(d.mean()), 3), "max_abs": int(d.max()), "p99_abs": int(np.percentile(d, 99)),
+            "psnr_db": round(10 * math.log10(255 ** 2 / mse), 2) if mse > 0 else None}
 
 
 def main():
@@ -76,146 +62,125 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     env = environment(device)
     log("environment", env)
-    from peft import LoraConfig
+    from klein.accel import prepare_for_inference, set_inference_mode
+    from klein.generate import GenerateRequest, generate_image, set_active_loras
+    from klein.lora import add_lora
 
     cfg = TINY if args.tiny else KLEIN9B
-    grid, grid_small, txt = (8, 4, 16) if args.tiny else (128, 64, 512)  # 2048² -> 16384 tokens; 1024² -> 4096
-    R = {"what": f"denoising step at {grid * 16}x{grid * 16} ({grid * grid} image + {txt} text tokens), CFG, "
-                 "Klein 9B config (random bf16 weights), r32 LoRA on every block Linear; VAE decode; "
-                 f"{args.steps}-step end-to-end estimate",
-         "warmup": args.warmup, "iters": args.iters, "steps": args.steps, "tiny": args.tiny, "variants": {},
-         "issue_reference_h200": {"stock_b2_unfused_s": 2.01, "stock_b2_fused_s": 1.57, "target_ratio": 0.8}}
+    size = 64 if args.tiny else args.size
+    R = {"what": f"{size}x{size} image, {args.steps} steps, CFG (guidance 4), Klein 9B config (random bf16 weights), "
+                 "r32 LoRA on every block Linear, denoise + VAE decode (text encoding excluded)",
+         "steps": args.steps, "size": size, "tiny": args.tiny, "variants": {},
+         "issue_reference_h200": {"stock_b2_unfused_step_s": 2.01, "stock_b2_fused_step_s": 1.57,
+                                  "target_exact_ratio": 0.8, "target_fast_ratio": 0.5}}
     V = R["variants"]
-    if device.type == "cuda":
-        R["attention_sdpa"] = attention_bench("infer")
+    save = lambda: save_section(device, args.tiny, "generate", R)
 
-    R['vae_s'] = vae_decode(args, device, dtype, grid, R)
+    pipe = build_pipeline(cfg, device, dtype, tiny_vae=args.tiny)
+    lora = random_lora_weights(pipe.transformer, rank=32 if not args.tiny else 4, seed=1)
+    R["lora_params_m"] = round(sum(l.down.numel() + l.up.numel() for l in lora.layers.values()) / 1e6, 2)
+    req = lambda steps: GenerateRequest(prompt="zxy_style. a lighthouse at dawn", seed=7, steps=steps, width=size,
+                                        height=size, guidance=4.0)
+
+    def run(name, steps, stock=False):
+        reset_peak(device)
+        stop = cuda_timer(device)
+        if stock:  # the stock pipeline call, as klein.generate ran it before (peft adapter, CFG as 2 x batch 1)
+            image = pipe(prompt=req(steps).prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=4.0,
+                         generator=torch.Generator(device="cpu").manual_seed(7)).images[0]
+        else:
+            image = generate_image(pipe, req(steps))
+        s = stop()
+        log(f"{name}: {steps} steps in {s:.2f} s, peak {peak_gib(device)} GiB")
+        return image, round(s, 3), peak_gib(device)
+
+    def per_step(name, lo=2, hi=6, stock=False, levers=()):
+        run(name + " warm-up", 1, stock)
+        _, t_lo, _ = run(name, lo, stock)
+        _, t_hi, peak = run(name, hi, stock)
+        step = (t_hi - t_lo) / (hi - lo)
+        V[name] = {"step_s": round(step, 4), f"t{lo}_s": t_lo, f"t{hi}_s": t_hi, "peak_gib": peak,
+                   "total_s": round(t_lo + (args.steps - lo) * step, 2), "how": f"t({lo}) + {args.steps - lo} x (t({hi}) - t({lo}))/{hi - lo}",
+                   "levers": list(levers), "ok": True}
+        log(name, V[name])
+        save()
+
+    # -- stock -------------------------------------------------------------------------------------------------
+    add_lora(pipe.transformer, lora, adapter_name="style")  # diffusers' own loader: peft LoRA layers
+    pipe.transformer.set_adapters(["style"], [1.0])
+    try:
+        per_step("stock", stock=True, levers=["stock pipeline call", "LoRA unfused (peft)", "CFG as 2 x batch 1"])
+    except Exception as e:
+        traceback.print_exc()
+        V["stock"] = {"ok": False, "error": str(e)[:1000]}
     free_memory()
 
+    # -- ours, exact -------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    accel = prepare_for_inference(pipe, mode="exact", compile=False if args.no_compile else None)
+    set_active_loras(pipe, [("style", None, 1.0)])
+    R["prepare_s"] = round(time.perf_counter() - t0, 2)
+    levers = ["LoRA fused, peft wrappers unloaded", "CFG as one batch of 2"] + (["regional compile (attention eager)"] if accel.compiled else [])
+    exact_image = None
+    try:
+        _, first, _ = run("exact warm-up (compiles)", 2)
+        _, t2, _ = run("exact", 2)
+        exact_image, t50, peak = run("exact", args.steps)
+        V["exact"] = {"total_s": t50, "step_s": round((t50 - t2) / (args.steps - 2), 4), "t2_s": t2, "first_call_s": first,
+                      "peak_gib": peak, "how": "measured end to end", "levers": levers, "ok": True}
+        log("exact", V["exact"])
+    except Exception as e:
+        traceback.print_exc()
+        V["exact"] = {"ok": False, "error": str(e)[:1000], "levers": levers}
+    save()
 
-    m = build_transformer(cfg, device, dtype)
-    m.requires_grad_(False)
-    m.eval()
-    m.add_adapter(LoraConfig(r=32, lora_alpha=32, target_modules=STOCK_TARGETS, init_lora_weights="gaussian"))
-    gen = torch.Generator(device=device).manual_seed(0)
-    for n, p in m.named_parameters():
-        if "lora" in n:
-            p.data = p.data.float()
-            if "lora_B" in n:  # peft starts B at zero; a non-zero delta makes the fused-vs-unfused check mean something
-                p.data.normal_(0.0, 0.02, generator=gen)
-    b2 = stock_batch(grid, 2, txt, cfg["joint_attention_dim"], device, dtype)
-    cond = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in b2.items()}
-    uncond = {k: (v[1:] if torch.is_tensor(v) else v) for k, v in b2.items()}
-
-    def measure(name, fn, levers, ref=None, **extra):
+    # -- ours, fast --------------------------------------------------------------------------------------------
+    if not args.skip_fast:
         try:
-            with torch.no_grad():
-                r = time_steps(fn, device, args.warmup, args.iters)
-                if ref is not None:
-                    out = m(**b2)[0].float()
-                    r["rel_err_vs_unfused"] = round(((out - ref).norm() / ref.norm()).item(), 5)
-                    del out
-            r.update(levers=levers, ok=True, **extra)
+            t0 = time.perf_counter()
+            accel = set_inference_mode(pipe, "fast")
+            R["fast_switch_s"] = round(time.perf_counter() - t0, 2)
+            cache = accel.step_cache
+            accel.step_cache = None  # per step of the fp8 transformer alone first
+            per_step("fast_nocache", levers=levers + ["float8 base (e4m3, row-wise scales)"])
+            accel.step_cache = cache
+            fast_image, t50, peak = run("fast", args.steps)
+            V["fast"] = {"total_s": t50, "peak_gib": peak, "how": "measured end to end", "ok": True,
+                         "levers": levers + ["float8 base (e4m3, row-wise scales)",
+                                             f"step cache (warmup {cache.warmup}, interval {cache.interval}, cooldown "
+                                             f"{cache.cooldown}, order {cache.order}): {cache.computed_steps(args.steps)} of "
+                                             f"{args.steps} steps computed"]}
+            if exact_image is not None:
+                V["fast"]["vs_exact_pixels"] = compare(pixels(fast_image), pixels(exact_image))
+            log("fast", V["fast"])
         except Exception as e:
             traceback.print_exc()
-            r = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000], "levers": levers}
-            free_memory()
-        V[name] = r
-        log(name, {k: v for k, v in r.items() if k != "times_s"})
-        return r
-
-    # -- stock -----------------------------------------------------------------------------------------------
-    measure("stock_pipeline_cfg_2x1_unfused", lambda: (m(**cond), m(**uncond)),
-            ["stock pipeline: CFG as two batch-1 forwards", "LoRA unfused (peft)"])
-    measure("stock_cfg_b2_unfused", lambda: m(**b2), ["CFG as batch 2", "LoRA unfused (peft)"])
-    with torch.no_grad():
-        ref = m(**b2)[0].float()
-    m.fuse_lora()
-    measure("stock_cfg_b2_fused", lambda: m(**b2), ["CFG as batch 2", "fuse_lora()"], ref=ref)
-    small = stock_batch(grid_small, 2, txt, cfg["joint_attention_dim"], device, dtype)
-    measure("stock_cfg_b2_fused_1024", lambda: m(**small), ["1024² reference: CFG as batch 2", "fuse_lora()"])
-
-    # -- ours ------------------------------------------------------------------------------------------------
-    n = strip_peft_wrappers(m)
-    log(f"dropped {n} peft wrappers (LoRA stays fused in the weights)")
-    kept = ["CFG as batch 2", "LoRA fused, peft wrappers dropped"]
-    best = measure("ours_fused_plain", lambda: m(**b2), list(kept), ref=ref)
-    state = {"best": best, "kept": kept}
-    if not args.no_compile:
-        configure_dynamo()
-        # attention left eager first (in training, whole compiled blocks faulted right after the SDPA call)
-        keep_attention_eager(True)
-        compile_blocks(m, fullgraph=False)
-        r = measure("ours_compile", lambda: m(**b2), kept + ["regional compile (attention eager)"], ref=ref)
-        if r.get("ok") and r["median_s"] <= best["median_s"]:
-            state = {"best": r, "kept": kept + ["regional compile (attention eager)"]}
-        finish(args, device, env, R, state)
-        # whole blocks compiled, attention inside the graph: last but one, everything above saved
-        if device.type == "cuda":
-            name = "ours_compile_whole_blocks"
-            V[name] = {"ok": False, "error": "process died during this variant (see log)", "levers": kept + ["regional compile (whole blocks)"]}
-            save_section(device, args.tiny, "generate", R)
-            keep_attention_eager(False)
-            torch_dynamo.reset()
-            compile_blocks(m, fullgraph=True)
-            r = measure(name, lambda: m(**b2), kept + ["regional compile (whole blocks)"], ref=ref)
-            if r.get("ok") and r["median_s"] <= state["best"]["median_s"]:
-                state = {"best": r, "kept": kept + ["regional compile (whole blocks)"]}
-    kept, best = state["kept"], state["best"]
-    finish(args, device, env, R, state)
-
-    # cuDNN attention last, and only where the child-process check passed: a fault there ends the process
-    if device.type == "cuda":
-        if cudnn_pays(R.get("attention_sdpa", {})):
-            name = "ours_compile_cudnn" if not args.no_compile else "ours_cudnn_attention"
-            V[name] = {"ok": False, "error": "process died during this variant (see log)", "levers": kept + ["cuDNN attention"]}
-            save_section(device, args.tiny, "generate", R)
-            m.set_attention_backend("_native_cudnn")
-            r = measure(name, lambda: m(**b2), kept + ["cuDNN attention"], ref=ref)
-            if r.get("ok") and r["median_s"] <= best["median_s"]:
-                state = {"best": r, "kept": kept + ["cuDNN attention"]}
-            finish(args, device, env, R, state)
-        else:
-            R["cudnn_attention_skipped"] = ("child-process check: forcing cuDNN would not beat the default SDPA choice "
-                                            "(on torch 2.11 the default already is cuDNN), or it failed or differed")
-            save_section(device, args.tiny, "generate", R)
+            V["fast"] = {"ok": False, "error": str(e)[:1000]}
+        save()
+    finish(args, device, env, R)
 
 
-def finish(args, device, env, R, state):
+def finish(args, device, env, R):
     V = R["variants"]
-    best, kept = state["best"], state["kept"]
-    ours_name = next(k for k, v in V.items() if v is best)
-    vae_stock, vae_ours = R["vae_s"]["stock"], R["vae_s"]["ours"]
-    steps = args.steps
-    est = {}
-    for name, v in V.items():
-        if v.get("ok") and "1024" not in name:
-            vae_t = vae_ours if name.startswith("ours") else vae_stock
-            est[name] = round(steps * v["median_s"] + vae_t, 2)
-    R["end_to_end_estimate_s"] = est
-    stock_pipe = est.get("stock_pipeline_cfg_2x1_unfused")
-    stock_fused = est.get("stock_cfg_b2_fused")
-    ours_total = est.get(ours_name)
-    R["summary"] = {
-        "gpu": env["gpu"], "ours": ours_name, "ours_levers": kept,
-        "ours_step_s": V[ours_name].get("median_s"), "ours_total_s": ours_total,
-        "stock_pipeline_total_s": stock_pipe, "stock_fused_total_s": stock_fused,
-        "ours_vs_stock_pipeline": round(ours_total / stock_pipe, 3) if ours_total and stock_pipe else None,
-        "ours_vs_stock_fused": round(ours_total / stock_fused, 3) if ours_total and stock_fused else None,
-        "note": "total = steps x step + one VAE decode; text encoding (once per image) excluded from both",
-    }
-    save_section(device, args.tiny, "generate", R)
-    base = V.get("stock_pipeline_cfg_2x1_unfused", {}).get("median_s")
+    stock = V.get("stock", {}).get("total_s")
     rows = []
     for name, v in V.items():
-        rows.append({"name": name, "s": v.get("median_s"), "peak": v.get("peak_gib"), "first": v.get("first_s"),
-                     "ratio": (v["median_s"] / base) if base and v.get("median_s") else None,
-                     "total": est.get(name), "err": v.get("rel_err_vs_unfused"),
-                     "note": "FAILED " + v["error"][:60] if not v.get("ok", True) else ""})
-    print_table(f"denoising step, {R['what']} on {env['gpu']} (median of {args.iters}, s/step)", rows,
-                [("name", "variant", 32), ("s", "s/step", 8), ("peak", "peak GiB", 9), ("first", "1st call s", 10),
-                 ("ratio", "/stock_pipe", 11), ("total", f"{steps}-step+VAE s", 15), ("err", "rel err", 8), ("note", "note", 4)])
-    print(f"VAE decode {vae_stock:.3f} s (stock), {vae_ours:.3f} s (ours)")
+        rows.append({"name": name, "total": v.get("total_s"), "step": v.get("step_s"), "peak": v.get("peak_gib"),
+                     "ratio": (v["total_s"] / stock) if stock and v.get("total_s") else None, "how": v.get("how", ""),
+                     "note": "FAILED " + v.get("error", "")[:60] if not v.get("ok", True) else ""})
+    exact, fast = V.get("exact", {}).get("total_s"), V.get("fast", {}).get("total_s")
+    R["summary"] = {
+        "gpu": env["gpu"], "stock_total_s": stock, "exact_total_s": exact, "fast_total_s": fast,
+        "exact_vs_stock": round(exact / stock, 3) if exact and stock else None,
+        "fast_vs_stock": round(fast / stock, 3) if fast and stock else None,
+        "exact_target_met": bool(exact and stock and exact / stock <= 0.8),
+        "fast_target_met": bool(fast and stock and fast / stock <= 0.5),
+        "fast_vs_exact_pixels": V.get("fast", {}).get("vs_exact_pixels"),
+    }
+    save_section(device, args.tiny, "generate", R)
+    print_table(f"{R['what']} on {env['gpu']}", rows,
+                [("name", "variant", 14), ("total", f"{args.steps}-step s", 12), ("step", "s/step", 8), ("peak", "peak GiB", 9),
+                 ("ratio", "/stock", 7), ("how", "how", 10), ("note", "", 1)])
     print("summary:", R["summary"], flush=True)
 
 

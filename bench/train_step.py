@@ -2,24 +2,23 @@
 
 In one process:
   stock   the baseline's step (shared/reference/baseline_klein9b.py): stock diffusers Flux2Transformer2DModel
-          (random bf16 weights), stock peft LoRA r32 on every block Linear, bf16 autocast, MSE, Adafactor;
-          with and without gradient checkpointing.
+          (random bf16 weights), stock peft LoRA r32 on every block Linear, bf16 autocast, MSE, transformers'
+          Adafactor; with and without gradient checkpointing.
   ours    the product's code path: `train.loop.setup_transformer` (with `klein.model.load_transformer` swapped
-          for a random-weight Klein 9B built on the GPU), `make_optimizer` / `make_lr_scheduler`, and the body of
-          `train_loop_per_worker`: `make_batch` from a CPU cache, `flow_matching_loss`, backward, `loss.item()`,
-          grad clipping, Adafactor, scheduler.
-  levers  applied from this side without editing product code, cumulatively; a lever stays on only if it
-          helps (time, or memory at no time cost): inputs staged on the GPU with no host sync, no peft input
-          upcast, regional torch.compile of the 32 blocks with the attention call left eager, a grouped
-          Adafactor (bench/fast_adafactor.py, same arithmetic), gradient checkpointing (all blocks, or
-          selectively when the fastest configuration is over the memory budget). Last, after everything is
-          saved: whole blocks compiled with FlashAttention-2 (with the default cuDNN SDPA inside the compiled
-          graph the backward faulted), and forced cuDNN attention only if the child-process check says it pays.
+          for a random-weight Klein 9B built on the GPU), `klein.accel.prepare_for_training` (peft input upcast
+          off, regional compile with the attention call eager), `train.optim.make_optimizer` (GroupedAdafactor
+          on CUDA), `make_lr_scheduler`, and the body of `train_loop_per_worker`: `make_batch` from a CPU cache,
+          `flow_matching_loss`, backward, `loss.item()`, grad clipping, optimizer, scheduler.
+          Variants: the same step with the inputs staged on the GPU and no per-step host sync (what the loop
+          could still change), with gradient checkpointing (the config switch), and `fp8=True` (frozen base
+          in float8 e4m3, `klein.fp8`).
+  loss    200 steps on one fixed batch from the same initial LoRA, bf16 then fp8: the per-step relative loss
+          difference (target: within 2%).
 
 Prints a table (s/step median, peak GiB, ratio to stock) and merges the numbers into
 bench/results/<gpu>-<date>.json (section "train_step").
 
-    python bench/train_step.py            # on a GPU (about 6-8 min on an H100, compile included)
+    python bench/train_step.py            # on a GPU (about 5 min on an H200, compiles included)
     python bench/train_step.py --tiny     # the same code on tiny shapes (CPU ok) to check the logic
 """
 
@@ -27,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
+import statistics
 import time
 import traceback
 
 import torch
-import torch._dynamo as torch_dynamo
 
-from _common import (KLEIN9B, STOCK_TARGETS, TINY, attention_bench, build_transformer, compile_blocks, configure_dynamo,
-                     cudnn_pays, environment, keep_attention_eager,
-                     free_memory, log, model_dtype, pick_device, print_table, save_section, stock_batch, sync,
-                     time_steps)
+from _common import (KLEIN9B, STOCK_TARGETS, TINY, build_transformer, environment, free_memory, log, model_dtype,
+                     pick_device, print_table, save_section, stock_batch, sync, time_steps)
 
 
 def parse_args():
@@ -45,10 +41,13 @@ def parse_args():
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU if no GPU): checks the logic, numbers mean nothing")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--loss-steps", type=int, default=200, help="steps of the fixed-batch bf16 vs fp8 loss comparison")
     p.add_argument("--budget-gib", type=float, default=44.0, help="peak memory target for the step")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--skip-stock", action="store_true")
-    p.add_argument("--tiny-skip-risky", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--skip-fp8", action="store_true")
+    p.add_argument("--quick", action="store_true", help="no fixed-batch loss check, no checkpointing variant")
+    p.add_argument("--section", default="train_step", help="results section (a second run on another day/machine: another name)")
     return p.parse_args()
 
 
@@ -74,7 +73,6 @@ def run_stock(args, device, results: dict):
             p.requires_grad_(True)
     lora_params = [p for p in m.parameters() if p.requires_grad]
     results["stock_lora_params_m"] = round(sum(p.numel() for p in lora_params) / 1e6, 2)
-    log("stock LoRA params (M)", results["stock_lora_params_m"])
     opt = Adafactor(lora_params, lr=1e-4, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=1e-4)
     b = stock_batch(res // 16, 1, txt, cfg["joint_attention_dim"], device, model_dtype(device))
 
@@ -92,24 +90,29 @@ def run_stock(args, device, results: dict):
         else:
             m.disable_gradient_checkpointing()
         r = time_steps(step, device, args.warmup, args.iters)
-        r.update(levers=["stock", "gradient_checkpointing" if gc_on else "no_checkpointing"])
+        r.update(levers=["stock", "gradient_checkpointing" if gc_on else "no_checkpointing"], ok=True)
         results["variants"][name] = r
         log(name, r)
 
 
+class _Skip(Exception):
+    pass
+
+
 # ---------------------------------------------------------------------------------------------------------
 class Ours:
-    """The product's model, optimizer, scheduler and data, and step functions over them."""
+    """The product's model, optimizer, scheduler and data, and the loop's step over them."""
 
     def __init__(self, args, device):
         import klein.model
+        from klein.accel import prepare_for_training
         from train.cache import CachedItem, TrainingData
-        from train.loop import StepPlan, lora_parameters, make_lr_scheduler, make_optimizer, setup_transformer
+        from train.loop import StepPlan, lora_parameters, make_lr_scheduler, setup_transformer
+        from train.optim import make_optimizer
         from train.recipe import TrainConfig
 
         self.args, self.device = args, device
         cfg, res, txt = shapes(args.tiny)
-        self.cfg = cfg
 
         def load_random_transformer(source="tiny", dtype=torch.float32, device="cpu", cache_dir=None):
             return build_transformer(cfg, device, dtype)  # instead of from_pretrained(folder)
@@ -121,13 +124,16 @@ class Ours:
             self.transformer = setup_transformer(self.tc, device)
         finally:
             klein.model.load_transformer = original
+        self.accel = prepare_for_training(self.transformer, device, compile=False if args.no_compile else None)
+        log("prepare_for_training", self.accel)
         self.params = list(lora_parameters(self.transformer).values())
+        self.initial = [p.detach().clone() for p in self.params]
         self.lora_params_m = round(sum(p.numel() for p in self.params) / 1e6, 2)
-        self.optimizer = make_optimizer(self.params, self.tc, device)
-        self.scheduler = make_lr_scheduler(self.optimizer, self.tc)
-        self.autocast = torch.bfloat16 if device.type == "cuda" else None
-        if args.tiny:
-            self.autocast = torch.bfloat16  # exercise the autocast path on CPU too
+        self.make_optimizer = lambda: make_optimizer(self.params, self.tc, device)
+        self.make_scheduler = lambda opt: make_lr_scheduler(opt, self.tc)
+        self.optimizer = self.make_optimizer()
+        self.scheduler = self.make_scheduler(self.optimizer)
+        self.autocast = torch.bfloat16 if (device.type == "cuda" or args.tiny) else None
         g = res // 16
         gen = torch.Generator().manual_seed(0)
         items = [CachedItem(f"ref{i}", "zxy_style. a lighthouse", (res, res), torch.randn(128, g, g, generator=gen),
@@ -135,11 +141,37 @@ class Ours:
         self.data = TrainingData("bench", items, torch.randn(txt, cfg["joint_attention_dim"], generator=gen), "random", res)
         self.plan = StepPlan(self.data.items, self.tc.batch_size, 1, self.tc.seed)
         self.counter = itertools.count(1)
-        self.staged = None
-        self.loss_acc = None
+        self.staged = []
+        self.last_loss = None
+        self.fetch = None
+
+    def fp8(self):
+        """The same model, frozen base converted to float8 (the product call with fp8=True)."""
+        import torch._dynamo
+
+        from klein.accel import prepare_for_training
+
+        torch._dynamo.reset()  # drop the bf16 graphs (and their references to the bf16 weights)
+        self.accel = prepare_for_training(self.transformer, self.device, compile=False if self.args.no_compile else None, fp8=True)
+        log("prepare_for_training(fp8=True)", self.accel)
+        free_memory()
+
+    def reset_lora(self):
+        with torch.no_grad():
+            for p, p0 in zip(self.params, self.initial):
+                p.copy_(p0)
+        self.optimizer = self.make_optimizer()
+        self.scheduler = self.make_scheduler(self.optimizer)
+
+    def _update(self):
+        if self.tc.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     # the body of train.loop.train_loop_per_worker (no Ray, no fault injection, no status writes)
-    def step_asis(self):
+    def step_product(self):
         from train.loop import flow_matching_loss, make_batch
 
         step = next(self.counter)
@@ -148,316 +180,169 @@ class Ours:
         loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast) / accum
         loss.backward()
         self.last_loss = loss.item()
-        if self.tc.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._update()
 
-    # lever: the cached latents/embeddings and the step's noise already on the GPU; loss summed on the device
-    def stage_inputs(self, n=8):
+    # the same body with klein.accel.InputPrefetcher making the next step's batch while this one runs
+    def step_prefetch(self):
+        from klein.accel import InputPrefetcher
+        from train.loop import flow_matching_loss, make_batch
+
+        if self.fetch is None:
+            self.fetch = InputPrefetcher(lambda i: make_batch(self.plan, self.data, i, 0, self.tc.caption_dropout_rate), self.device)
+        step = next(self.counter)
+        accum = self.tc.gradient_accumulation_steps
+        x0, embeds, sigmas, noise, _ = self.fetch(step, next_index=step + 1)
+        loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast) / accum
+        loss.backward()
+        self.last_loss = loss.item()
+        self._update()
+
+    # inputs already on the device, no per-step host sync: what the loop itself could still change
+    def stage(self, n=8):
         from train.loop import make_batch
 
-        self.staged = []
-        for s in range(1, n + 1):
-            x0, embeds, sigmas, noise, _ = make_batch(self.plan, self.data, s, 0, self.tc.caption_dropout_rate)
-            self.staged.append(tuple(t.to(self.device) for t in (x0, embeds, sigmas, noise)))
-        self.loss_acc = torch.zeros((), device=self.device)
+        self.staged = [tuple(t.to(self.device) for t in make_batch(self.plan, self.data, s, 0, self.tc.caption_dropout_rate)[:4])
+                       for s in range(1, n + 1)]
 
-    def step_gpu(self):
+    def step_nosync(self):
         from train.loop import flow_matching_loss
 
         x0, embeds, sigmas, noise = self.staged[next(self.counter) % len(self.staged)]
-        loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast)
-        loss.backward()
-        self.loss_acc += loss.detach()
-        if self.tc.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast).backward()
+        self._update()
 
-    def forward_output(self, inputs):
-        """Transformer output on fixed inputs (grad enabled, so the training graph is what runs)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            out = self.transformer(**inputs)[0]
-        return out.detach().float()
+    def fixed_batch_losses(self, steps: int) -> dict:
+        """`steps` product steps on the one fixed (staged) batch from the initial LoRA; losses and step times."""
+        from train.loop import flow_matching_loss
 
-    # -- levers -------------------------------------------------------------------------------------------
-    def set_input_cast(self, enabled: bool):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for mod in self.transformer.modules():
-            if isinstance(mod, BaseTunerLayer):
-                mod.cast_input_dtype_enabled = enabled
-
-    def set_attention(self, backend: str):
-        self.transformer.set_attention_backend(backend)
-
-    def set_checkpointing(self, blocks: str | int):
-        """'none', 'all', or an int k: checkpoint only the first k single-stream blocks (selective)."""
-        t = self.transformer
-        if blocks == "none":
-            t.disable_gradient_checkpointing()
-        elif blocks == "all":
-            t.enable_gradient_checkpointing()
-        else:
-            chosen = {id(b) for b in list(t.single_transformer_blocks)[: int(blocks)]}
-
-            def selective(module, *a):
-                if id(module) in chosen:
-                    return torch.utils.checkpoint.checkpoint(module.__call__, *a, use_reentrant=False)
-                return module(*a)
-
-            t.enable_gradient_checkpointing(gradient_checkpointing_func=selective)
-
-
-def breakdown(ours: Ours, device, n=3) -> dict:
-    """Forward / backward / optimizer (clip + Adafactor + scheduler) times of the current configuration."""
-    from train.loop import flow_matching_loss
-
-    f, b, o = [], [], []
-
-    for i in range(n):
-        x0, embeds, sigmas, noise = ours.staged[i % len(ours.staged)]
-        sync(device)
-        t0 = time.perf_counter()
-        loss = flow_matching_loss(ours.transformer, x0, embeds, sigmas, noise, ours.autocast)
-        sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        sync(device)
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(ours.params, ours.tc.max_grad_norm)
-        ours.optimizer.step()
-        ours.scheduler.step()
-        ours.optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        t3 = time.perf_counter()
-        f.append(t1 - t0), b.append(t2 - t1), o.append(t3 - t2)
-    med = lambda xs: round(sorted(xs)[len(xs) // 2], 4)
-    # the same steps back to back with one sync at the end, as a training loop without host syncs runs them
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n + 2):
-        ours.step_gpu()
-    sync(device)
-    return {"forward_s": med(f), "backward_s": med(b), "optimizer_s": med(o),
-            "pipelined_mean_s": round((time.perf_counter() - t0) / (n + 2), 4)}
+        self.reset_lora()
+        x0, embeds, sigmas, noise = self.staged[0]
+        losses = torch.zeros(steps, device=self.device)
+        times = []
+        for i in range(steps):
+            sync(self.device)
+            t0 = time.perf_counter()
+            loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast)
+            loss.backward()
+            losses[i] = loss.detach()
+            self._update()
+            sync(self.device)
+            times.append(time.perf_counter() - t0)
+        return {"losses": [round(x, 6) for x in losses.tolist()], "median_s": round(statistics.median(times[5:] or times), 4)}
 
 
 def run_ours(args, device, results: dict):
     V = results["variants"]
     ours = Ours(args, device)
     results["ours_lora_params_m"] = ours.lora_params_m
-    log("ours LoRA params (M)", ours.lora_params_m)
+    results["ours_levers"] = ours.accel["levers"] + ["GroupedAdafactor" if type(ours.optimizer).__name__ == "GroupedAdafactor"
+                                                     else type(ours.optimizer).__name__]
 
     def measure(name, step, levers, **extra):
         try:
-            r = time_steps(step, device, args.warmup + extra.pop("extra_warmup", 0), args.iters)
+            r = time_steps(step, device, args.warmup, args.iters)
             r.update(levers=list(levers), ok=True, **extra)
-        except Exception as e:  # record and go on: one failing lever must not lose the others' numbers
+            if ours.last_loss is not None:
+                r["last_loss"] = ours.last_loss
+        except Exception as e:  # record and go on: one failing variant must not lose the others' numbers
             traceback.print_exc()
             r = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000], "levers": list(levers)}
             ours.optimizer.zero_grad(set_to_none=True)
             free_memory()
         V[name] = r
         log(name, {k: v for k, v in r.items() if k != "times_s"})
+        save_section(device, args.tiny, args.section, results)
         return r
 
-    # 1. the product as it is (its default: no gradient checkpointing), and with its checkpointing switch on
-    measure("ours_asis", ours.step_asis, ["product step as-is (CPU cache, loss.item(), no checkpointing)"])
-    ours.set_checkpointing("all")
-    measure("ours_asis_gc", ours.step_asis, ["product step as-is", "gradient_checkpointing=true"])
-    ours.set_checkpointing("none")
+    levers = results["ours_levers"]
+    measure("ours", ours.step_product, ["product step (train_loop_per_worker body)"] + levers)
+    measure("ours_prefetch", ours.step_prefetch, ["product step + klein.accel.InputPrefetcher"] + levers)
+    ours.stage()
+    measure("ours_nosync", ours.step_nosync, ["inputs on the GPU, no loss.item()"] + levers)
+    if not args.quick:
+        ours.transformer.enable_gradient_checkpointing()
+        measure("ours_gc", ours.step_product, ["product step", "gradient_checkpointing: true"] + levers)
+        ours.transformer.disable_gradient_checkpointing()
 
-    # 2. cumulative levers, each kept only if it pays
-    kept: list[str] = []
-    best = V["ours_asis"]
-
-    def keep_if_better(name, r, undo):
-        nonlocal best
-        ok = r.get("ok", False)
-        if ok and best.get("ok", True):
-            dt = r["median_s"] / best["median_s"]
-            dm = (r["peak_gib"] - best["peak_gib"]) if r.get("peak_gib") is not None else 0.0
-            ok = dt <= 1.01 or (dt <= 1.03 and dm <= -1.0)
-        r["kept"] = ok
-        if ok:
-            kept.append(name)
-            best = r
-        else:
-            undo()
-        return ok
-
-    ours.stage_inputs()
-    r = measure("ours_gpu_inputs_nosync", ours.step_gpu, kept + ["gpu_inputs_nosync"])
-    # strictly less work than the as-is step, so it stays on whatever the timing noise says
-    r["kept"] = True
-    kept.append("gpu_inputs_nosync")
-    best = r
-    step = ours.step_gpu
-
-    ours.set_input_cast(False)
-    r = measure("ours_no_input_upcast", step, kept + ["no_peft_input_upcast"])
-    keep_if_better("no_peft_input_upcast", r, lambda: ours.set_input_cast(True))
-
-    # 3. regional compilation of the 32 blocks
-    compiled = None
-    if not args.no_compile:
-        configure_dynamo()
-        cfg, res, txt = shapes(args.tiny)
-        gen = torch.Generator().manual_seed(1)
-        g = res // 16
-        from train.loop import pack_latents, text_ids
-
-        tokens, ids = pack_latents(torch.randn(1, 128, g, g, generator=gen))
-        probe = dict(hidden_states=tokens.to(device, model_dtype(device)),
-                     encoder_hidden_states=torch.randn(1, txt, cfg["joint_attention_dim"], generator=gen).to(device, model_dtype(device)),
-                     timestep=torch.tensor([0.5], device=device, dtype=model_dtype(device)), img_ids=ids.to(device),
-                     txt_ids=text_ids(1, txt).to(device), guidance=None, return_dict=False)
-        ref = ours.forward_output(probe)
-        # attention left eager first (the whole-block compile faulted in the SDPA backward here); whole blocks
-        # are tried last, after everything else is saved
-        keep_attention_eager(True)
-        compile_blocks(ours.transformer, fullgraph=False)
-        levers = kept + ["regional_compile(attention eager)"]
-        try:
-            out = ours.forward_output(probe)
-            err = ((out - ref).norm() / ref.norm()).item()
-            log(f"compiled vs eager output rel err {err:.2e}")
-            r = measure("ours_compile", step, levers, rel_err_vs_eager=err)
-        except Exception as e:
-            traceback.print_exc()
-            r = V["ours_compile"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000], "levers": levers}
-        if r.get("ok"):
-            compiled = r
-            kept.append(levers[-1])
-            best = r
-        else:
-            keep_attention_eager(False)
-            torch_dynamo.reset()
-            for blk in list(ours.transformer.transformer_blocks) + list(ours.transformer.single_transformer_blocks):
-                blk._compiled_call_impl = None
-
-    # 3b. the optimizer: transformers' Adafactor launches ~20 kernels per LoRA matrix (288 of them); the grouped
-    # version runs the same arithmetic once per parameter shape (bench/fast_adafactor.py)
-    from fast_adafactor import GroupedAdafactor, _selftest
-    from train.loop import make_lr_scheduler
-
+    loss = {} if args.quick else results.setdefault("loss_check", {"steps": args.loss_steps, "batch": "one fixed staged batch, same initial LoRA"})
     try:
-        results["grouped_adafactor_vs_transformers_rel_diff"] = _selftest(device=device.type)
-        log("grouped Adafactor self-test: worst rel diff vs transformers", results["grouped_adafactor_vs_transformers_rel_diff"])
-        prev = ours.optimizer, ours.scheduler
-        ours.optimizer = GroupedAdafactor(ours.params, lr=ours.tc.lr, relative_step=False, scale_parameter=False,
-                                          warmup_init=False, weight_decay=ours.tc.weight_decay)
-        ours.scheduler = make_lr_scheduler(ours.optimizer, ours.tc)
-        r = measure("ours_grouped_adafactor", step, kept + ["grouped_adafactor"])
-
-        def undo():
-            ours.optimizer, ours.scheduler = prev
-
-        keep_if_better("grouped_adafactor", r, undo)
+        if args.quick:
+            raise _Skip
+        bf16 = ours.fixed_batch_losses(args.loss_steps)
+        loss["bf16"] = bf16
+        log("bf16 fixed-batch losses", bf16["losses"][:3], "...", bf16["losses"][-3:], "median step", bf16["median_s"])
+    except _Skip:
+        pass
     except Exception as e:
         traceback.print_exc()
-        results["grouped_adafactor_error"] = str(e)
-
-    # 4. memory: gradient checkpointing on the fastest configuration, all blocks or selectively
-    fastest = best
-    if fastest.get("ok"):
-        ours.set_checkpointing("all")
-        r_all = measure("ours_best_gc_all", step, kept + ["gradient_checkpointing(all 32 blocks)"])
-        ours.set_checkpointing("none")
-        on_cpu = fastest.get("peak_gib") is None  # --tiny on CPU: exercise the selective path with k=1
-        over = 0.0 if on_cpu else fastest["peak_gib"] - args.budget_gib
-        if r_all.get("ok") and (over > 0 or on_cpu):
-            per_block = 1.0 if on_cpu else max((fastest["peak_gib"] - r_all["peak_gib"]) / 32, 1e-3)
-            k = min(len(ours.transformer.single_transformer_blocks), math.ceil(over / per_block) + 1)
-            ours.set_checkpointing(k)
-            r = measure("ours_best_gc_selective", step, kept + [f"selective checkpointing ({k} of 24 single blocks)"],
-                        checkpointed_blocks=k)
-            results["selective_k"] = k
-            if r.get("ok") and (on_cpu or r["peak_gib"] <= args.budget_gib):
-                best = r
-            else:
-                ours.set_checkpointing("none")
-    results["levers_kept"] = kept
+        loss["bf16_error"] = str(e)[:1000]
+    save_section(device, args.tiny, args.section, results)
+    if args.skip_fp8:
+        return ours
     try:
-        results["breakdown_of_best"] = breakdown(ours, device)
-        results["breakdown_of_best"]["config"] = kept + [f"checkpointing={results.get('selective_k', 'none') if best is not fastest else 'none'}"]
-        log("breakdown", results["breakdown_of_best"])
+        ours.fp8()
     except Exception as e:
         traceback.print_exc()
-        results["breakdown_of_best"] = {"error": str(e)}
-    finish(args, device, results)
-
-    # 5. whole blocks compiled (attention inside the graph), with FlashAttention-2 as the SDPA kernel: the default
-    # (cuDNN) faulted there once, which ends the process, so it runs last with everything above saved
-    if compiled is not None and device.type == "cuda" and not args.tiny_skip_risky:
-        name = "ours_compile_whole_blocks_flash"
-        V[name] = {"ok": False, "error": "process died during this variant (see log)", "levers": ["whole-block compile, flash attention"]}
-        save_section(device, args.tiny, "train_step", results)
-        keep_attention_eager(False)
-        torch_dynamo.reset()
-        ours.set_attention("_native_flash")
-        compile_blocks(ours.transformer, fullgraph=True)
-        r = measure(name, ours.step_gpu, [k for k in kept if not k.startswith("regional_compile")]
-                    + ["regional_compile(fullgraph, flash attention)"])
-        finish(args, device, results)
-        ours.set_attention("native")
-
-    # 6. cuDNN attention forced (diffusers' _native_cudnn): faulted in eager here once; tried only where the
-    # child-process check says it beats the default, which on torch 2.11 is cuDNN already
-    att = results.get("attention_sdpa", {})
-    if device.type == "cuda":
-        if cudnn_pays(att):
-            V["ours_best_cudnn_attention"] = {"ok": False, "error": "process died during this variant (see log)",
-                                              "levers": kept + ["cudnn_attention"]}
-            save_section(device, args.tiny, "train_step", results)
-            ours.set_attention("_native_cudnn")
-            measure("ours_best_cudnn_attention", ours.step_gpu, kept + ["cudnn_attention"])
-            finish(args, device, results)
-        else:
-            results["cudnn_attention_skipped"] = ("child-process check: forcing cuDNN would not beat the default SDPA choice "
-                                                  "(on torch 2.11 the default already is cuDNN), or it failed or differed")
-            save_section(device, args.tiny, "train_step", results)
+        V["ours_fp8"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+        return ours
+    ours.reset_lora()
+    fp8_levers = ours.accel["levers"] + levers[-1:]
+    measure("ours_fp8", ours.step_product, ["product step", "fp8=True"] + fp8_levers)
+    measure("ours_fp8_prefetch", ours.step_prefetch, ["product step + klein.accel.InputPrefetcher", "fp8=True"] + fp8_levers)
+    measure("ours_fp8_nosync", ours.step_nosync, ["inputs on the GPU, no loss.item()", "fp8=True"] + fp8_levers)
+    try:
+        if args.quick:
+            return ours
+        fp8 = ours.fixed_batch_losses(args.loss_steps)
+        loss["fp8"] = fp8
+        if "bf16" in loss:
+            a, b = loss["bf16"]["losses"], fp8["losses"]
+            rel = [abs(y - x) / abs(x) for x, y in zip(a, b)]
+            tail = max(1, len(a) // 10)
+            loss["rel_diff_max"] = round(max(rel), 5)
+            loss["rel_diff_mean"] = round(sum(rel) / len(rel), 5)
+            loss["rel_diff_last10pct_mean"] = round(abs(sum(b[-tail:]) - sum(a[-tail:])) / abs(sum(a[-tail:])), 5)
+            loss["bf16_first_last"] = [a[0], a[-1]]
+            loss["fp8_first_last"] = [b[0], b[-1]]
+            loss["within_2pct"] = loss["rel_diff_max"] <= 0.02
+        log("fp8 loss check", {k: v for k, v in loss.items() if k not in ("bf16", "fp8")})
+    except Exception as e:
+        traceback.print_exc()
+        loss["fp8_error"] = str(e)[:1000]
+    return ours
 
 
 def finish(args, device, results):
     env = environment(device)
     V = results["variants"]
-    ours_ok = {n: v for n, v in V.items() if n.startswith("ours") and v.get("ok", True) and v.get("median_s")}
-    if ours_ok:
-        results["fastest"] = min(ours_ok, key=lambda n: ours_ok[n]["median_s"])
-        fits = {n: v for n, v in ours_ok.items() if v.get("peak_gib") is None or v["peak_gib"] <= args.budget_gib}
-        if fits:
-            results["best_within_budget"] = min(fits, key=lambda n: fits[n]["median_s"])
     sg, sn = V.get("stock_gc", {}).get("median_s"), V.get("stock_nogc", {}).get("median_s")
     rows = []
     for name, v in V.items():
-        row = {"name": name, "s": v.get("median_s"), "min": v.get("min_s"), "peak": v.get("peak_gib"), "first": v.get("first_s"),
-               "vs_gc": (v["median_s"] / sg) if sg and v.get("median_s") else None,
-               "vs_nogc": (v["median_s"] / sn) if sn and v.get("median_s") else None,
-               "kept": {True: "yes", False: "no"}.get(v.get("kept"), ""),
-               "note": "FAILED " + v["error"][:60] if not v.get("ok", True) else ""}
-        rows.append(row)
+        rows.append({"name": name, "s": v.get("median_s"), "peak": v.get("peak_gib"), "first": v.get("first_s"),
+                     "vs_gc": (v["median_s"] / sg) if sg and v.get("median_s") else None,
+                     "vs_nogc": (v["median_s"] / sn) if sn and v.get("median_s") else None,
+                     "note": "FAILED " + v.get("error", "")[:60] if not v.get("ok", True) else ""})
+    ours, fp8 = V.get("ours", {}), V.get("ours_fp8", {})
+    loss = results.get("loss_check", {})
     results["summary"] = {
-        "gpu": env["gpu"],
-        "stock_gc_s": sg, "stock_nogc_s": sn,
-        "fastest": results.get("fastest"), "best_within_budget": results.get("best_within_budget"),
+        "gpu": env["gpu"], "stock_gc_s": sg, "stock_nogc_s": sn,
+        "ours_s": ours.get("median_s"), "ours_peak_gib": ours.get("peak_gib"),
+        "ours_prefetch_s": V.get("ours_prefetch", {}).get("median_s"),
+        "ours_fp8_prefetch_s": V.get("ours_fp8_prefetch", {}).get("median_s"),
+        "ours_vs_stock_nogc": round(ours["median_s"] / sn, 3) if sn and ours.get("median_s") else None,
+        "ours_vs_stock_gc": round(ours["median_s"] / sg, 3) if sg and ours.get("median_s") else None,
+        "target_bf16": {"s": 0.30, "peak_gib": args.budget_gib,
+                        "met": bool(ours.get("median_s") and ours["median_s"] <= 0.30 and (ours.get("peak_gib") or 0) <= args.budget_gib)},
+        "ours_fp8_s": fp8.get("median_s"), "ours_fp8_peak_gib": fp8.get("peak_gib"),
+        "target_fp8": {"s": 0.20, "loss_within": 0.02, "met_time": bool(fp8.get("median_s") and fp8["median_s"] <= 0.20),
+                       "loss_rel_diff_max": loss.get("rel_diff_max"), "met_loss": loss.get("within_2pct")},
     }
-    b = V.get(results.get("best_within_budget") or results.get("fastest") or "", {})
-    if b.get("median_s"):
-        results["summary"].update(best_s=b["median_s"], best_peak_gib=b.get("peak_gib"),
-                                  best_vs_stock_gc=round(b["median_s"] / sg, 3) if sg else None,
-                                  best_vs_stock_nogc=round(b["median_s"] / sn, 3) if sn else None)
-    save_section(device, args.tiny, "train_step", results)
+    save_section(device, args.tiny, args.section, results)
     print_table(f"train step, {results['what']} on {env['gpu']} (median of {args.iters}, s/step)", rows,
-                [("name", "variant", 26), ("s", "s/step", 8), ("min", "min", 8), ("peak", "peak GiB", 9),
-                 ("first", "1st call s", 10), ("vs_gc", "/stock_gc", 10), ("vs_nogc", "/stock_nogc", 12),
-                 ("kept", "kept", 5), ("note", "note", 4)])
-    print("levers kept:", results.get("levers_kept"))
-    print("breakdown:", results.get("breakdown_of_best"))
+                [("name", "variant", 18), ("s", "s/step", 8), ("peak", "peak GiB", 9), ("first", "1st call s", 10),
+                 ("vs_gc", "/stock_gc", 10), ("vs_nogc", "/stock_nogc", 12), ("note", "note", 4)])
+    if loss:
+        print("loss check:", {k: v for k, v in loss.items() if k not in ("bf16", "fp8")})
     print("summary:", results["summary"], flush=True)
 
 
@@ -474,15 +359,20 @@ def main():
         "warmup": args.warmup, "iters": args.iters, "budget_gib": args.budget_gib, "tiny": args.tiny,
         "variants": {},
         "issue_reference_h200": {"stock_gc": {"median_s": 0.733, "peak_gib": 20.0}, "stock_nogc": {"median_s": 0.518, "peak_gib": 44.4},
-                                 "target": {"median_s": 0.30, "peak_gib": 44.0}},
+                                 "target": {"median_s": 0.30, "peak_gib": 44.0}, "target_fp8": {"median_s": 0.20, "loss_within": 0.02}},
     }
     if not args.skip_stock:
-        run_stock(args, device, results)
+        try:
+            run_stock(args, device, results)
+        except Exception as e:
+            traceback.print_exc()
+            results["stock_error"] = str(e)[:1000]
         free_memory()  # the stock model went with run_stock's frame
-        save_section(device, args.tiny, "train_step", results)
-    if device.type == "cuda":
-        results["attention_sdpa"] = attention_bench("train")
-    run_ours(args, device, results)
+        save_section(device, args.tiny, args.section, results)
+    try:
+        run_ours(args, device, results)
+    finally:
+        finish(args, device, results)
 
 
 if __name__ == "__main__":

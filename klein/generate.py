@@ -1,10 +1,16 @@
-"""One image from a Klein pipeline with optional LoRAs: the code path shared by the CLI and the Serve generator."""
+"""One image from a Klein pipeline with optional LoRAs: the code path shared by the CLI and the Serve generator.
+
+A pipeline prepared with `klein.accel.prepare_for_inference` takes the accelerated path: LoRAs fused into the
+weights (switched by `set_active_loras`), compiled blocks, classifier-free guidance as one batch of 2 and, in
+fast mode, step caching. Otherwise the stock `Flux2KleinPipeline.__call__` runs with peft adapters.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -54,6 +60,16 @@ def set_active_loras(pipe, loras: list[tuple[str, LoraWeights | None, float]]) -
     An adapter already resident under `name` is reused; an empty list disables all adapters, so the base
     model runs unchanged.
     """
+    accel = getattr(pipe, "_klein_accel", None)
+    if accel is not None:
+        bank = accel.loras
+        for name, weights, _ in loras:
+            if name not in bank.adapters:
+                if weights is None:
+                    raise KeyError(f"adapter {name} is not resident and no weights were given")
+                bank.add(name, weights)
+        bank.activate([(n, float(w)) for n, _, w in loras])
+        return
     transformer = pipe.transformer
     resident = set(getattr(transformer, "peft_config", {}) or {})
     for name, weights, _ in loras:
@@ -74,6 +90,8 @@ def generate_image(
     on_step: Callable[[int, int], None] | None = None,
 ) -> Image.Image:
     """Run the pipeline for `request`. The same request (seed included) gives the same pixels."""
+    if getattr(pipe, "_klein_accel", None) is not None:
+        return denoise(pipe, request, on_step, accel=pipe._klein_accel)
     device = pipe._execution_device
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     negative = None
@@ -94,3 +112,90 @@ def generate_image(
         callback_on_step_end=report_step if on_step is not None else None,
     )
     return out.images[0]
+
+
+@torch.no_grad()
+def denoise(pipe, request: GenerateRequest, on_step: Callable[[int, int], None] | None = None, accel=None,
+            batch_cfg: bool | None = None, step_cache=None, output_type: str = "pil"):
+    """`Flux2KleinPipeline.__call__` (text-to-image) as our own loop, so that CFG runs as one batch of 2 and
+    steps can be cached. With `batch_cfg=False` and no step cache it computes what the pipeline computes,
+    operation for operation (tests/test_accel.py checks the pixels are equal)."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+    if batch_cfg is None:
+        batch_cfg = accel.batch_cfg if accel is not None else True
+    if step_cache is None and accel is not None:
+        step_cache = accel.step_cache
+    transformer = pipe.transformer
+    device = pipe._execution_device
+    generator = torch.Generator(device="cpu").manual_seed(request.seed)
+    msl = request.max_sequence_length
+    prompt_embeds, text_ids = pipe.encode_prompt(prompt=request.prompt, device=device, max_sequence_length=msl)
+    do_cfg = request.guidance > 1 and not getattr(pipe.config, "is_distilled", False)
+    if do_cfg:
+        negative = request.negative_prompt if request.guidance > 1.0 and request.negative_prompt else ""
+        if accel is not None:
+            neg_embeds, neg_ids = accel.negative_embeds(pipe, negative, device, msl)
+        else:
+            neg_embeds, neg_ids = pipe.encode_prompt(prompt=negative, device=device, max_sequence_length=msl)
+        if neg_embeds.shape != prompt_embeds.shape or not torch.equal(neg_ids, text_ids):
+            batch_cfg = False  # one batch needs equal text lengths (Klein pads both to max_sequence_length)
+    latents, latent_ids = pipe.prepare_latents(
+        batch_size=1, num_latents_channels=transformer.config.in_channels // 4, height=request.height,
+        width=request.width, dtype=prompt_embeds.dtype, device=device, generator=generator)
+    steps = request.steps
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    if getattr(pipe.scheduler.config, "use_flow_sigmas", False):
+        sigmas = None
+    mu = compute_empirical_mu(image_seq_len=latents.shape[1], num_steps=steps)
+    timesteps, steps = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
+    if hasattr(pipe.scheduler, "set_begin_index"):
+        pipe.scheduler.set_begin_index(0)
+    if do_cfg and batch_cfg:
+        both_embeds = torch.cat([prompt_embeds, neg_embeds], dim=0)
+    history: list[tuple[int, torch.Tensor]] = []  # (step index, guided velocity) of computed steps
+    for i, t in enumerate(timesteps):
+        if step_cache is not None and history and not step_cache.computes(i, steps):
+            noise_pred = _extrapolate(history, i, step_cache.order)
+        else:
+            x = latents.to(transformer.dtype)
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            if do_cfg and batch_cfg:
+                out = transformer(hidden_states=torch.cat([x, x], dim=0), timestep=torch.cat([timestep, timestep]) / 1000,
+                                  guidance=None, encoder_hidden_states=both_embeds, txt_ids=text_ids, img_ids=latent_ids,
+                                  return_dict=False)[0][:, : latents.size(1)]
+                cond, uncond = out.chunk(2)
+                noise_pred = uncond + request.guidance * (cond - uncond)
+            else:
+                noise_pred = transformer(hidden_states=x, timestep=timestep / 1000, guidance=None,
+                                         encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=latent_ids,
+                                         return_dict=False)[0][:, : latents.size(1):]
+                if do_cfg:
+                    uncond = transformer(hidden_states=x, timestep=timestep / 1000, guidance=None,
+                                         encoder_hidden_states=neg_embeds, txt_ids=neg_ids, img_ids=latent_ids,
+                                         return_dict=False)[0][:, : latents.size(1):]
+                    noise_pred = uncond + request.guidance * (noise_pred - uncond)
+            if step_cache is not None:
+                history = (history + [(i, noise_pred)])[-2:]
+        latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, steps)
+    vae_scale = pipe.vae_scale_factor
+    latent_h, latent_w = 2 * (int(request.height) // (vae_scale * 2)), 2 * (int(request.width) // (vae_scale * 2))
+    latents = pipe._unpack_latents_with_ids(latents, latent_ids, latent_h // 2, latent_w // 2)
+    bn_mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    bn_std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(latents.device, latents.dtype)
+    latents = pipe._unpatchify_latents(latents * bn_std + bn_mean)
+    if output_type == "latent":
+        return latents
+    image = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type=output_type)[0]
+
+
+def _extrapolate(history: list[tuple[int, torch.Tensor]], i: int, order: int) -> torch.Tensor:
+    """The guided velocity at step i from the last computed ones: reuse (order 0) or linear in the step index."""
+    j, v = history[-1]
+    if order < 1 or len(history) < 2:
+        return v
+    k, u = history[-2]
+    return v + (v - u) * ((i - j) / (j - k))

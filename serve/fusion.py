@@ -10,7 +10,12 @@ denoising step the layer uses ONE LoRA: the first ("content") LoRA scores S_0 / 
 LoRA scores S_i · scale(p) with scale(p) = α·p + β (p = step / steps, growing through denoising, so style
 takes over the later, detail-forming steps). The highest score wins (ties go to the content LoRA). We
 apply the choice as a per-step, per-layer adapter-weight schedule (`KLoraSchedule`), so the LoRAs stay
-low-rank adapters in the transformer. The top-k sums need each layer's ΔW once: one layer's ΔW at a time.
+low-rank adapters in the transformer.
+
+The top-k sums need each layer's ΔW once. `klora_layer_scores` builds them batched (all layers of one shape
+and rank in one `bmm`, in chunks), on the GPU when there is one, and finds each top-k sum exactly without a
+full top-k over ΔW: the k largest |entries| lie in the k blocks (of `KLORA_BLOCK` consecutive entries) with
+the largest block maxima, so one min/max pass over ΔW and a top-k over k blocks suffice (bench/fusion.py).
 """
 
 from __future__ import annotations
@@ -71,15 +76,98 @@ def klora_k(loras: list[LoraWeights], name: str) -> int:
     return math.prod(l.layers[name].rank for l in loras if name in l.layers)
 
 
-def klora_layer_scores(loras: list[LoraWeights]) -> dict[str, list[float]]:
-    """Per layer, each LoRA's top-k |ΔW| sum (0.0 where a LoRA lacks the layer, so it is never chosen there)."""
+KLORA_BLOCK = 1024  # entries per block: the one pass over ΔW reduces each block to its largest |entry|
+KLORA_FAN = 32  # then block maxima are grouped by 32, level by level, so no top-k runs over more than ~32·k values
+KLORA_CHUNK_BYTES = 2 << 30  # ΔW built at most this many bytes at a time
+
+
+def klora_device(device=None) -> torch.device:
+    """Where the scores are computed: `device`, else the GPU if this process has one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _pad_to(x: torch.Tensor, multiple: int, value: float) -> torch.Tensor:
+    pad = (-x.shape[1]) % multiple
+    return torch.nn.functional.pad(x, (0, pad), value=value) if pad else x
+
+
+def topk_abs_sums(deltas: torch.Tensor, k: int, block: int = KLORA_BLOCK, fan: int = KLORA_FAN) -> torch.Tensor:
+    """For each slice of `deltas` [L, ...], the sum of its k largest |entries|, exactly (float64 sums).
+
+    Why it is exact: partition the entries into groups; every entry larger than the k-th largest lies in one
+    of the k groups with the largest maxima (otherwise k groups with larger maxima would hold k larger
+    entries), and those k groups hold at least k entries as large as the k-th largest. So: one pass reduces
+    blocks of `block` entries to their maxima; maxima are grouped `fan` at a time into a pyramid; from its top
+    the k best groups are followed down, keeping k of k·fan candidates per level; inside the k chosen blocks
+    the same is done with sub-blocks of `fan` entries. Every top-k is over at most ~fan·k values, however
+    large ΔW is (a top-k over 150 M values runs on one GPU block per slice and is slow).
+    """
+    flat = deltas.reshape(deltas.shape[0], -1)
+    n = flat.shape[1]
+    k = min(int(k), n)
+    if n <= 4 * fan * k or block % fan:
+        return flat.abs().topk(k, dim=1).values.sum(dim=1, dtype=torch.float64)
+    blocks = _pad_to(flat, block, 0.0).view(flat.shape[0], -1, block)  # zeros never beat a real |entry|
+    lo, hi = torch.aminmax(blocks, dim=2)
+    levels = [torch.maximum(hi, lo.neg())]  # level 0: each block's largest |entry|; padding below is -1
+    while levels[-1].shape[1] > fan * k:
+        levels.append(_pad_to(levels[-1], fan, -1.0).view(flat.shape[0], -1, fan).amax(dim=2))
+    idx = levels[-1].topk(min(k, levels[-1].shape[1]), dim=1).indices
+    arange = torch.arange(fan, device=flat.device)
+    for level in reversed(levels[:-1]):  # follow the chosen groups down to blocks
+        children = (idx.unsqueeze(-1) * fan + arange).flatten(1)
+        values = _pad_to(level, fan, -1.0).gather(1, children)
+        idx = children.gather(1, values.topk(min(k, values.shape[1]), dim=1).indices)
+    chosen = blocks.gather(1, idx.unsqueeze(-1).expand(-1, -1, block))  # [L, k, block] entries of the k blocks
+    subs = chosen.reshape(flat.shape[0], -1, fan)
+    lo, hi = torch.aminmax(subs, dim=2)
+    best = torch.maximum(hi, lo.neg()).topk(k, dim=1).indices
+    entries = subs.gather(1, best.unsqueeze(-1).expand(-1, -1, fan)).abs().flatten(1)
+    return entries.topk(k, dim=1).values.sum(dim=1, dtype=torch.float64)
+
+
+def klora_layer_scores(loras: list[LoraWeights], device=None) -> dict[str, list[float]]:
+    """Per layer, each LoRA's top-k |ΔW| sum (0.0 where a LoRA lacks the layer, so it is never chosen there).
+
+    Layers of equal shape and rank are done together, in float32 (TF32 off), on `device` (default: the GPU
+    if there is one). Equal to `topk_abs_sum` per layer up to float32 summation order.
+    """
     if not 2 <= len(loras) <= KLORA_MAX_LORAS:
         raise FusionError(f"K-LoRA fuses 2 to {KLORA_MAX_LORAS} LoRAs, got {len(loras)}")
+    device = klora_device(device)
     names = sorted(set().union(*(l.layers for l in loras)))
-    scores = {}
+    scores = {name: [0.0] * len(loras) for name in names}
+    groups: dict[tuple, list] = {}
     for name in names:
         k = klora_k(loras, name)
-        scores[name] = [topk_abs_sum(l.layers[name], k) if name in l.layers else 0.0 for l in loras]
+        for i, lora in enumerate(loras):
+            layer = lora.layers.get(name)
+            if layer is not None:
+                key = (layer.up.shape[0], layer.down.shape[1], layer.rank, k)
+                groups.setdefault(key, []).append((name, i, layer))
+    results = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the scores compare LoRAs: keep ΔW in full float32
+    try:
+        with torch.no_grad():
+            for (out_f, in_f, _, k), items in groups.items():
+                chunk = max(1, KLORA_CHUNK_BYTES // (out_f * in_f * 4))
+                for start in range(0, len(items), chunk):
+                    part = items[start:start + chunk]
+                    up = torch.stack([l.up.to(device, non_blocking=True).float() for _, _, l in part])
+                    down = torch.stack([l.down.to(device, non_blocking=True).float() for _, _, l in part])
+                    # B·A without the alpha/r scale: Σ top-k |s·x| = s · Σ top-k |x| for s > 0, so the scale is
+                    # applied to the sums below (no extra pass over ΔW, no host-to-device copy per chunk)
+                    delta = torch.bmm(up, down)
+                    results.append((part, topk_abs_sums(delta, k)))
+                    del delta
+            values = torch.cat([sums for _, sums in results]).tolist() if results else []  # the one host sync
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for (name, i, layer), value in zip([item for part, _ in results for item in part], values):
+        scores[name][i] = float(value) * abs(layer.scale)
     return scores
 
 
@@ -175,9 +263,10 @@ class FusionService:
     (weights do not change them, so they are cached by contents only).
     """
 
-    def __init__(self, storage, cache_size: int = 32):
+    def __init__(self, storage, cache_size: int = 32, device=None):
         self.storage = storage
         self.cache = LruCache(cache_size)
+        self.device = device  # K-LoRA scores: None = the GPU if this process has one
 
     def _read(self, specs: list[dict]) -> list[LoraWeights]:
         from klein.lora import read_lora
@@ -206,7 +295,7 @@ class FusionService:
         cached = self.cache.get(("klora", key))
         if cached is not None:
             return {"scores": cached, "cached": True}
-        scores = klora_layer_scores(self._read(specs))
+        scores = klora_layer_scores(self._read(specs), self.device)
         self.cache.put(("klora", key), scores)
         return {"scores": scores, "cached": False}
 

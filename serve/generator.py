@@ -7,6 +7,11 @@ An "adapter set" is what one request needs resident: one trained LoRA, one linea
 (`key#sha|key#sha`), so any replica can load it from storage, checked, with nothing else to look up.
 Serve keeps at most `max_loras_per_replica` sets per replica (LRU); on eviction the set's adapters are
 deleted from the transformer, which frees their parameters.
+
+On a GPU the replica's pipeline is prepared by `klein.accel.prepare_for_inference` (accel "auto" = "exact"
+on CUDA): adapters are resident as low-rank factors and fused into the weights of the set a group needs
+(switching costs one addmm per layer from pristine base copies, milliseconds), blocks are compiled and CFG
+runs as a batch of 2. On CPU ("auto" = "off") adapters are peft adapters, as the stock pipeline runs them.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import numpy as np
 import torch
 
 from klein.generate import GenerateRequest, generate_image, set_active_loras
-from serve.fusion import KLoraSchedule
+from klein.accel import INFERENCE_MODES, prepare_for_inference
+from serve.fusion import KLoraSchedule, LruCache, klora_layer_scores
 
 log = logging.getLogger("klein.serve.generator")
 
@@ -91,23 +97,42 @@ class KleinGenerator:
     """A Klein pipeline and the adapters resident in its transformer. Thread-safe: one pipeline call at a time."""
 
     def __init__(self, model: str = "tiny", device: str = "cpu", max_side: int = 2048, storage=None,
-                 klora_constants: tuple[float, float, float] = (1.5, 0.5, 1.0)):
+                 klora_constants: tuple[float, float, float] = (1.5, 0.5, 1.0), accel: str = "auto",
+                 compile: bool | None = None, pipe=None):
+        """`accel`: "auto" ("exact" on CUDA, "off" on CPU), "off" (peft adapters, stock pipeline call),
+        "exact" (fused LoRAs, compiled blocks, CFG batch 2) or "fast" (also fp8 base and step caching).
+        `compile=None` compiles on CUDA only. `pipe` replaces loading `model` (benchmarks, tests)."""
         from klein.model import load_pipeline
 
         self.model = model
         self.max_side = max_side
         self.storage = storage
         self.klora_constants = klora_constants
-        self.pipe = load_pipeline(model, device=device)
+        self.pipe = pipe if pipe is not None else load_pipeline(model, device=device)
+        if accel == "auto":
+            accel = "exact" if self.pipe._execution_device.type == "cuda" else "off"
+        if accel not in ("off",) + INFERENCE_MODES:
+            raise GeneratorError(f"unknown accel mode {accel!r}; choose auto, off, exact or fast")
+        self.accel = None if accel == "off" else prepare_for_inference(self.pipe, mode=accel, compile=compile)
         self.lock = threading.Lock()
         self.last_ok = time.monotonic()
+        self._klora_scores = LruCache(8)
 
     # -- adapters --------------------------------------------------------------------------------------
     def resident_adapters(self) -> list[str]:
+        if self.accel is not None:
+            return self.accel.loras.names()
         return sorted(getattr(self.pipe.transformer, "peft_config", {}) or {})
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.pipe.transformer.parameters())
+        """The transformer's parameters plus the resident adapters' (fused adapters are kept as factors)."""
+        base = sum(p.numel() for p in self.pipe.transformer.parameters())
+        if self.accel is not None:
+            from klein.fp8 import Float8Linear
+
+            base += sum(m.weight_fp8.numel() for m in self.pipe.transformer.modules() if isinstance(m, Float8Linear))
+            return base + self.accel.loras.parameter_count()
+        return base
 
     def load_adapter_set(self, model_id: str) -> list[str]:
         """Read the set's files from storage (sha256-checked) and add them as adapters; returns their names."""
@@ -120,16 +145,21 @@ class KleinGenerator:
             resident = set(self.resident_adapters())
             for name, lora in zip(names, loras):
                 if name not in resident:
-                    from klein.lora import add_lora
+                    if self.accel is not None:
+                        self.accel.loras.add(name, lora)
+                    else:
+                        from klein.lora import add_lora
 
-                    add_lora(self.pipe.transformer, lora, adapter_name=name)
+                        add_lora(self.pipe.transformer, lora, adapter_name=name)
         return names
 
     def delete_adapters(self, names: list[str]) -> None:
         """Remove adapters from the transformer and free their memory."""
         with self.lock:
             present = [n for n in names if n in set(self.resident_adapters())]
-            if present:
+            if present and self.accel is not None:
+                self.accel.loras.delete(present)
+            elif present:
                 self.pipe.transformer.delete_adapters(present)
         gc.collect()
         if torch.cuda.is_available():
@@ -166,15 +196,45 @@ class KleinGenerator:
                         generator=generators)
         return out.images
 
+    def klora_scores(self, names: list[str]) -> dict[str, list[float]]:
+        """K-LoRA's per-layer scores of resident adapters, computed here (on this replica's GPU, from the
+        resident factors) for items that come without them; cached per adapter set."""
+        key = tuple(names)
+        scores = self._klora_scores.get(key)
+        if scores is None:
+            from klein.lora import LoraLayer, LoraWeights, extract_lora
+
+            if self.accel is not None:  # factors as resident: up, and down with the alpha/r scale folded in
+                loras = [LoraWeights(layers={layer: LoraLayer(down=down, up=up, alpha=float(down.shape[0]))
+                                             for layer, (up, down) in self.accel.loras.adapters[n].items()})
+                         for n in names]
+            else:
+                loras = [extract_lora(self.pipe.transformer, n) for n in names]
+            scores = klora_layer_scores(loras, self.pipe._execution_device)
+            self._klora_scores.put(key, scores)
+        return scores
+
     def _run_klora(self, item: GenerateItem, names: list[str]):
         alpha, beta, gamma = self.klora_constants
-        schedule = KLoraSchedule.build(item.klora["scores"], item.steps, alpha, beta, gamma)
-        modules = _lora_modules(self.pipe.transformer, schedule.layers)
-        apply_klora_step(modules, names, schedule, 0, item.adapter_weights)
+        scores = item.klora.get("scores") or self.klora_scores(names)
+        schedule = KLoraSchedule.build(scores, item.steps, alpha, beta, gamma)
+        if self.accel is not None:  # the chosen LoRA of each layer fused into it, re-fused where the choice changes
+            bank = self.accel.loras
+
+            def apply(step: int) -> None:
+                bank.set_layers({layer: list(zip(names, weights))
+                                 for layer, weights in schedule.weights_at(step, item.adapter_weights).items()})
+        else:
+            modules = _lora_modules(self.pipe.transformer, schedule.layers)
+
+            def apply(step: int) -> None:
+                apply_klora_step(modules, names, schedule, step, item.adapter_weights)
+
+        apply(0)
 
         def on_step(i: int, total: int) -> None:
             if i < total:  # after step i-1 finished: set up step i
-                apply_klora_step(modules, names, schedule, i, item.adapter_weights)
+                apply(i)
 
         return generate_image(self.pipe, item.request(), on_step=on_step)
 
@@ -183,14 +243,23 @@ class KleinGenerator:
         if not self.lock.acquire(blocking=False):
             return  # busy generating: the pipeline is evidently alive
         try:
-            out = self.pipe(prompt="health check", height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
-                            generator=torch.Generator(device="cpu").manual_seed(0), output_type="np")
+            with _eager():  # a compiled pipeline must not compile (or recompile) for the probe's size
+                out = self.pipe(prompt="health check", height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
+                                generator=torch.Generator(device="cpu").manual_seed(0), output_type="np")
             image = np.asarray(out.images[0])
             if image.shape[:2] != (64, 64) or not np.isfinite(image).all():
                 raise GeneratorError(f"the health probe produced an invalid image (shape {image.shape})")
             self.last_ok = time.monotonic()
         finally:
             self.lock.release()
+
+
+def _eager():
+    """Run compiled modules eagerly inside the block (torch.compiler.set_stance), where torch has it."""
+    import contextlib
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _lora_modules(transformer, layer_names: list[str]) -> dict:

@@ -115,3 +115,34 @@ def test_fusion_service_caches_and_verifies(tmp_path):
     bad = [dict(specs[0], sha256="0" * 64), specs[1]]
     with pytest.raises(IntegrityError):
         FusionService(storage).linear(bad)
+
+
+def test_blockwise_topk_sums_are_exact():
+    from serve.fusion import topk_abs_sums
+
+    g = torch.Generator().manual_seed(7)
+    cases = [torch.randn(3, 300, 500, generator=g),  # n = 150000 (not a multiple of the block: padded)
+             torch.randint(-5, 6, (2, 128, 512), generator=g).float()]  # many ties
+    spiky = torch.randn(2, 256, 256, generator=g) * 1e-3
+    spiky[0, 7, :40] = 50.0  # all of the top-k in one block
+    spiky[1, :, 3] = -9.0  # or spread over every row
+    cases.append(spiky)
+    for deltas in cases:
+        for k in (1, 16, 33):
+            brute = deltas.abs().flatten(1).sort(dim=1, descending=True).values[:, :k].sum(dim=1).double()
+            for block, fan in ((64, 32), (16, 4), (8, 2)):  # small groups: several pyramid levels
+                got = topk_abs_sums(deltas, k, block=block, fan=fan)
+                assert torch.allclose(got, brute, rtol=1e-6), (deltas.shape, k, block, fan)
+
+
+def test_klora_scores_batched_equal_the_per_layer_reference_on_larger_layers():
+    shapes = {"a.q": (96, 200), "b.q": (96, 200), "c.out": (64, 160)}
+    loras = []
+    for seed, r in ((1, 8), (2, 6)):
+        g = torch.Generator().manual_seed(seed)
+        loras.append(LoraWeights(layers={n: LoraLayer(torch.randn(r, i, generator=g), torch.randn(o, r, generator=g), 4.0)
+                                         for n, (o, i) in shapes.items()}))
+    scores = klora_layer_scores(loras, device="cpu")
+    for name in shapes:
+        for i, lora in enumerate(loras):
+            assert scores[name][i] == pytest.approx(topk_abs_sum(lora.layers[name], 48), rel=1e-5)

@@ -95,3 +95,68 @@ def test_probe_runs_a_real_forward(gen):
             gen.probe()
     finally:
         gen.pipe.transformer.forward = original
+
+
+# -- the accelerated generator (what a GPU replica runs: LoRAs fused into the weights, CFG as a batch of 2) --
+@pytest.fixture(scope="module")
+def fused_gen(tmp_path_factory):
+    storage = Storage.from_uri(tmp_path_factory.mktemp("fused-storage"))
+    return KleinGenerator("tiny", storage=storage, accel="exact")
+
+
+def _close(png_a: bytes, png_b: bytes, tol: int = 2) -> bool:
+    return int(np.abs(_pixels(png_a).astype(int) - _pixels(png_b).astype(int)).max()) <= tol
+
+
+def test_fused_generator_switches_sets_and_matches_the_adapter_generator(gen, fused_gen):
+    assert gen.accel is None and fused_gen.accel is not None  # CPU: "auto" keeps peft adapters
+    base_params = fused_gen.parameter_count()
+    loras = [random_lora(fused_gen.pipe.transformer, rank=4, scale=0.08, seed=s) for s in (11, 12)]
+    ids = []
+    for i, lora in enumerate(loras):  # the same bytes in both storages (safetensors' header order varies per save)
+        data = lora_to_bytes(lora)
+        shas = {g.storage.write_bytes(f"sw{i}.safetensors", data) for g in (gen, fused_gen)}
+        ids.append(adapter_set_id([{"key": f"sw{i}.safetensors", "sha256": shas.pop()}]))
+    names = {i: (gen.load_adapter_set(i), fused_gen.load_adapter_set(i)) for i in ids}
+    assert fused_gen.resident_adapters() == sorted(n for _, f in names.values() for n in f)
+    assert fused_gen.parameter_count() == base_params + sum(l.down.numel() + l.up.numel() for x in loras for l in x.layers.values())
+    pngs = []
+    for model_id, weight in ((ids[0], 0.8), (ids[1], 1.0), ("", 0.0), (ids[0], 0.8)):
+        item = _item(seed=4, model_id=model_id, weights=[weight] if model_id else [])
+        ref_names, fused_names = names[model_id] if model_id else ([], [])
+        ref = gen.run_group([item], ref_names)[0]
+        got = fused_gen.run_group([item], fused_names)[0]
+        assert _close(got, ref), model_id
+        pngs.append(got)
+    assert pngs[0] == pngs[3]  # back to the first set: the very same pixels
+    assert len({p for p in pngs}) == 3
+    for ref_names, fused_names in names.values():
+        gen.delete_adapters(ref_names)
+        fused_gen.delete_adapters(fused_names)
+    assert fused_gen.resident_adapters() == [] and fused_gen.parameter_count() == base_params
+
+
+def test_fused_klora_with_a_dominant_lora_equals_that_lora_alone(fused_gen):
+    big = random_lora(fused_gen.pipe.transformer, rank=4, scale=0.08, seed=13)
+    small = random_lora(fused_gen.pipe.transformer, rank=4, scale=0.001, seed=14)
+    files = [_stored(fused_gen, "fbig", big), _stored(fused_gen, "fsmall", small)]
+    klora_id = adapter_set_id(files)
+    names = fused_gen.load_adapter_set(klora_id)
+    scores = klora_layer_scores([big, small])
+    # scores computed on the replica from its resident factors agree with the fusion service's
+    local = fused_gen.klora_scores(names)
+    assert local.keys() == scores.keys()
+    assert all(np.allclose(local[k], scores[k], rtol=1e-4) for k in scores)
+    klora_png = fused_gen.run_group([_item(model_id=klora_id, weights=[0.9, 1.0], klora={"scores": scores})], names)[0]
+    no_scores = fused_gen.run_group([_item(model_id=klora_id, weights=[0.9, 1.0], klora={"scores": None})], names)[0]
+    single_id = adapter_set_id(files[:1])
+    single_names = fused_gen.load_adapter_set(single_id)
+    single_png = fused_gen.run_group([_item(model_id=single_id, weights=[0.9])], single_names)[0]
+    base_png = fused_gen.run_group([_item()], [])[0]
+    assert klora_png == single_png == no_scores
+    assert not np.array_equal(_pixels(klora_png), _pixels(base_png))
+    fused_gen.delete_adapters(names + single_names)
+
+
+def test_fused_generator_probe(fused_gen):
+    fused_gen.probe()

@@ -103,6 +103,8 @@ class TrainConfig:
     # scale-out
     num_workers: int = 1
     use_gpu: bool | None = None  # None: if CUDA is available
+    compile: bool | None = None  # regional torch.compile of the blocks (None: on CUDA only)
+    fp8: bool = False  # frozen base Linears in float8 e4m3 (native on Hopper/Ada GPUs, emulated elsewhere)
     deepspeed_stage: int | None = None  # 2 or 3: ZeRO for GPUs that cannot hold the model alone
     max_failures: int = 2
     max_refs: int = 50

@@ -1,0 +1,331 @@
+"""Training on several GPUs of one host through Ray Train: N concurrent one-GPU jobs, and one job on N GPUs.
+
+Each job is a real `ray.train.torch.TorchTrainer` submitted the way `train.job` submits one: the product's
+`cluster.pools.train_scaling_config` (one `train_gpu` + one GPU per worker, placement group per job), the
+training queue (`train_pool_turn` around `fit`, `queued_train_loop` around the worker function), and a worker
+that runs the product's training step: `train.loop.setup_transformer` (random weights of the chosen config
+instead of a model folder), `klein.accel.prepare_for_training`, `train.optim.make_optimizer`, DDP through
+`ray.train.torch.prepare_model` when the job has several workers, `make_batch` / `flow_matching_loss` /
+backward / `loss.item()` / clip / optimizer / scheduler.
+
+Phases: (1) one job on one GPU; (2) N one-GPU jobs at once; (3) one job with N workers (data parallel, each
+worker its own batch). Every worker reports where it runs (Ray node, CUDA_VISIBLE_DEVICES, torch device, GPU
+uuid) and its steps/s over a timed window that all jobs of a phase enter together (a barrier actor).
+Targets: (2) aggregate steps/s ≥ 0.9·N × (1); (3) samples/s ≥ 1.8 × (1) on 2 GPUs.
+Section "multi_gpu" of bench/results/<gpu>-<date>.json; the placement table is printed.
+
+    python bench/multi_gpu.py                       # all visible GPUs, Klein 9B config
+    python bench/multi_gpu.py --cpu --config tiny   # the same code on CPU workers (gloo), to check the logic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for p in (str(REPO), str(BENCH)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gpus", type=int, default=None, help="N (default: every visible GPU)")
+    p.add_argument("--config", choices=("klein9b", "tiny"), default="klein9b")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per worker")
+    p.add_argument("--cpu", action="store_true", help="CPU workers (gloo): logic check only")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--phases", default="single,concurrent,ddp", help="of single, concurrent, ddp, ddp_bf16")
+    p.add_argument("--section", default="multi_gpu")
+    p.add_argument("--nccl-debug", action="store_true", help="NCCL_DEBUG=INFO in the workers (which transport)")
+    return p.parse_args()
+
+
+# -- the worker ---------------------------------------------------------------------------------------------
+def bench_worker(config: dict) -> None:
+    """One Ray Train worker: the product's training step on random weights, timed; reports its placement."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    sys.path[:0] = [p for p in config["paths"] if p not in sys.path]
+    import klein.model
+    from _common import KLEIN9B, TINY, build_transformer
+    from klein.accel import prepare_for_training
+    from train.cache import CachedItem, TrainingData
+    from train.loop import StepPlan, flow_matching_loss, lora_parameters, make_batch, make_lr_scheduler, setup_transformer
+    from train.optim import make_optimizer
+    from train.recipe import TrainConfig
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    placement = {
+        "job": config["job"], "rank": rank, "world_size": world, "local_rank": ctx.get_local_rank(),
+        "node_id": ray.get_runtime_context().get_node_id()[:12], "hostname": socket.gethostname(), "pid": os.getpid(),
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        placement.update(gpu=props.name, gpu_uuid=str(getattr(props, "uuid", "?")), pci_bus_id=getattr(props, "pci_bus_id", None))
+    print("PLACEMENT " + json.dumps(placement), flush=True)
+
+    cfg = KLEIN9B if config["config"] == "klein9b" else TINY
+    res, txt = (1024, 512) if config["config"] == "klein9b" else (128, 16)
+
+    def load_random_transformer(source="tiny", dtype=torch.float32, device="cpu", cache_dir=None):
+        return build_transformer(cfg, device, dtype)
+
+    klein.model.load_transformer = load_random_transformer
+    tc = TrainConfig(model="random", steps=10_000, seed=0)
+    transformer = setup_transformer(tc, device)
+    accel = prepare_for_training(transformer, device, compile=False if config["no_compile"] else None)
+    params = list(lora_parameters(transformer).values())
+    optimizer = make_optimizer(params, tc, device)
+    scheduler = make_lr_scheduler(optimizer, tc)
+    model = transformer
+    if world > 1:
+        model = ray.train.torch.prepare_model(transformer, move_to_device=False,
+                                              parallel_strategy_kwargs={"find_unused_parameters": False})
+        if config.get("ddp_hook") == "bf16" and device.type == "cuda":  # gradients all-reduced in bf16 (half the bytes), applied in fp32
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    g = res // 16
+    gen = torch.Generator().manual_seed(0)
+    items = [CachedItem(f"ref{i}", "zxy_style. a house", (res, res), torch.randn(128, g, g, generator=gen),
+                        torch.randn(txt, cfg["joint_attention_dim"], generator=gen)) for i in range(8)]
+    data = TrainingData("bench", items, torch.randn(txt, cfg["joint_attention_dim"], generator=gen), "random", res)
+    plan = StepPlan(data.items, tc.batch_size, world, tc.seed)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+
+    def step(s: int) -> float:
+        x0, embeds, sigmas, noise, _ = make_batch(plan, data, s, rank, tc.caption_dropout_rate)
+        loss = flow_matching_loss(model, x0, embeds, sigmas, noise, autocast)
+        loss.backward()
+        value = loss.item()
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return value
+
+    t0 = time.perf_counter()
+    for s in range(1, config["warmup"] + 1):
+        step(s)
+    warm_s = time.perf_counter() - t0
+    barrier = ray.get_actor(config["barrier"], namespace="klein-bench")
+    ray.get(barrier.arrive.remote())  # every worker of every job of this phase enters the timed window together
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for s in range(config["warmup"] + 1, config["warmup"] + config["steps"] + 1):
+        loss = step(s)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    allreduce = None
+    if world > 1 and device.type == "cuda":  # the gradient all-reduce alone: LoRA-sized float32 buffer
+        import torch.distributed as dist
+
+        buf = torch.ones(sum(p.numel() for p in params), device=device)
+        for _ in range(2):
+            dist.all_reduce(buf)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        for _ in range(5):
+            dist.all_reduce(buf)
+        torch.cuda.synchronize()
+        allreduce = {"mib": round(buf.numel() * 4 / 2**20), "ms": round((time.perf_counter() - t1) / 5 * 1000, 2)}
+        del buf
+    result = dict(placement, steps=config["steps"], timed_s=round(elapsed, 3), steps_per_s=round(config["steps"] / elapsed, 4),
+                  allreduce=allreduce, ddp_hook=config.get("ddp_hook"),
+                  warmup_s=round(warm_s, 2), last_loss=loss, levers=accel["levers"] + [type(optimizer).__name__],
+                  peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
+    Path(config["out_dir"], f"{config['job']}-rank{rank}.json").write_text(json.dumps(result))
+    ray.train.report({"steps_per_s": result["steps_per_s"]})
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+def make_barrier(name: str, parties: int):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Barrier:
+        def __init__(self, n):
+            self.n, self.count = n, 0
+
+        async def arrive(self, timeout_s: float = 900.0):
+            import asyncio
+
+            self.count += 1
+            deadline = time.monotonic() + timeout_s
+            while self.count < self.n and time.monotonic() < deadline:  # a failed job must not hang the others
+                await asyncio.sleep(0.05)
+            return self.count >= self.n
+
+    return Barrier.options(name=name, namespace="klein-bench", lifetime="detached").remote(parties)
+
+
+def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: dict) -> None:
+    """One training job exactly as train.job._fit submits it (queue turn, queued loop, pool scaling config)."""
+    try:
+        from ray.train import RunConfig
+        from ray.train.torch import TorchTrainer
+
+        from cluster.pools import queued_train_loop, train_pool_turn, train_scaling_config
+
+        config = {"job": job, "config": args.config, "use_gpu": not args.cpu, "warmup": args.warmup, "steps": args.steps,
+                  "out_dir": out_dir, "barrier": barrier, "no_compile": args.no_compile, "paths": [str(REPO), str(BENCH)],
+                  "ddp_hook": "bf16" if job.startswith("ddpbf16") else None}
+        trainer = TorchTrainer(
+            queued_train_loop(bench_worker, job),
+            train_loop_config=config,
+            scaling_config=train_scaling_config(workers, use_gpu=not args.cpu),
+            run_config=RunConfig(name=job, storage_path=str(Path(out_dir) / "ray_train")),
+        )
+        with train_pool_turn(job, poll_s=1.0):
+            result = trainer.fit()
+        if result.error is not None:
+            errors[job] = str(result.error)[:2000]
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        errors[job] = f"{type(e).__name__}: {e}"[:2000]
+
+
+def run_phase(name: str, jobs: list[tuple[str, int]], args, out_dir: str) -> dict:
+    import ray
+
+    from _common import log
+
+    barrier_name = f"barrier-{name}-{int(time.time())}"
+    barrier = make_barrier(barrier_name, sum(w for _, w in jobs))
+    errors: dict = {}
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run_job, args=(job, workers, args, out_dir, barrier_name, errors)) for job, workers in jobs]
+    for t in threads:
+        t.start()
+        time.sleep(0.5)  # submission order = queue order
+    for t in threads:
+        t.join()
+    ray.kill(barrier)
+    workers = []
+    for job, n in jobs:
+        for rank in range(n):
+            f = Path(out_dir, f"{job}-rank{rank}.json")
+            if f.exists():
+                workers.append(json.loads(f.read_text()))
+    out = {"jobs": [{"job": j, "workers": n} for j, n in jobs], "wall_s": round(time.perf_counter() - t0, 1),
+           "workers": workers, "errors": errors}
+    log(f"phase {name}", {k: v for k, v in out.items() if k != "workers"})
+    return out
+
+
+def main():
+    args = parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+    import torch
+
+    from _common import environment, log, save_section
+    from cluster.pools import init_local_ray
+
+    n = args.gpus or (2 if args.cpu else torch.cuda.device_count())
+    if not args.cpu and n < 1:
+        raise SystemExit("no GPU visible: use --cpu to check the logic")
+    device = torch.device("cpu" if args.cpu else "cuda")
+    env = environment(device)
+    env["gpus"] = n
+    log("environment", env)
+    cpus = max(4, (os.cpu_count() or 4))
+    init_local_ray(num_cpus=cpus, num_gpus=0 if args.cpu else n, train_slots=n, object_store_memory=2 * 2**30,
+                   runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(BENCH), os.environ.get("PYTHONPATH", "")]),
+                                             "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                                             "NVSHMEM_DISABLE_NVLS": "1",
+                                             **({"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,P2P,SHM,NET"} if args.nccl_debug else {})}})
+    log("ray", ray.cluster_resources())
+    R = {"what": f"LoRA training steps/s through Ray Train, {args.config} config, r32 all block Linears, "
+                 f"{'1024²' if args.config == 'klein9b' else '128²'} batch 1 per worker; {args.steps} timed steps per worker",
+         "gpus": n, "config": args.config, "cpu": args.cpu, "phases": {},
+         "targets": {"concurrent_aggregate_vs_single": 0.9 * n, "ddp_samples_vs_single": 1.8 if n == 2 else 0.9 * n}}
+    out_dir = tempfile.mkdtemp(prefix="klein-multi-")
+    tiny = args.cpu or args.config == "tiny"
+    phases = args.phases.split(",")
+    try:
+        if "single" in phases:
+            R["phases"]["single"] = run_phase("single", [("single-0", 1)], args, out_dir)
+            save_section(device, tiny, args.section, R)
+        if "concurrent" in phases:
+            R["phases"]["concurrent"] = run_phase("concurrent", [(f"concurrent-{i}", 1) for i in range(n)], args, out_dir)
+            save_section(device, tiny, args.section, R)
+        if "ddp" in phases and n > 1:
+            R["phases"]["ddp"] = run_phase("ddp", [("ddp-0", n)], args, out_dir)
+            save_section(device, tiny, args.section, R)
+        if "ddp_bf16" in phases and n > 1:  # the same job, gradients all-reduced in bf16
+            R["phases"]["ddp_bf16"] = run_phase("ddp_bf16", [("ddpbf16-0", n)], args, out_dir)
+            save_section(device, tiny, args.section, R)
+    finally:
+        finish(R, device, env, tiny, n, args.section)
+        ray.shutdown()
+
+
+def finish(R, device, env, tiny, n, section="multi_gpu"):
+    from _common import print_table, save_section
+
+    P = R["phases"]
+    rate = lambda ph: [w["steps_per_s"] for w in P.get(ph, {}).get("workers", [])]
+    single = (rate("single") or [None])[0]
+    conc = rate("concurrent")
+    ddp = rate("ddp")
+    summary = {"single_steps_per_s": single}
+    if conc and single:
+        summary.update(concurrent_jobs=len(conc), concurrent_aggregate_steps_per_s=round(sum(conc), 4),
+                       concurrent_vs_single=round(sum(conc) / single, 3),
+                       concurrent_target_met=sum(conc) / single >= 0.9 * n)
+    if ddp and single:
+        samples = min(ddp) * len(ddp)  # every worker trains its own sample each step; the slowest sets the pace
+        summary.update(ddp_workers=len(ddp), ddp_steps_per_s=round(min(ddp), 4), ddp_samples_per_s=round(samples, 4),
+                       ddp_vs_single=round(samples / single, 3),
+                       ddp_target_met=samples / single >= (1.8 if n == 2 else 0.9 * n))
+    bf16 = rate("ddp_bf16")
+    if bf16 and single:
+        samples = min(bf16) * len(bf16)
+        summary.update(ddp_bf16_samples_per_s=round(samples, 4), ddp_bf16_vs_single=round(samples / single, 3),
+                       ddp_bf16_target_met=samples / single >= (1.8 if n == 2 else 0.9 * n))
+    summary["allreduce"] = {ph: d["workers"][0]["allreduce"] for ph, d in P.items()
+                            if d.get("workers") and d["workers"][0].get("allreduce")}
+    R["summary"] = summary
+    save_section(device, tiny, section, R)
+    rows = []
+    for ph, data in P.items():
+        for w in data.get("workers", []):
+            rows.append({"phase": ph, "job": w["job"], "rank": f"{w['rank']}/{w['world_size']}", "node": w["node_id"],
+                         "cvd": str(w["CUDA_VISIBLE_DEVICES"]), "dev": w["device"], "uuid": str(w.get("gpu_uuid", "-"))[:18],
+                         "sps": w["steps_per_s"], "peak": w.get("peak_gib")})
+        for job, err in data.get("errors", {}).items():
+            rows.append({"phase": ph, "job": job, "rank": "FAILED", "node": err[:60]})
+    print_table(f"placement and steps/s, {R['what']} on {env['gpu']} x{n}", rows,
+                [("phase", "phase", 11), ("job", "job", 13), ("rank", "rank", 5), ("node", "ray node", 13),
+                 ("cvd", "CUDA_VISIBLE_DEVICES", 21), ("dev", "device", 7), ("uuid", "GPU uuid", 19),
+                 ("sps", "steps/s", 8), ("peak", "peak GiB", 9)])
+    print("summary:", summary, flush=True)
+
+
+if __name__ == "__main__":
+    main()
