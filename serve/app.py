@@ -18,6 +18,7 @@ from serve.fusion import Fusion
 from serve.generator import Generator
 from serve.ingress import Ingress
 from serve.style import StyleStage
+from serve.tenants import RateLimiter
 
 APP_NAME = "klein-style"
 ROUTE_PREFIX = "/"
@@ -33,23 +34,48 @@ def _generator_options(config: ServeConfig, num_cpus: float) -> dict:
     return serve_actor_options(num_gpus=gpus, num_cpus=num_cpus)
 
 
-def build_app(config: dict | ServeConfig | None = None, *, replica_cpus: float = 0.1) -> serve.Application:
-    """The bound application. `replica_cpus` is what each replica reserves (small on a laptop or in tests)."""
+def build_app(config: dict | ServeConfig | None = None, *, replica_cpus: float = 0.1,
+              deployment_options: dict[str, dict] | None = None) -> serve.Application:
+    """The bound application. `replica_cpus` is what each replica reserves (small on a laptop or in tests).
+
+    `deployment_options` overrides Serve options per deployment name, as a config file's `deployments`
+    list does, e.g. {"Ingress": {"num_replicas": 2}, "Generator": {"max_queued_requests": 16}}.
+    """
     cfg = ServeConfig.from_any(config)
     cfg_dict = cfg.to_dict()
-    style = StyleStage.options(ray_actor_options=_cpu_replica(replica_cpus), max_ongoing_requests=32).bind(cfg_dict)
-    fusion = Fusion.options(ray_actor_options=_cpu_replica(replica_cpus), max_ongoing_requests=8).bind(cfg_dict)
-    generator = Generator.options(
+    extra = dict(deployment_options or {})
+    unknown = sorted(set(extra) - {"Ingress", "StyleStage", "Fusion", "Generator", "RateLimiter"})
+    if unknown:
+        raise ValueError(f"deployment_options names unknown deployments {unknown}")
+
+    def opts(name: str, **defaults) -> dict:
+        return {**defaults, **extra.get(name, {})}
+
+    style = StyleStage.options(**opts("StyleStage", ray_actor_options=_cpu_replica(replica_cpus),
+                                      max_ongoing_requests=32)).bind(cfg_dict)
+    fusion = Fusion.options(**opts("Fusion", ray_actor_options=_cpu_replica(replica_cpus),
+                                   max_ongoing_requests=8)).bind(cfg_dict)
+    generator = Generator.options(**opts(
+        "Generator",
         ray_actor_options=_generator_options(cfg, replica_cpus),
         # enough ongoing requests to fill a batch; more wait in the queue, and past that, callers get 503s
         max_ongoing_requests=max(2 * cfg.max_batch_size, 4),
         max_queued_requests=64,
         health_check_period_s=30,
         health_check_timeout_s=60,
-    ).bind(cfg_dict)
-    return Ingress.options(
-        ray_actor_options=_cpu_replica(replica_cpus), max_ongoing_requests=64, max_queued_requests=256,
-    ).bind(style, generator, fusion, cfg_dict)
+    )).bind(cfg_dict)
+    limiter = None
+    if cfg.shared_rate_limit:
+        # exactly one replica: it is the single holder of every tenant's token bucket
+        limiter = RateLimiter.options(**{**opts("RateLimiter", ray_actor_options=_cpu_replica(replica_cpus),
+                                                max_ongoing_requests=1000), "num_replicas": 1}).bind(cfg_dict)
+    # The ingress refuses work past `max_inflight_requests` with its own JSON 503; its Serve slots are a little
+    # larger so that those refusals (and /healthz) always get a slot, and its proxy queue is unbounded so
+    # that the proxy never answers a plain-text 503 itself (queued requests drain at refusal speed).
+    return Ingress.options(**opts(
+        "Ingress", ray_actor_options=_cpu_replica(replica_cpus), max_ongoing_requests=cfg.max_inflight_requests + 16,
+        max_queued_requests=-1,
+    )).bind(style, generator, fusion, cfg_dict, rate_limiter=limiter)
 
 
 def app_builder(args: dict) -> serve.Application:

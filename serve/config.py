@@ -33,10 +33,21 @@ class ServeConfig:
     # True: one pipeline call per batch group (faster on GPU, but not bit-identical to single calls on
     # CPU BLAS); False: the group shares one adapter activation and runs item by item (exact).
     batch_forward: bool = False
-    # tenancy
+    # tenancy. The rate limit is per tenant and cluster-wide: one `RateLimiter` replica holds the token
+    # buckets for every ingress replica (serve/tenants.py); `tenant_rate_limits` overrides it per tenant,
+    # {tenant: {"per_s": 2, "burst": 10}}. `shared_rate_limit: false` keeps buckets per ingress replica.
     rate_limit_per_s: float = 5.0
     rate_limit_burst: int = 20
+    tenant_rate_limits: dict = field(default_factory=dict)
+    shared_rate_limit: bool = True
     max_training_jobs_per_tenant: int = 1
+    # overload: each ingress replica answers at most this many /v1 requests at once and refuses the rest
+    # at once with 503 + Retry-After (JSON), before Serve's proxy would queue or refuse them itself
+    max_inflight_requests: int = 48
+    # every call from the ingress to another deployment (style, fusion, generator) is bounded: past it the
+    # client gets 503 + Retry-After instead of waiting on. Keep it under http_options.request_timeout_s.
+    downstream_timeout_s: float = 240.0
+    overload_retry_after_s: int = 2
     # uploads and training sources
     max_upload_bytes: int = 200 * 1024 * 1024
     allow_local_source_uri: bool = False  # tests and single-user setups only: lets `source_uri` be a local path
@@ -75,6 +86,23 @@ class ServeConfig:
             raise ServeConfigError(f"gemini must be auto, on or off, got {self.gemini!r}")
         if self.max_upload_bytes < 1:
             raise ServeConfigError("max_upload_bytes must be positive")
+        if self.rate_limit_per_s <= 0 or self.rate_limit_burst < 1:
+            raise ServeConfigError("rate_limit_per_s must be > 0 and rate_limit_burst >= 1")
+        for tenant, limit in self.tenant_rate_limits.items():
+            if not isinstance(limit, dict) or set(limit) - {"per_s", "burst"} or \
+                    float(limit.get("per_s", 1)) <= 0 or int(limit.get("burst", 1)) < 1:
+                raise ServeConfigError(f"tenant_rate_limits[{tenant!r}] must be {{per_s: > 0, burst: >= 1}}, got {limit!r}")
+        if self.max_inflight_requests < 1:
+            raise ServeConfigError("max_inflight_requests must be at least 1")
+        if self.downstream_timeout_s <= 0:
+            raise ServeConfigError("downstream_timeout_s must be positive")
+        if self.overload_retry_after_s < 1:
+            raise ServeConfigError("overload_retry_after_s must be at least 1 (seconds)")
+
+    def rate_limit_of(self, tenant: str) -> tuple[float, int]:
+        """(requests per second, burst) for `tenant`: its override, else the defaults."""
+        limit = self.tenant_rate_limits.get(tenant) or {}
+        return float(limit.get("per_s", self.rate_limit_per_s)), int(limit.get("burst", self.rate_limit_burst))
 
     @property
     def side_default(self) -> int:

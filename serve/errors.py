@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("klein.serve")
 
+# 503s carry a more precise `error`: overloaded (at capacity), unavailable (a replica is restarting), timeout.
 _STATUS_NAMES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
     409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_request",
@@ -72,6 +73,10 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     async def validation_error(_request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":  # not JSON at all: a 400, like every other endpoint's
+            reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+            counted(400, "invalid_json")
+            return error_response(400, "invalid_json", f"the body is not valid JSON ({reason})", None)
         field = _validation_field(first)
         message = first.get("msg", "invalid request")
         detail = f"{field}: {message}" if field else message
@@ -104,9 +109,29 @@ def install_catch_all_middleware(app: FastAPI, on_error=None) -> None:
         try:
             return await call_next(request)
         except Exception as exc:  # noqa: BLE001 — the last line of defence: log the trace, answer generically
+            http_exc = _nested_http_exception(exc)
+            if http_exc is not None:  # e.g. a body over the limit, raised while a middleware's task group read it
+                code = _STATUS_NAMES.get(http_exc.status_code, "error")
+                if on_error is not None:
+                    on_error(http_exc.status_code, code)
+                detail = http_exc.detail if isinstance(http_exc.detail, str) else code.replace("_", " ")
+                return error_response(http_exc.status_code, code, detail, None, getattr(http_exc, "headers", None))
             request_id = uuid.uuid4().hex[:16]
             log.error("request %s %s %s failed", request_id, request.method, request.url.path, exc_info=exc)
             if on_error is not None:
                 on_error(500, "internal_error")
             return error_response(500, "internal_error", "the server failed to handle this request; quote the "
                                   "request id when reporting it", None, request_id=request_id)
+
+
+def _nested_http_exception(exc: BaseException, depth: int = 0) -> StarletteHTTPException | None:
+    """An HTTPException wrapped in exception groups (anyio task groups in Starlette's middleware) or causes."""
+    if depth > 8 or exc is None:
+        return None
+    if isinstance(exc, StarletteHTTPException):
+        return exc
+    for inner in getattr(exc, "exceptions", ()) or ():
+        found = _nested_http_exception(inner, depth + 1)
+        if found is not None:
+            return found
+    return _nested_http_exception(exc.__cause__, depth + 1) if exc.__cause__ is not exc else None

@@ -126,9 +126,14 @@ class JobRunner:
         return status
 
     def active_count(self, tenant: str) -> int:
+        """Training jobs of `tenant` that are queued or running. Finished LoRAs (trained or imported, with a
+        manifest) and jobs whose status is unknown do not count, so they can never block new jobs."""
+        finished = set(self.storage.list_tenant(tenant, "loras"))
         count = 0
         for job_id in list_jobs(self.storage, tenant):
-            if self.state_of(job_id).get("state") not in TERMINAL_STATES:
+            if job_id in finished:
+                continue
+            if self.state_of(job_id).get("state") not in (*TERMINAL_STATES, "unknown"):
                 count += 1
         return count
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import secrets
 import threading
@@ -17,6 +18,8 @@ import time
 from dataclasses import dataclass
 
 from cluster.storage import Storage, StorageError, check_name
+
+log = logging.getLogger("klein.serve.tenants")
 
 KEYS_KEY = "auth/keys.json"
 KEY_PREFIX = "ks"
@@ -113,33 +116,102 @@ class _Bucket:
 class TokenBucketLimiter:
     """Per-tenant token bucket: `rate` requests per second on average, bursts up to `burst`.
 
-    Each ingress replica keeps its own buckets, so the cluster-wide limit is `rate × replicas`; that is the
-    usual trade for not putting a shared store on the request path.
+    `overrides` gives some tenants their own limits: {tenant: {"per_s": ..., "burst": ...}}. One instance
+    is the cluster-wide limit when it lives in the single `RateLimiter` replica below; an ingress replica
+    keeps its own instance only as the fallback for when that replica cannot be reached.
     """
 
-    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+    def __init__(self, rate: float, burst: int, clock=time.monotonic, overrides: dict | None = None):
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
         self.rate = float(rate)
         self.burst = float(burst)
+        self.overrides = {t: (float(v.get("per_s", rate)), float(v.get("burst", burst))) for t, v in (overrides or {}).items()}
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
+    def limit_of(self, tenant: str) -> tuple[float, float]:
+        return self.overrides.get(tenant, (self.rate, self.burst))
+
     def try_acquire(self, tenant: str, cost: float = 1.0) -> float:
         """0.0 when allowed; otherwise the seconds until `cost` tokens are available (for Retry-After)."""
+        rate, burst = self.limit_of(tenant)
         now = self._clock()
         with self._lock:
             bucket = self._buckets.get(tenant)
             if bucket is None:
-                bucket = self._buckets[tenant] = _Bucket(self.burst, now)
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+                bucket = self._buckets[tenant] = _Bucket(burst, now)
+            bucket.tokens = min(burst, bucket.tokens + (now - bucket.updated) * rate)
             bucket.updated = now
             if bucket.tokens >= cost:
                 bucket.tokens -= cost
                 return 0.0
-            return (cost - bucket.tokens) / self.rate
+            return (cost - bucket.tokens) / rate
 
 
 def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+# -- the cluster-wide limit ----------------------------------------------------------------------------------
+from ray import serve  # noqa: E402  (the plain part above must import without Serve's side effects)
+
+
+@serve.deployment(name="RateLimiter", num_replicas=1, max_ongoing_requests=1000)
+class RateLimiter:
+    """The one place that holds every tenant's token bucket, so the limit holds across ingress replicas.
+
+    It must run as exactly one replica (build_app pins it). A call costs one Serve round trip (about a
+    few milliseconds on one node). If it dies, Serve starts a new one with full buckets: a restart forgives
+    at most one burst per tenant, and ingress replicas use their own buckets until it is back.
+    """
+
+    def __init__(self, config: dict):
+        from serve.config import ServeConfig
+
+        cfg = ServeConfig.from_any(config)
+        self.limiter = TokenBucketLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst, overrides=cfg.tenant_rate_limits)
+
+    async def acquire(self, tenant: str, cost: float = 1.0) -> float:
+        return self.limiter.try_acquire(tenant, cost)
+
+
+class SharedRateLimit:
+    """What an ingress replica calls: the `RateLimiter` deployment, or its own buckets when that is unreachable.
+
+    Without a handle (shared_rate_limit off) it is the per-replica limiter: the cluster-wide limit is then
+    `rate × ingress replicas`.
+    """
+
+    def __init__(self, handle, local: TokenBucketLimiter, timeout_s: float = 2.0, warn_every_s: float = 30.0,
+                 retry_after_s: float = 5.0):
+        self.handle = handle
+        self.local = local
+        self.timeout_s = timeout_s
+        self.warn_every_s = warn_every_s
+        self.retry_after_s = retry_after_s  # after a failure, limit locally this long before asking again
+        self._warned_at = -math.inf
+        self._down_until = -math.inf
+        self.fallbacks = 0
+
+    async def acquire(self, tenant: str) -> float:
+        if self.handle is not None and time.monotonic() >= self._down_until:
+            import asyncio
+
+            response = self.handle.acquire.remote(tenant)
+
+            async def wait():
+                return await response
+
+            try:
+                return float(await asyncio.wait_for(wait(), self.timeout_s))
+            except Exception as e:  # noqa: BLE001 — the limiter is down or slow: limit locally, never fail the request
+                response.cancel()
+                self.fallbacks += 1
+                self._down_until = time.monotonic() + self.retry_after_s
+                if time.monotonic() - self._warned_at > self.warn_every_s:
+                    self._warned_at = time.monotonic()
+                    log.warning("the cluster-wide rate limiter did not answer (%s); this replica limits on its own "
+                                "until it is back", type(e).__name__)
+        return self.local.try_acquire(tenant)

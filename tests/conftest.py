@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+pytest_plugins = ["reliability"]  # the reliability ledger and its summary table (tests/reliability.py)
 
 
 @pytest.fixture(scope="session")

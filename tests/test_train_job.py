@@ -1,9 +1,19 @@
-"""Style LoRA jobs through real Ray Train on a local cluster: outputs, learning, and exact resume after a kill."""
+"""Style LoRA jobs through real Ray Train on a local cluster: outputs, learning, and the training faults of
+issue 8 — a worker killed mid-step, a worker killed in the middle of a checkpoint write, a driver killed and
+its job resubmitted — each of which must end in the LoRA an uninterrupted run makes, with no step trained
+twice. Every job shares one storage root (the latent cache is built once) and the clean run is the baseline.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,15 +24,31 @@ from PIL import Image
 from cluster.storage import Storage
 from klein.lora import read_lora
 from train.board import make_board
-from train.job import lora_prefix, run_training_job
+from train.job import checkpoint_key, lora_prefix, run_training_job
 from train.recipe import TrainConfig
+
+import reliability  # the ledger plugin's own module (tests/ is on sys.path), also the workers' fault hook
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tiny_dir):
+def fault_plan(tmp_path_factory):
+    """Where a test tells the workers' fault hook what to break (tests/reliability.py: install_fault_hooks)."""
+    return tmp_path_factory.mktemp("faults") / "plan.json"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tiny_dir, fault_plan):
     from cluster.pools import init_local_ray
 
-    init_local_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024)
+    root = str(Path(__file__).resolve().parents[1])  # workers import the hook as tests.reliability
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    init_local_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024, runtime_env={
+        "worker_process_setup_hook": "tests.reliability.install_fault_hooks",
+        # the Train controller polls its workers every 0.1 s (default 2 s), so a reported checkpoint is
+        # registered, and a dead worker noticed, within a step or two: the resume points below are deterministic
+        "env_vars": {reliability.FAULT_PLAN_ENV: str(fault_plan), "PYTHONPATH": pythonpath,
+                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"},
+    })
     yield
     ray.shutdown()
 
@@ -34,6 +60,11 @@ def board(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
 def _cfg(storage, job_id, **kw):
     base = dict(trigger="zxy_neon", storage=str(storage), resolution=64, steps=20, save_every=5, job_id=job_id,
                 lr=2e-3, sample_prompts=["a house"], sample_steps=4, seed=0)
@@ -41,10 +72,38 @@ def _cfg(storage, job_id, **kw):
     return TrainConfig(**base)
 
 
-def test_job_writes_a_complete_verified_lora(ray_cluster, board, tmp_path):
+# fault runs train exactly as the clean run does; only their contact sheets are cheaper (1 sampling step)
+FAULT_RUN = {"sample_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def clean(ray_cluster, board, store):
+    """The uninterrupted run every fault test must reproduce exactly."""
     statuses = []
-    manifest = run_training_job(board, _cfg(tmp_path, "job-e2e"), progress=lambda s: statuses.append(s["state"]))
-    storage = Storage.from_uri(tmp_path)
+    manifest = run_training_job(board, _cfg(store, "job-e2e"), progress=lambda s: statuses.append(s["state"]))
+    return {"manifest": manifest, "statuses": statuses}
+
+
+def _lora(storage: Storage, job_id: str):
+    return read_lora(storage.read_bytes(f"{lora_prefix('default', job_id)}/lora.safetensors"))
+
+
+def _assert_same_run(storage: Storage, clean: dict, manifest: dict, job_id: str) -> None:
+    """The faulty run equals the clean one: every step trained once, the same losses, the same LoRA."""
+    m = manifest["metrics"]
+    assert m["steps_trained_once"] and [e["step"] for e in m["loss_curve"]] == list(range(1, 21))
+    clean_losses = [e["loss"] for e in clean["manifest"]["metrics"]["loss_curve"]]
+    assert np.allclose(clean_losses, [e["loss"] for e in m["loss_curve"]], atol=1e-5)
+    a, b = _lora(storage, "job-e2e"), _lora(storage, job_id)
+    assert set(a.layers) == set(b.layers)
+    for name in a.layers:
+        assert torch.allclose(a.layers[name].up, b.layers[name].up, atol=1e-5)
+        assert torch.allclose(a.layers[name].down, b.layers[name].down, atol=1e-5)
+
+
+def test_job_writes_a_complete_verified_lora(clean, store):
+    manifest, statuses = clean["manifest"], clean["statuses"]
+    storage = Storage.from_uri(store)
     prefix = lora_prefix("default", "job-e2e")
     assert storage.read_json(f"{prefix}/manifest.json") == json.loads(json.dumps(manifest, default=str))
     for name, sha in manifest["files"].items():
@@ -67,23 +126,141 @@ def test_job_writes_a_complete_verified_lora(ray_cluster, board, tmp_path):
     assert storage.read_json("jobs/job-e2e/status.json")["state"] == "done"
 
 
-def test_a_killed_worker_resumes_exactly(ray_cluster, board, tmp_path):
+@pytest.mark.reliability("faults")
+def test_a_killed_worker_resumes_exactly(clean, board, store):
     """Kill the worker process mid-step (after the step-10 checkpoint); Ray Train restarts it from that
     checkpoint; the final LoRA equals an uninterrupted run with the same seed and no step ran twice."""
-    clean = run_training_job(board, _cfg(tmp_path, "job-clean", steps=16, save_every=4))
-    killed = run_training_job(board, _cfg(tmp_path, "job-killed", steps=16, save_every=4, fail_at_step=11))
-    storage = Storage.from_uri(tmp_path)
+    killed = run_training_job(board, _cfg(store, "job-killed", fail_at_step=11, **FAULT_RUN))
+    storage = Storage.from_uri(store)
     assert storage.exists("jobs/job-killed/fault_injected_11")
-    assert killed["metrics"]["attempts"] == 2 and clean["metrics"]["attempts"] == 1
-    assert killed["metrics"]["steps_trained_once"]
-    steps = [e["step"] for e in killed["metrics"]["loss_curve"]]
-    assert steps == list(range(1, 17))
-    a = read_lora(storage.read_bytes(f"{lora_prefix('default', 'job-clean')}/lora.safetensors"))
-    b = read_lora(storage.read_bytes(f"{lora_prefix('default', 'job-killed')}/lora.safetensors"))
-    for name in a.layers:
-        assert torch.allclose(a.layers[name].up, b.layers[name].up, atol=1e-5)
-        assert torch.allclose(a.layers[name].down, b.layers[name].down, atol=1e-5)
-    assert np.allclose([e["loss"] for e in clean["metrics"]["loss_curve"]], [e["loss"] for e in killed["metrics"]["loss_curve"]], atol=1e-5)
+    assert killed["metrics"]["attempts"] == 2 and clean["manifest"]["metrics"]["attempts"] == 1
+    _assert_resumed_from(store, "job-killed", (5, 10))
+    _assert_same_run(storage, clean, killed, "job-killed")
+
+
+def _assert_resumed_from(store, job_id: str, checkpoints: tuple[int, ...]) -> None:
+    """Steps up to a checkpoint were trained by the first attempt and all later ones by the second: the run
+    resumed from that checkpoint (the latest one Ray Train had registered when the fault hit)."""
+    attempts = [e["attempt"] for e in _step_log(store, job_id)]
+    resumed_at = attempts.index(1) if 1 in attempts else None
+    assert resumed_at in checkpoints and attempts == [0] * resumed_at + [1] * (20 - resumed_at), attempts
+
+
+def _step_log(store, job_id: str) -> list[dict]:
+    """The final checkpoint's step log (step, loss, lr, attempt per trained step), from Ray Train's storage."""
+    runs = Path(store) / "ray_train" / job_id
+    states = sorted(runs.glob("checkpoint_*/state.json"), key=lambda p: json.loads(p.read_text())["step"])
+    assert states, f"no Ray Train checkpoint under {runs}"
+    return json.loads(states[-1].read_text())["log"]
+
+
+@pytest.mark.reliability("faults")
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(clean, board, store, fault_plan, tmp_path):
+    """The worker is killed half-way through writing its step-10 checkpoint (the bytes it had written are on
+    disk). The step-5 checkpoint is intact, the half-written file is never visible under its name or in a
+    listing, Ray Train resumes from step 5, and the job ends with the clean run's LoRA."""
+    storage = Storage.from_uri(store)
+    key = checkpoint_key("job-ckptkill", 10)
+    fired = tmp_path / "fired"
+    fault_plan.write_text(json.dumps({"kill_during_write": key, "fired": str(fired), "delay_s": 1.0}))
+    try:
+        manifest = run_training_job(board, _cfg(store, "job-ckptkill", **FAULT_RUN))
+    finally:
+        fault_plan.unlink()
+    assert fired.exists(), "the fault was not injected"
+    folder = storage.local_path("jobs/job-ckptkill/checkpoints")
+    leftovers = [p for p in folder.iterdir() if p.name.startswith(".tmp-") and p.name.endswith("step_000010.safetensors")]
+    full = storage.read_bytes(key)
+    assert leftovers and all(0 < p.stat().st_size < len(full) for p in leftovers)  # the crash left half a file...
+    assert storage.list("jobs/job-ckptkill/checkpoints") == [  # ...which no reader ever sees
+        f"jobs/job-ckptkill/checkpoints/step_{s:06d}.safetensors" for s in (5, 10, 15, 20)]
+    for step in (5, 10):  # the previous checkpoint intact, the rewritten one complete: both as in the clean run
+        a = read_lora(storage.read_bytes(checkpoint_key("job-ckptkill", step)))
+        b = read_lora(storage.read_bytes(checkpoint_key("job-e2e", step)))
+        assert a.meta["step"] == step and set(a.layers) == set(b.layers)
+        assert all(torch.allclose(a.layers[n].up, b.layers[n].up, atol=1e-6)
+                   and torch.allclose(a.layers[n].down, b.layers[n].down, atol=1e-6) for n in a.layers)
+    _assert_resumed_from(store, "job-ckptkill", (5,))  # the step-10 checkpoint was never reported
+    assert manifest["metrics"]["attempts"] == 2
+    _assert_same_run(storage, clean, manifest, "job-ckptkill")
+
+
+DRIVER = textwrap.dedent("""
+    import json, sys
+    import ray
+    from train.job import run_training_job
+    from train.recipe import TrainConfig
+
+    address, board, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    ray.init(address=address)
+    run_training_job(board, TrainConfig(**cfg))
+""")
+
+
+@pytest.mark.reliability("faults")
+def test_resubmitting_a_job_after_its_driver_died_resumes_it(clean, board, store):
+    """A driver process runs the job and is killed (SIGKILL) once the step-10 checkpoint is saved; submitting
+    the same job id again resumes from the latest checkpoint Ray Train registered and ends with the clean
+    run's LoRA."""
+    storage = Storage.from_uri(store)
+    cfg = _cfg(store, "job-driver", step_delay_s=0.4, **FAULT_RUN)  # slow steps: a wide window to kill the driver in
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(board), json.dumps(cfg.to_dict())],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            status = storage.read_json("jobs/job-driver/status.json") if storage.exists("jobs/job-driver/status.json") else {}
+            if status.get("state") == "training" and status.get("step", 0) >= 10:
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        assert status.get("step", 0) >= 10, status
+    finally:
+        driver.kill()  # the driver dies; Ray ends its job: the trainer and its workers go with it
+        driver.wait()
+    assert not storage.exists(f"{lora_prefix('default', 'job-driver')}/manifest.json")
+    manifest = run_training_job(board, _cfg(store, "job-driver", **FAULT_RUN))
+    _assert_resumed_from(store, "job-driver", (5, 10, 15))  # the resubmission trained only what was left
+    assert manifest["metrics"]["attempts"] == 2
+    _assert_same_run(storage, clean, manifest, "job-driver")
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from cluster.storage import Storage
+
+    def chunks():
+        for i in range(400):
+            yield bytes([i % 251]) * (256 * 1024)
+            if i == 3:
+                print("writing", flush=True)
+            time.sleep(0.01)
+
+    Storage.from_uri(sys.argv[1]).write_chunks("jobs/j/checkpoints/step_000010.safetensors", chunks())
+    print("finished", flush=True)
+""")
+
+
+@pytest.mark.reliability("faults")
+def test_storage_writes_survive_a_sigkill(tmp_path):
+    """A process killed (SIGKILL) while streaming a 100 MB checkpoint over an existing one: readers still get
+    the old file, whole, and the half-written bytes never appear under the name or in a listing."""
+    storage = Storage.from_uri(tmp_path)
+    key = "jobs/j/checkpoints/step_000010.safetensors"
+    old = b"previous checkpoint " * 5000
+    storage.write_bytes(key, old)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        time.sleep(0.3)
+    finally:
+        writer.kill()
+        writer.wait()
+    leftovers = [p for p in storage.local_path("jobs/j/checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert leftovers and leftovers[0].stat().st_size > 1024 * 1024  # it was killed mid-write
+    assert storage.read_bytes(key) == old
+    assert storage.list("jobs/j/checkpoints") == [key]
 
 
 def test_bad_refs_fail_before_anything_is_stored(ray_cluster, tmp_path):
