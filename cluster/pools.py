@@ -342,6 +342,14 @@ def serve_actor_options(
     return options
 
 
+def cluster_has_gpus(resources: dict | None = None) -> bool:
+    """Whether work should go to GPUs: the cluster's (a driver on a CPU head still has GPU workers) or this host's."""
+    import torch
+
+    resources = resources if resources is not None else ray.cluster_resources()
+    return resources.get("GPU", 0) > 0 or torch.cuda.is_available()
+
+
 def infer_task_options(num_gpus: float, num_cpus: float, **kwargs: Any) -> dict[str, Any]:
     """`.options(...)` for a plain Ray task/actor that belongs to the inference pool (contact sheets)."""
     return serve_actor_options(num_gpus, num_cpus, **kwargs)

@@ -101,11 +101,10 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     Submitting again with the same `job_id` after the driver died resumes from the last checkpoint
     (Ray Train restores a run with the same name and storage path).
     """
-    import torch
+    from cluster.pools import cluster_has_gpus
 
     if cfg.use_gpu is None:
-        # the cluster's GPUs, not the driver's: a driver on a CPU head still trains on the GPU workers
-        cfg.use_gpu = torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
+        cfg.use_gpu = cluster_has_gpus()
     cfg.job_id = check_job_id(cfg.job_id or new_job_id())
     if cfg.consis_lora and cfg.content_lora:
         raise JobError("content_lora is what consis_lora's first stage trains: give consis_lora or content_lora, not both")

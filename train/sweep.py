@@ -392,14 +392,6 @@ def training_concurrency(spec: SweepSpec, resources: dict | None = None) -> tupl
     return n, f"concurrency {n} = {slots:g} {TRAIN_RESOURCE} ÷ {per_job} GPU(s) per job"
 
 
-def _cluster_has_gpus(resources: dict | None = None) -> bool:
-    import ray
-    import torch
-
-    resources = resources if resources is not None else ray.cluster_resources()
-    return resources.get("GPU", 0) > 0 or torch.cuda.is_available()
-
-
 # -- samples on the inference pool ---------------------------------------------------------------------------
 _PIPELINES: dict[tuple[str, str], Any] = {}
 _PIPELINE_LOCK = threading.Lock()
@@ -577,6 +569,7 @@ def run_sweep(spec: SweepSpec, storage_uri: str | None = None, *, log: Callable[
     """
     import ray
 
+    from cluster.pools import cluster_has_gpus
     from cluster.storage import Storage
     from train.recipe import TrainConfig
 
@@ -586,7 +579,7 @@ def run_sweep(spec: SweepSpec, storage_uri: str | None = None, *, log: Callable[
     storage = Storage.from_uri(storage_uri)
     resources = ray.cluster_resources()
     concurrency, why = training_concurrency(spec, resources)
-    use_gpu = bool(spec.base["use_gpu"]) if spec.base.get("use_gpu") is not None else _cluster_has_gpus(resources)
+    use_gpu = bool(spec.base["use_gpu"]) if spec.base.get("use_gpu") is not None else cluster_has_gpus(resources)
     started = time.time()
     cells = spec.cells()
     log(f"sweep {spec.name}: {len(spec.boards)} board(s) × {len(spec.variants)} variant(s) = {len(cells)} cells; "
