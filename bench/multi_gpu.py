@@ -9,7 +9,12 @@ instead of a model folder), `klein.accel.prepare_for_training`, `train.optim.mak
 backward / `loss.item()` / clip / optimizer / scheduler.
 
 Phases: (1) one job on one GPU; (2) N one-GPU jobs at once; (3) one job with N workers (data parallel, each
-worker its own batch). Every worker reports where it runs (Ray node, CUDA_VISIBLE_DEVICES, torch device, GPU
+worker its own batch). DeepSpeed ZeRO phases run the loop's ZeRO path (`train.zero`: `deepspeed_config`,
+`partition_for_zero3`, `ZeroEngine`) with adamw, no compile, gradient checkpointing, against `ddp_plain` (DDP with
+the same settings): `zero2`, `zero3` on N GPUs; `zero3_cap` with every GPU capped at `--cap-gib` (a GPU smaller
+than the bf16 model, which DDP cannot use: `ddp_cap` shows the OOM); `zero3_offload_cap`: one capped GPU, the
+parameter shards in host memory. Under ZeRO-3 the random model is made on the GPU and moved to host memory
+before the cap is set and the model is sharded, as `train.loop` loads it from disk to host memory. Every worker reports where it runs (Ray node, CUDA_VISIBLE_DEVICES, torch device, GPU
 uuid) and its steps/s over a timed window that all jobs of a phase enter together (a barrier actor).
 Targets: (2) aggregate steps/s ≥ 0.9·N × (1); (3) samples/s ≥ 1.8 × (1) on 2 GPUs.
 Section "multi_gpu" of bench/results/<gpu>-<date>.json; the placement table is printed.
@@ -46,7 +51,9 @@ def parse_args():
     p.add_argument("--steps", type=int, default=20, help="timed steps per worker")
     p.add_argument("--cpu", action="store_true", help="CPU workers (gloo): logic check only")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--phases", default="single,concurrent,ddp", help="of single, concurrent, ddp, ddp_bf16")
+    p.add_argument("--phases", default="single,concurrent,ddp",
+                   help="of single, concurrent, ddp, ddp_bf16, ddp_plain, zero2, zero3, ddp_cap, zero3_cap, zero3_offload_cap")
+    p.add_argument("--cap-gib", type=float, default=16.0, help="per-GPU memory cap of the *_cap phases")
     p.add_argument("--section", default="multi_gpu")
     p.add_argument("--nccl-debug", action="store_true", help="NCCL_DEBUG=INFO in the workers (which transport)")
     return p.parse_args()
@@ -84,19 +91,41 @@ def bench_worker(config: dict) -> None:
 
     cfg = KLEIN9B if config["config"] == "klein9b" else TINY
     res, txt = (1024, 512) if config["config"] == "klein9b" else (128, 16)
+    zero_stage = config.get("zero")
 
     def load_random_transformer(source="tiny", dtype=torch.float32, device="cpu", cache_dir=None):
+        if torch.device(device).type == "cpu" and zero_stage == 3 and torch.cuda.is_available():
+            return build_transformer(cfg, "cuda", dtype).to("cpu")  # random init on the GPU is minutes faster
         return build_transformer(cfg, device, dtype)
 
     klein.model.load_transformer = load_random_transformer
-    tc = TrainConfig(model="random", steps=10_000, seed=0)
-    transformer = setup_transformer(tc, device)
-    accel = prepare_for_training(transformer, device, compile=False if config["no_compile"] else None)
+    plain = bool(zero_stage) or config.get("plain")  # adamw, no compile, checkpointing: ZeRO's settings
+    tc = TrainConfig(model="random", steps=10_000, seed=0, **(dict(optimizer="adamw", gradient_checkpointing=True, variant="custom",
+                     deepspeed_stage=zero_stage, deepspeed_offload=bool(config.get("offload"))) if plain else {}))
+    zero3 = zero_stage == 3
+    transformer = setup_transformer(tc, torch.device("cpu") if zero3 else device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        if config.get("cap_gib"):  # a smaller GPU: allocations beyond the cap fail as out-of-memory
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(config["cap_gib"] * 2**30 / total, device)
+    accel = prepare_for_training(transformer, device, compile=False if (config["no_compile"] or plain) else None)
+    engine = None
+    if zero_stage:
+        from train.zero import ZeroEngine, deepspeed_config, partition_for_zero3
+
+        ds_config = deepspeed_config(tc, device)
+        if zero3:
+            partition_for_zero3(transformer, ds_config, device)
     params = list(lora_parameters(transformer).values())
     optimizer = make_optimizer(params, tc, device)
     scheduler = make_lr_scheduler(optimizer, tc)
     model = transformer
-    if world > 1:
+    if zero_stage:
+        engine = ZeroEngine(transformer, params, optimizer, scheduler, tc, device, ds_config)
+        model = engine.model
+    elif world > 1:
         model = ray.train.torch.prepare_model(transformer, move_to_device=False,
                                               parallel_strategy_kwargs={"find_unused_parameters": False})
         if config.get("ddp_hook") == "bf16" and device.type == "cuda":  # gradients all-reduced in bf16 (half the bytes), applied in fp32
@@ -114,6 +143,9 @@ def bench_worker(config: dict) -> None:
     def step(s: int) -> float:
         x0, embeds, sigmas, noise, _ = make_batch(plan, data, s, rank, tc.caption_dropout_rate)
         loss = flow_matching_loss(model, x0, embeds, sigmas, noise, autocast)
+        if engine is not None:  # as train.loop does under ZeRO
+            engine.backward(loss)
+            return loss.item()
         loss.backward()
         value = loss.item()
         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
@@ -137,8 +169,20 @@ def bench_worker(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    save = None
+    if engine is not None:  # what a checkpoint costs under ZeRO: the LoRA gathered from the shards, the shards written
+        t1 = time.perf_counter()
+        lora = engine.full_lora(meta={})
+        gathered = time.perf_counter() - t1
+        with tempfile.TemporaryDirectory() as tmp:
+            t1 = time.perf_counter()
+            engine.save(Path(tmp))
+            written = time.perf_counter() - t1
+            size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+        save = {"gather_lora_s": round(gathered, 3), "save_shards_s": round(written, 3), "shard_mib": round(size / 2**20, 1),
+                "lora_layers": len(lora.layers)}
     allreduce = None
-    if world > 1 and device.type == "cuda":  # the gradient all-reduce alone: LoRA-sized float32 buffer
+    if world > 1 and device.type == "cuda" and engine is None:  # the gradient all-reduce alone: LoRA-sized float32 buffer
         import torch.distributed as dist
 
         buf = torch.ones(sum(p.numel() for p in params), device=device)
@@ -152,7 +196,8 @@ def bench_worker(config: dict) -> None:
         allreduce = {"mib": round(buf.numel() * 4 / 2**20), "ms": round((time.perf_counter() - t1) / 5 * 1000, 2)}
         del buf
     result = dict(placement, steps=config["steps"], timed_s=round(elapsed, 3), steps_per_s=round(config["steps"] / elapsed, 4),
-                  allreduce=allreduce, ddp_hook=config.get("ddp_hook"),
+                  allreduce=allreduce, ddp_hook=config.get("ddp_hook"), zero=zero_stage, offload=bool(config.get("offload")),
+                  cap_gib=config.get("cap_gib"), checkpoint=save,
                   warmup_s=round(warm_s, 2), last_loss=loss, levers=accel["levers"] + [type(optimizer).__name__],
                   peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
     Path(config["out_dir"], f"{config['job']}-rank{rank}.json").write_text(json.dumps(result))
@@ -180,6 +225,17 @@ def make_barrier(name: str, parties: int):
     return Barrier.options(name=name, namespace="klein-bench", lifetime="detached").remote(parties)
 
 
+# what the ZeRO phases set in the worker (the job's name is "<phase>-<i>")
+PHASE_OPTIONS = {
+    "ddp_plain": {"plain": True},
+    "ddp_cap": {"plain": True, "cap_gib": True},
+    "zero2": {"zero": 2},
+    "zero3": {"zero": 3},
+    "zero3_cap": {"zero": 3, "cap_gib": True},
+    "zero3_offload_cap": {"zero": 3, "offload": True, "cap_gib": True},
+}
+
+
 def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: dict) -> None:
     """One training job exactly as train.job._fit submits it (queue turn, queued loop, pool scaling config)."""
     try:
@@ -191,6 +247,9 @@ def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: di
         config = {"job": job, "config": args.config, "use_gpu": not args.cpu, "warmup": args.warmup, "steps": args.steps,
                   "out_dir": out_dir, "barrier": barrier, "no_compile": args.no_compile, "paths": [str(REPO), str(BENCH)],
                   "ddp_hook": "bf16" if job.startswith("ddpbf16") else None}
+        config.update(PHASE_OPTIONS.get(job.rsplit("-", 1)[0], {}))
+        if config.get("cap_gib"):
+            config["cap_gib"] = args.cap_gib
         trainer = TorchTrainer(
             queued_train_loop(bench_worker, job),
             train_loop_config=config,
@@ -280,6 +339,11 @@ def main():
         if "ddp_bf16" in phases and n > 1:  # the same job, gradients all-reduced in bf16
             R["phases"]["ddp_bf16"] = run_phase("ddp_bf16", [("ddpbf16-0", n)], args, out_dir)
             save_section(device, tiny, args.section, R)
+        for phase in ("ddp_plain", "zero2", "zero3", "ddp_cap", "zero3_cap", "zero3_offload_cap"):
+            if phase in phases:
+                workers = 1 if phase == "zero3_offload_cap" else n
+                R["phases"][phase] = run_phase(phase, [(f"{phase}-0", workers)], args, out_dir)
+                save_section(device, tiny, args.section, R)
     finally:
         finish(R, device, env, tiny, n, args.section)
         ray.shutdown()
@@ -318,6 +382,8 @@ def finish(R, device, env, tiny, n, section="multi_gpu"):
             rows.append({"phase": ph, "job": w["job"], "rank": f"{w['rank']}/{w['world_size']}", "node": w["node_id"],
                          "cvd": str(w["CUDA_VISIBLE_DEVICES"]), "dev": w["device"], "uuid": str(w.get("gpu_uuid", "-"))[:18],
                          "sps": w["steps_per_s"], "peak": w.get("peak_gib")})
+            if w.get("checkpoint"):
+                print(f"checkpoint {ph} rank {w['rank']}: {w['checkpoint']}", flush=True)
         for job, err in data.get("errors", {}).items():
             rows.append({"phase": ph, "job": job, "rank": "FAILED", "node": err[:60]})
     print_table(f"placement and steps/s, {R['what']} on {env['gpu']} x{n}", rows,

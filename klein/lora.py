@@ -95,13 +95,19 @@ class LoraWeights:
     layers: dict[str, LoraLayer]
     meta: dict = field(default_factory=dict)  # preset, base_model, trigger, source format, ...
 
+    # the most common rank/alpha over the layers; a tie goes to the larger value, never to the layer order
     @property
     def rank(self) -> int:
-        return Counter(l.rank for l in self.layers.values()).most_common(1)[0][0]
+        return _most_common(l.rank for l in self.layers.values())
 
     @property
     def alpha(self) -> float:
-        return Counter(l.alpha for l in self.layers.values()).most_common(1)[0][0]
+        return _most_common(l.alpha for l in self.layers.values())
+
+
+def _most_common(values):
+    counts = Counter(values)
+    return max(counts, key=lambda value: (counts[value], value))
 
 
 # -- targets ---------------------------------------------------------------------------------------------
@@ -126,12 +132,16 @@ def lora_config(transformer, rank: int = 32, alpha: float = 32, preset: str = "a
 
 
 # -- adapters in a live transformer ----------------------------------------------------------------------
-def extract_lora(transformer, adapter_name: str = "default", meta: dict | None = None) -> LoraWeights:
-    """The canonical weights of a peft adapter living in `transformer` (copied to CPU float32)."""
+def extract_lora(transformer, adapter_name: str = "default", meta: dict | None = None,
+                 state_dict: dict | None = None) -> LoraWeights:
+    """The canonical weights of a peft adapter living in `transformer` (copied to CPU float32).
+
+    `state_dict` (parameter name → tensor) replaces the module's own tensors, for weights that live
+    elsewhere: under DeepSpeed ZeRO the real values are the optimizer's gathered fp32 master shards."""
     from peft.utils import get_peft_model_state_dict
 
     config = transformer.peft_config[adapter_name]
-    state = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    state = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=adapter_name)
     layers = {}
     for key, tensor in state.items():
         if key.endswith(".lora_A.weight"):
@@ -193,10 +203,10 @@ def to_diffusers_state(lora: LoraWeights) -> tuple[dict[str, torch.Tensor], dict
     for name, layer in lora.layers.items():
         state[f"transformer.{name}.lora_A.weight"] = layer.down.contiguous()
         state[f"transformer.{name}.lora_B.weight"] = layer.up.contiguous()
-    rank, alpha = lora.rank, lora.alpha
+    rank, alpha = lora.rank, float(lora.alpha)  # float: alpha 4 and 4.0 are the same LoRA (and the same bytes)
     metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(lora.layers)}
     rank_pattern = {n: l.rank for n, l in lora.layers.items() if l.rank != rank}
-    alpha_pattern = {n: l.alpha for n, l in lora.layers.items() if l.alpha != alpha}
+    alpha_pattern = {n: float(l.alpha) for n, l in lora.layers.items() if l.alpha != alpha}
     if rank_pattern:
         metadata["rank_pattern"] = rank_pattern
     if alpha_pattern:
@@ -204,16 +214,52 @@ def to_diffusers_state(lora: LoraWeights) -> tuple[dict[str, torch.Tensor], dict
     return state, metadata
 
 
+def _json_default(value):
+    """JSON for meta values json cannot write, independent of set order and hash seeds."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=lambda v: json.dumps(v, sort_keys=True, default=_json_default))
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+def _meta_json(meta: dict) -> str:
+    return json.dumps(meta, sort_keys=True, default=_json_default)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """`safetensors.torch.save`, byte-deterministic: the same tensors and metadata always give the same bytes.
+
+    safetensors keeps `__metadata__` in a Rust HashMap, whose order changes from one call to the next (so
+    the header, and the file's sha256, did too). Its tensor entries are in a fixed order (dtype, then name),
+    so the file is saved without metadata and `__metadata__` is put back into the header with sorted keys.
+    Data offsets count from the end of the header, so the tensor bytes stay as they are.
+    """
+    raw = st_save(tensors)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}, **header}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors does: the data starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + raw[8 + size :]
+
+
 def lora_to_bytes(lora: LoraWeights, dtype: torch.dtype = torch.float32) -> bytes:
-    """Our `.safetensors` (diffusers keys + metadata) as bytes, to be written atomically by storage."""
+    """Our `.safetensors` (diffusers keys + metadata) as bytes, to be written atomically by storage.
+
+    Deterministic: the same LoRA (whatever the order of its layers or meta) always gives the same bytes."""
     check_finite(lora, "the LoRA to save")
     state, adapter_meta = to_diffusers_state(lora)
     header = {
         "format": "pt",
         ADAPTER_METADATA_KEY: json.dumps({f"transformer.{k}": v for k, v in adapter_meta.items()}, sort_keys=True),
-        OUR_METADATA_KEY: json.dumps({"format_version": LORA_FORMAT_VERSION, "rank": lora.rank, "alpha": lora.alpha, **lora.meta}, sort_keys=True, default=str),
+        OUR_METADATA_KEY: _meta_json({"format_version": LORA_FORMAT_VERSION, "rank": lora.rank,
+                                      "alpha": float(lora.alpha), **lora.meta}),
     }
-    return st_save({k: v.to(dtype) for k, v in state.items()}, metadata=header)
+    return safetensors_bytes({k: v.to(dtype) for k, v in state.items()}, header)
 
 
 def save_lora(lora: LoraWeights, path: str | os.PathLike) -> Path:
@@ -429,8 +475,8 @@ def export_lora(lora: LoraWeights, fmt: str) -> bytes:
             state[f"{key}.alpha"] = torch.tensor(layer.alpha)
         else:
             raise LoraError(f"unknown export format {fmt!r}; choose comfyui, ai-toolkit or kohya")
-    meta = {"format": "pt", OUR_METADATA_KEY: json.dumps({**lora.meta, "exported_as": fmt}, sort_keys=True, default=str)}
-    return st_save({k: v.contiguous().float() for k, v in state.items()}, metadata=meta)
+    meta = {"format": "pt", OUR_METADATA_KEY: _meta_json({**lora.meta, "exported_as": fmt})}
+    return safetensors_bytes({k: v.contiguous().float() for k, v in state.items()}, meta)
 
 
 def lora_delta_close(a: LoraWeights, b: LoraWeights, atol: float = 1e-6) -> bool:

@@ -192,6 +192,7 @@ def _procedural_batch(rng: np.random.Generator, n: int, size: int) -> torch.Tens
     return torch.from_numpy(imgs)
 
 
+@torch.enable_grad()  # the preset may first be built inside a caller's no_grad (train.cache.build_cache)
 def _fit_tiny_vae(vae, seed: int, steps: int = 300, size: int = 32, batch: int = 16) -> None:
     """Seeded reconstruction training so the tiny VAE is an actual autoencoder (see module docstring)."""
     torch.manual_seed(seed)

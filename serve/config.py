@@ -12,6 +12,10 @@ class ServeConfigError(ValueError):
     """An unknown or invalid serve option; the message names it."""
 
 
+ACCEL_MODES = ("auto", "off", "exact", "fast")  # "exact"/"fast" are klein.accel.INFERENCE_MODES
+KLORA_SCORES_ON = ("auto", "fusion", "generator")
+
+
 def _default_storage() -> str:
     return os.environ.get("KLEIN_STORAGE", str(Path.home() / ".cache" / "klein-style" / "storage"))
 
@@ -33,6 +37,9 @@ class ServeConfig:
     # True: one pipeline call per batch group (faster on GPU, but not bit-identical to single calls on
     # CPU BLAS); False: the group shares one adapter activation and runs item by item (exact).
     batch_forward: bool = False
+    # generator inference acceleration (klein.accel): "auto" ("exact" on CUDA, "off" on CPU), "off" (peft
+    # adapters, stock pipeline), "exact" (fused LoRAs, compiled blocks, CFG batch 2), "fast" (also fp8 + step caching)
+    accel: str = "auto"
     # tenancy. The rate limit is per tenant and cluster-wide: one `RateLimiter` replica holds the token
     # buckets for every ingress replica (serve/tenants.py); `tenant_rate_limits` overrides it per tenant,
     # {tenant: {"per_s": 2, "burst": 10}}. `shared_rate_limit: false` keeps buckets per ingress replica.
@@ -63,6 +70,9 @@ class ServeConfig:
     klora_beta: float = 0.5
     klora_gamma: float = 1.0
     fusion_cache_size: int = 32
+    # who computes K-LoRA's per-layer scores: "auto" = the Fusion replica if it holds a GPU or the generator
+    # has none (`device` not cuda), else the generator on its GPU; "fusion" or "generator" force it
+    klora_scores_on: str = "auto"
 
     @classmethod
     def from_any(cls, config: "ServeConfig | dict | None") -> "ServeConfig":
@@ -84,6 +94,11 @@ class ServeConfig:
             raise ServeConfigError("max_loras_per_replica must be at least 1")
         if self.gemini not in ("auto", "on", "off"):
             raise ServeConfigError(f"gemini must be auto, on or off, got {self.gemini!r}")
+        if self.accel not in ACCEL_MODES:
+            raise ServeConfigError(f"accel must be one of {', '.join(ACCEL_MODES)}, got {self.accel!r}")
+        if self.klora_scores_on not in KLORA_SCORES_ON:
+            raise ServeConfigError(f"klora_scores_on must be one of {', '.join(KLORA_SCORES_ON)}, "
+                                   f"got {self.klora_scores_on!r}")
         if self.max_upload_bytes < 1:
             raise ServeConfigError("max_upload_bytes must be positive")
         if self.rate_limit_per_s <= 0 or self.rate_limit_burst < 1:

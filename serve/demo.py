@@ -8,16 +8,11 @@ pixels as the in-process pipeline for the same request (the text stage is off, s
 from __future__ import annotations
 
 import io
-import socket
 from pathlib import Path
 
 import numpy as np
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.ports import free_port
 
 
 def demo_http_generate(cfg, manifest: dict, out: Path, prompt: str, seed: int, steps: int, side: int, expected=None) -> str:
@@ -31,7 +26,7 @@ def demo_http_generate(cfg, manifest: dict, out: Path, prompt: str, seed: int, s
     from serve.tenants import create_api_key
 
     storage = Storage.from_uri(cfg.storage)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"storage": storage.uri, "model": cfg.model, "gemini": "off"}), name=APP_NAME, route_prefix="/")

@@ -16,6 +16,11 @@ The top-k sums need each layer's ΔW once. `klora_layer_scores` builds them batc
 and rank in one `bmm`, in chunks), on the GPU when there is one, and finds each top-k sum exactly without a
 full top-k over ΔW: the k largest |entries| lie in the k blocks (of `KLORA_BLOCK` consecutive entries) with
 the largest block maxima, so one min/max pass over ΔW and a top-k over k blocks suffice (bench/fusion.py).
+
+Where the scores are computed (`klora_scores_on`, `scores_place`): a Fusion replica that holds no GPU
+while the generator runs on CUDA hands them to the generator (`{"scores": None}`: the generator computes
+them on its GPU from the resident adapters and caches them per adapter set), since at 9B they take tens of
+seconds on a CPU. A Fusion replica with a GPU of its own, or a CPU-only service, computes them here.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from klein.lora import LoraLayer, LoraWeights
+from serve.config import KLORA_SCORES_ON
 
 log = logging.getLogger("klein.serve.fusion")
 
@@ -263,10 +269,13 @@ class FusionService:
     (weights do not change them, so they are cached by contents only).
     """
 
-    def __init__(self, storage, cache_size: int = 32, device=None):
+    def __init__(self, storage, cache_size: int = 32, device=None, scores_on: str = "fusion"):
+        if scores_on not in ("fusion", "generator"):
+            raise FusionError(f"scores_on must be fusion or generator, got {scores_on!r}")
         self.storage = storage
         self.cache = LruCache(cache_size)
         self.device = device  # K-LoRA scores: None = the GPU if this process has one
+        self.scores_on = scores_on  # "generator": K-LoRA scores are left to the generator (see `scores_place`)
 
     def _read(self, specs: list[dict]) -> list[LoraWeights]:
         from klein.lora import read_lora
@@ -291,13 +300,41 @@ class FusionService:
         return {**result, "cached": False}
 
     def klora_scores(self, specs: list[dict]) -> dict:
+        """{"scores", "cached", "scores_on"}; scores None means: the generator computes them (on its GPU)."""
+        if not 2 <= len(specs) <= KLORA_MAX_LORAS:
+            raise FusionError(f"K-LoRA fuses 2 to {KLORA_MAX_LORAS} LoRAs, got {len(specs)}")
+        if self.scores_on == "generator":
+            return {"scores": None, "cached": False, "scores_on": "generator"}
         key = fusion_cache_key([s["sha256"] for s in specs], [1.0] * len(specs), "klora")
         cached = self.cache.get(("klora", key))
         if cached is not None:
-            return {"scores": cached, "cached": True}
+            return {"scores": cached, "cached": True, "scores_on": "fusion"}
         scores = klora_layer_scores(self._read(specs), self.device)
         self.cache.put(("klora", key), scores)
-        return {"scores": scores, "cached": False}
+        return {"scores": scores, "cached": False, "scores_on": "fusion"}
+
+
+def scores_place(klora_scores_on: str, holds_gpu: bool, generator_device: str) -> str:
+    """Where a Fusion replica leaves K-LoRA scores: "fusion" (computed in the replica) or "generator".
+
+    "auto": in the replica if it holds a GPU, or if the generator has none either (CPU-only setups, tests);
+    otherwise by the generator, on its GPU. A replica without a GPU of its own never computes on a GPU it
+    merely sees (Ray leaves every GPU of the node visible to actors that reserved none).
+    """
+    if klora_scores_on not in KLORA_SCORES_ON:
+        raise FusionError(f"klora_scores_on must be one of {', '.join(KLORA_SCORES_ON)}, got {klora_scores_on!r}")
+    if klora_scores_on != "auto":
+        return klora_scores_on
+    if holds_gpu or not str(generator_device).startswith("cuda"):
+        return "fusion"
+    return "generator"
+
+
+def _holds_gpu() -> bool:
+    """Whether this process (a Serve replica) was given a GPU by Ray."""
+    import ray
+
+    return ray.is_initialized() and bool(ray.get_gpu_ids())
 
 
 # -- the Serve deployment ----------------------------------------------------------------------------------
@@ -311,7 +348,13 @@ class Fusion:
         from serve.config import ServeConfig
 
         cfg = ServeConfig.from_any(config)
-        self.service = FusionService(Storage.from_uri(cfg.storage), cfg.fusion_cache_size)
+        holds_gpu = _holds_gpu()
+        place = scores_place(cfg.klora_scores_on, holds_gpu, cfg.device)
+        # without a GPU of its own the replica computes on the CPU, not on a GPU of the node it did not reserve
+        self.service = FusionService(Storage.from_uri(cfg.storage), cfg.fusion_cache_size,
+                                     device=None if holds_gpu else "cpu", scores_on=place)
+        log.info("K-LoRA scores: computed by the %s (this replica %s a GPU, the generator runs on %s)",
+                 place, "holds" if holds_gpu else "holds no", cfg.device)
 
     async def linear(self, specs: list[dict]) -> dict:
         import asyncio

@@ -313,7 +313,8 @@ class Generator:
         self.config = ServeConfig.from_any(config)
         storage = Storage.from_uri(self.config.storage)
         self.core = KleinGenerator(self.config.model, self.config.device, self.config.max_side, storage,
-                                   (self.config.klora_alpha, self.config.klora_beta, self.config.klora_gamma))
+                                   (self.config.klora_alpha, self.config.klora_beta, self.config.klora_gamma),
+                                   accel=self.config.accel)
         # the decorators' numbers are placeholders: the config decides (the multiplex limit is applied once
         # Serve has created its wrapper, see `_adapter_set`)
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)

@@ -314,9 +314,9 @@ MAX_PICTURE_PIXELS = 64_000_000
 
 def _checked_picture(label: str, data: bytes) -> bytes:
     """An uploaded picture decoded and converted to an RGB PNG, or a 422 naming what is wrong with it."""
-    from train.dataset import FileProblem, _decode_image
+    from train.dataset import FileProblem, decode_image
 
-    result = _decode_image(label, data, MAX_PICTURE_PIXELS)
+    result = decode_image(label, data, MAX_PICTURE_PIXELS)
     if isinstance(result, FileProblem):
         raise ApiError(422, str(result), "images")
     buffer = io.BytesIO()
@@ -687,8 +687,9 @@ class Ingress:
             if len(loras) > 3:
                 raise ApiError(422, "K-LoRA fuses 2 or 3 LoRAs; use fusion=linear for more", "loras")
             result = await self._downstream(lambda: self.fusion.klora_scores.remote(specs), "fusion stage", left and left())
+            # scores None: the generator computes them on its GPU (serve/fusion.py, `scores_place`)
             return adapter_set_id(loras), [l["weight"] for l in loras], {"scores": result["scores"]}, \
-                {"method": "klora", "cached": result["cached"]}
+                {"method": "klora", "cached": result["cached"], "scores_on": result.get("scores_on", "fusion")}
         result = await self._downstream(lambda: self.fusion.linear.remote(specs), "fusion stage", left and left())
         return adapter_set_id([result]), [1.0], None, {"method": "linear", "cached": result["cached"], "rank": result["rank"]}
 

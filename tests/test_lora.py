@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +187,47 @@ def test_nan_weights_are_refused():
 def test_unknown_key_format_is_named():
     with pytest.raises(L.LoraError, match="unrecognised LoRA key format"):
         L.read_lora(st_save({"foo.weight": torch.zeros(2, 2)}))
+
+
+def _built_lora(layer_order, meta_items) -> L.LoraWeights:
+    """A LoRA with mixed ranks (a tie: two layers of rank 2, two of rank 4) built from seeded tensors."""
+    gen = torch.Generator().manual_seed(7)
+    specs = {f"transformer_blocks.{i}.attn.to_q": (2 if i < 2 else 4) for i in range(4)}
+    made = {name: L.LoraLayer(down=torch.randn(r, 8, generator=gen), up=torch.randn(8, r, generator=gen), alpha=r)
+            for name, r in specs.items()}
+    return L.LoraWeights(layers={name: made[name] for name in layer_order}, meta=dict(meta_items))
+
+
+def test_lora_bytes_are_deterministic(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    names = [f"transformer_blocks.{i}.attn.to_q" for i in range(4)]
+    meta = [("trigger", "zxy_test"), ("preset", "all"), ("base_model", "tiny"), ("tags", {"b", "a", "c"}),
+            ("train", {"steps": 10, "lr": 1e-4})]
+    first = _built_lora(names, meta)
+    again = [L.lora_to_bytes(first) for _ in range(8)]  # safetensors' metadata map changed order call to call
+    rebuilt = L.lora_to_bytes(_built_lora(names[::-1], meta[::-1]))
+    reordered_nested = L.lora_to_bytes(_built_lora(names, meta[:-1] + [("train", {"lr": 1e-4, "steps": 10})]))
+    assert len({*again, rebuilt, reordered_nested}) == 1
+    data = again[0]
+    assert L.read_lora(data).rank == 4 and L.read_lora(data).meta["tags"] == ["a", "b", "c"]
+    assert len(data[8:8 + int.from_bytes(data[:8], "little")]) % 8 == 0
+    # and in another process, with another hash seed (set order), the same bytes
+    path = tmp_path / "lora.sha"
+    code = ("import sys, hashlib; sys.path[:0] = [sys.argv[1]]; import tests.test_lora as t; "
+            "names = [f'transformer_blocks.{i}.attn.to_q' for i in range(4)]; "
+            "meta = [('trigger', 'zxy_test'), ('preset', 'all'), ('base_model', 'tiny'), ('tags', {'c', 'a', 'b'}), "
+            "('train', {'steps': 10, 'lr': 1e-4})]; "
+            "open(sys.argv[2], 'w').write(hashlib.sha256(t.L.lora_to_bytes(t._built_lora(names, meta))).hexdigest())")
+    root = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code, root, str(path)], check=True, env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert path.read_text() == hashlib.sha256(data).hexdigest()
+
+
+def test_exported_lora_bytes_are_deterministic(trained_like):
+    lora = trained_like[0]
+    shuffled = L.LoraWeights(layers=dict(reversed(list(lora.layers.items()))), meta=dict(reversed(list(lora.meta.items()))))
+    for fmt in ("comfyui", "kohya"):
+        assert L.export_lora(lora, fmt) == L.export_lora(lora, fmt) == L.export_lora(shuffled, fmt)

@@ -116,3 +116,17 @@ def test_components_subset_loads_only_the_transformer():
     pipe = load_pipeline("tiny", components=("transformer",))
     assert pipe.transformer is not None and pipe.vae is None and pipe.text_encoder is None
     assert next(pipe.transformer.parameters()).dtype == torch.float32
+
+
+def test_the_tiny_vae_fit_runs_inside_a_callers_no_grad():
+    """The preset's first build can happen inside train.cache.build_cache (a no_grad function) on a fresh machine."""
+    from diffusers import AutoencoderKLFlux2
+
+    from klein.tiny import TINY_VAE, _fit_tiny_vae
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(**TINY_VAE)
+    before = [p.detach().clone() for p in vae.parameters()]
+    with torch.no_grad():
+        _fit_tiny_vae(vae, seed=1, steps=2, batch=2)
+    assert any(not torch.equal(a, b) for a, b in zip(before, vae.parameters()))

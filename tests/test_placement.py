@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE
 from ray.cluster_utils import Cluster
 
 from cluster import pools
+from cluster.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
@@ -55,12 +55,6 @@ pytestmark = pytest.mark.timeout(300)
 
 
 # --- the cluster -------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_autoscaling_config(gcs_address: str) -> dict:
@@ -138,7 +132,7 @@ def fake_cluster(tmp_path_factory):
     if ray.is_initialized():  # a module before us left Ray running in this process
         ray.shutdown()
     tmp = tmp_path_factory.mktemp("fake-cluster")
-    port = _free_port()
+    port = free_port()
     gcs_address = f"{ray._private.services.get_node_ip_address()}:{port}"
     config_path = tmp / "autoscaling.json"
     config_path.write_text(json.dumps(fake_autoscaling_config(gcs_address)))

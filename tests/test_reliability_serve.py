@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +32,8 @@ import bad_inputs
 import bad_inputs_http
 import reliability
 from gemini_server import Action, GeminiProtocolServer, error_body
+
+from cluster.ports import free_port
 
 APP = "klein-style-rel"
 GEMINI_SECRET = "AIzaSy-test-secret-" + os.urandom(8).hex()  # a fake key that must never show up anywhere
@@ -55,12 +56,6 @@ DEPLOYMENTS = {"Ingress": {"num_replicas": 2}, "Generator": {"max_queued_request
 GEN = {"prompt": "a house", "steps": 2, "guidance": 1.0, "use_gemini": "off"}
 TENANTS = ("acme", "globex", "hammer", "loadtest", "burst")
 RESPONSES: list[str] = []  # every answer body and header seen, for the secret scan at the end
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _auth(key: str) -> dict:
@@ -113,7 +108,7 @@ def service(tmp_path_factory, gemini, tiny_dir):
 
     root = tmp_path_factory.mktemp("rel-storage")
     storage = Storage.from_uri(root)
-    port = _free_port()
+    port = free_port()
     env = {"GEMINI_API_KEY": GEMINI_SECRET, "GEMINI_BASE_URL": gemini.base_url, "KLEIN_GEMINI_MAX_RETRIES": "0",
            "KLEIN_GEMINI_TIMEOUT_S": "5"}
     saved = {k: os.environ.get(k) for k in env}

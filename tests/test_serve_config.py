@@ -39,3 +39,40 @@ def test_cli_strings_are_coerced_and_unknown_options_refused(tmp_path):
     with pytest.raises(ServeConfigError):
         ServeConfig.from_any({"max_side": 100})
     assert ServeConfig(model="tiny").side_default == 64 and ServeConfig(model="/models/klein").side_default == 2048
+
+
+def _bound(app, name: str):
+    """The bound deployment called `name` in a built app (the ingress and what it was bound with)."""
+    ingress = app._bound_deployment
+    if ingress.name == name:
+        return ingress
+    return next(a._bound_deployment for a in ingress.init_args if hasattr(a, "_bound_deployment")
+                and a._bound_deployment.name == name)
+
+
+def test_accel_is_validated_and_reaches_the_generator(tmp_path, monkeypatch):
+    with pytest.raises(ServeConfigError, match=r"accel must be one of auto, off, exact, fast, got 'turbo'"):
+        build_app({"storage": str(tmp_path), "accel": "turbo"})
+    assert ServeConfig().accel == "auto"
+    generator = _bound(build_app({"storage": str(tmp_path), "accel": "exact"}), "Generator")
+    assert generator.init_args[0]["accel"] == "exact"
+
+    # and the deployment hands it to KleinGenerator
+    import serve.generator as generator_module
+
+    seen = {}
+
+    class FakeKleinGenerator:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(generator_module, "KleinGenerator", FakeKleinGenerator)
+    generator.func_or_class(generator.init_args[0])
+    assert seen["accel"] == "exact"
+
+
+def test_accel_modes_match_the_generator():
+    from klein.accel import INFERENCE_MODES
+    from serve.config import ACCEL_MODES
+
+    assert set(ACCEL_MODES) == {"auto", "off", *INFERENCE_MODES}

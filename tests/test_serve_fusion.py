@@ -1,7 +1,5 @@
 """Fusion math without Ray: the linear merge is exact; K-LoRA picks per the paper's formula."""
 
-import math
-
 import pytest
 import torch
 
@@ -146,3 +144,43 @@ def test_klora_scores_batched_equal_the_per_layer_reference_on_larger_layers():
     for name in shapes:
         for i, lora in enumerate(loras):
             assert scores[name][i] == pytest.approx(topk_abs_sum(lora.layers[name], 48), rel=1e-5)
+
+
+def test_klora_scores_go_to_the_generator_only_when_fusion_has_no_gpu_and_the_generator_has_one():
+    from serve.fusion import scores_place
+
+    assert scores_place("auto", holds_gpu=False, generator_device="cuda") == "generator"
+    assert scores_place("auto", holds_gpu=False, generator_device="cuda:0") == "generator"
+    assert scores_place("auto", holds_gpu=True, generator_device="cuda") == "fusion"  # a Fusion GPU of its own
+    assert scores_place("auto", holds_gpu=False, generator_device="cpu") == "fusion"  # the CPU-only setup
+    assert scores_place("fusion", holds_gpu=False, generator_device="cuda") == "fusion"
+    assert scores_place("generator", holds_gpu=True, generator_device="cpu") == "generator"
+    with pytest.raises(FusionError, match="klora_scores_on must be one of auto, fusion, generator"):
+        scores_place("gpu", holds_gpu=False, generator_device="cpu")
+
+
+def test_fusion_service_leaves_klora_scores_to_the_generator(tmp_path):
+    from cluster.storage import Storage
+
+    # the files are not even read: the generator reads them (sha256-checked) and scores its resident adapters
+    specs = [{"id": f"l{i}", "key": f"missing{i}.safetensors", "sha256": "0" * 64, "weight": 1.0} for i in range(2)]
+    service = FusionService(Storage.from_uri(tmp_path), scores_on="generator")
+    assert service.klora_scores(specs) == {"scores": None, "cached": False, "scores_on": "generator"}
+    with pytest.raises(FusionError, match="2 to 3"):
+        service.klora_scores(specs[:1])
+
+
+def test_fusion_deployment_picks_where_scores_are_computed(tmp_path):
+    from serve.config import ServeConfig, ServeConfigError
+    from serve.fusion import Fusion
+
+    def service(**config):
+        return Fusion.func_or_class({"storage": str(tmp_path), **config}).service
+
+    # without Ray (and so without a GPU of its own) the replica computes on the CPU unless the generator has CUDA
+    tiny = service()
+    assert (tiny.scores_on, tiny.device) == ("fusion", "cpu")
+    assert service(device="cuda").scores_on == "generator"
+    assert service(device="cuda", klora_scores_on="fusion").scores_on == "fusion"
+    with pytest.raises(ServeConfigError, match="klora_scores_on must be one of auto, fusion, generator, got 'gpu'"):
+        ServeConfig.from_any({"klora_scores_on": "gpu"})

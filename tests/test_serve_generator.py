@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cluster.storage import Storage
-from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.generate import generate_image, set_active_loras
 from klein.lora import lora_to_bytes
 from serve.fusion import klora_layer_scores
 from serve.generator import GenerateItem, KleinGenerator, adapter_set_id, parse_adapter_set_id
@@ -113,7 +113,7 @@ def test_fused_generator_switches_sets_and_matches_the_adapter_generator(gen, fu
     base_params = fused_gen.parameter_count()
     loras = [random_lora(fused_gen.pipe.transformer, rank=4, scale=0.08, seed=s) for s in (11, 12)]
     ids = []
-    for i, lora in enumerate(loras):  # the same bytes in both storages (safetensors' header order varies per save)
+    for i, lora in enumerate(loras):  # the same bytes (one sha256) in both storages
         data = lora_to_bytes(lora)
         shas = {g.storage.write_bytes(f"sw{i}.safetensors", data) for g in (gen, fused_gen)}
         ids.append(adapter_set_id([{"key": f"sw{i}.safetensors", "sha256": shas.pop()}]))

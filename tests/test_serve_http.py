@@ -15,15 +15,9 @@ import pytest
 import reliability  # the ledger plugin's own module (tests/ is on sys.path)
 from PIL import Image
 
-def _free_port() -> int:
-    import socket
+from cluster.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-PORT = _free_port()  # other Serve instances may run on this machine at the same time
+PORT = free_port()  # not Serve's fixed 8000: other Serve instances may run on this machine at the same time
 APP = "klein-style-test"
 TRAIN_OVERRIDES = {"steps": 20, "save_every": 10, "lr": 2e-3, "resolution": 64, "sample_prompts": ["a house"],
                    "sample_steps": 4}
@@ -246,6 +240,7 @@ def test_klora_fusion_runs_and_mixes(http, service, synthetic):
     key = service["keys"]["acme"]
     data, png = _generate(http, key, loras=[{"id": "syn-a1"}, {"id": "syn-a3"}], fusion="klora")
     assert data["fusion"]["method"] == "klora"
+    assert data["fusion"]["scores_on"] == "fusion"  # CPU-only service: the Fusion replica scores them itself
     _, single1 = _generate(http, key, lora_id="syn-a1")
     _, base = _generate(http, key)
     assert not np.array_equal(_pixels(png), _pixels(base))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import socket
 
 import pyarrow.fs as pafs
 import pytest
 
+from cluster.ports import free_port
 from cluster.storage import (
     MANIFEST_NAME,
     IntegrityError,
@@ -21,19 +21,13 @@ from cluster.storage import (
 BUCKET = "klein-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 with dummy credentials; skipped if moto[server] is absent."""
     moto_server = pytest.importorskip("moto.server", reason="pip install 'moto[server]' to test on S3")
     boto3 = pytest.importorskip("boto3")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

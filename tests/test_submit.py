@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,22 +20,12 @@ from pathlib import Path
 import pytest
 
 from cluster import jobs
+from cluster.ports import free_port, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 HEAD_START_TIMEOUT_S = 240
 SWEEP_TIMEOUT_S = 1500  # the example takes ~3 minutes on two idle cores; a shared, busy machine is slower
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _processes() -> dict[int, tuple[int, int, str]]:
@@ -113,7 +102,7 @@ def _head_env() -> dict[str, str]:
 def ray_head(tiny_dir):
     """A private head advertising both pools (2 training slots, 1 inference GPU unit) with the job server."""
     temp_dir = tempfile.mkdtemp(prefix="ks", dir="/tmp")  # short: Ray's unix sockets live under it
-    dashboard, gcs, client_port, agent_http = _free_ports(4)
+    dashboard, gcs, client_port, agent_http = free_ports(4)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--object-store-memory=300000000",
            '--resources={"train_gpu": 2, "infer_gpu": 1}', "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard}", f"--port={gcs}", f"--ray-client-server-port={client_port}",
@@ -171,7 +160,7 @@ def test_submit_reports_the_job_status_as_its_exit_code(ray_head):
 
 
 def test_submit_refuses_clearly_without_a_job_server():
-    (port,) = _free_ports(1)
+    port = free_port()
     code, out = _submit(f"http://127.0.0.1:{port}", "python", "-c", "print(1)", timeout=120)
     assert code == jobs.EXIT_SUBMIT_ERROR
     assert f"no Ray job server at http://127.0.0.1:{port}" in out

@@ -14,6 +14,7 @@ from klein.lora import extract_lora, read_lora
 from train.board import make_board
 from train.job import checkpoint_key, lora_prefix, run_training_job
 from train.recipe import ConfigError, TrainConfig
+from replay import replay_data_parallel  # tests/ is on sys.path
 
 
 @pytest.fixture(scope="module")
@@ -40,38 +41,6 @@ def _cfg(storage, job_id, **kw):
     return TrainConfig(**base)
 
 
-def _replay_data_parallel(cfg: TrainConfig, cache_key: str, world: int):
-    """The same training in one process: each step averages the losses of every rank's batch, which is
-    what DDP's gradient all-reduce computes. Returns the trained LoRA."""
-    from train.cache import load_cache
-    from train.loop import (
-        StepPlan,
-        flow_matching_loss,
-        lora_parameters,
-        make_batch,
-        make_lr_scheduler,
-        make_optimizer,
-        setup_transformer,
-    )
-
-    device = torch.device("cpu")
-    data = load_cache(cfg.storage, cache_key)
-    transformer = setup_transformer(cfg, device)
-    params = list(lora_parameters(transformer).values())
-    optimizer, scheduler = make_optimizer(params, cfg, device), None
-    scheduler = make_lr_scheduler(optimizer, cfg)
-    plan = StepPlan(data.items, cfg.batch_size, world, cfg.seed)
-    for step in range(1, cfg.steps + 1):
-        for rank in range(world):
-            x0, embeds, sigmas, noise, _ = make_batch(plan, data, step, rank, cfg.caption_dropout_rate)
-            (flow_matching_loss(transformer, x0, embeds, sigmas, noise) / world).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return extract_lora(transformer, "default")
-
-
 def test_two_workers_train_data_parallel_exactly(ray_cluster, board, tmp_path):
     """Two DDP workers on disjoint batches give the LoRA a single process gets by averaging the same two
     batches' losses at every step; the effective batch is reported."""
@@ -83,7 +52,7 @@ def test_two_workers_train_data_parallel_exactly(ray_cluster, board, tmp_path):
     assert manifest["metrics"]["effective_batch"] == 2
     trained = read_lora(storage.read_bytes(f"{lora_prefix('default', 'job-ddp')}/lora.safetensors"))
     cfg = TrainConfig.from_dict(manifest["config"])
-    replayed = _replay_data_parallel(cfg, manifest["cache_key"], world=2)
+    replayed = replay_data_parallel(cfg, manifest["cache_key"], world=2)
     assert set(trained.layers) == set(replayed.layers)
     worst = max((trained.layers[n].up - replayed.layers[n].up).abs().max().item() for n in trained.layers)
     assert worst < 1e-4, f"DDP result differs from the replay by {worst}"

@@ -445,7 +445,7 @@ def _too_many_pixels(name: str, width: int, height: int, max_pixels: int) -> Fil
     )
 
 
-def _decode_image(name: str, data: bytes, max_pixels: int) -> _Decoded | FileProblem:
+def decode_image(name: str, data: bytes, max_pixels: int) -> _Decoded | FileProblem:
     """Open, check and convert one image; a FileProblem says what is wrong with it."""
     reexport = "re-export it as PNG or JPEG, or remove it"
     if len(data) == 0:
@@ -859,7 +859,7 @@ def _decode_refs(images: list[_SourceFile], reader: _BoundedReader, sidecars: di
     refs = []
     for f in images:
         data = reader.read(f)
-        result = data if isinstance(data, FileProblem) else _decode_image(f.name, data, max_pixels)
+        result = data if isinstance(data, FileProblem) else decode_image(f.name, data, max_pixels)
         if isinstance(result, FileProblem):
             problems.append(result)
             continue

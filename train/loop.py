@@ -184,26 +184,33 @@ def lora_parameters(transformer) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in transformer.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory: Path, transformer, optimizer, scheduler, state: TrainState, lora_bytes: bytes) -> None:
+def save_checkpoint(directory: Path, transformer, optimizer, scheduler, state: TrainState, lora_bytes: bytes,
+                    trainer_state: bool = True) -> None:
+    """Rank 0's part of a checkpoint. `trainer_state=False` under ZeRO, whose engine writes the LoRA's
+    master weights, optimizer and schedule itself, sharded (train/zero.py)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "lora.safetensors").write_bytes(lora_bytes)
-    trainable = {n: p.detach().cpu().clone() for n, p in lora_parameters(transformer).items()}
-    torch.save({"params": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "trainer_state.pt")
+    if trainer_state:
+        trainable = {n: p.detach().cpu().clone() for n, p in lora_parameters(transformer).items()}
+        torch.save({"params": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "trainer_state.pt")
     (directory / "state.json").write_text(json.dumps({"step": state.step, "log": state.log, "val": state.val, "attempt": state.attempt}))
 
 
-def load_checkpoint(directory: Path, transformer, optimizer, scheduler) -> TrainState:
-    # our own checkpoint (never a user upload); weights_only keeps torch.load from running pickled code
-    blob = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
-    params = lora_parameters(transformer)
-    missing = set(params) - set(blob["params"])
-    if missing:
-        raise RuntimeError(f"checkpoint {directory} lacks {len(missing)} LoRA parameters (e.g. {sorted(missing)[0]}): it belongs to another configuration")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(blob["params"][name])
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
+def load_checkpoint(directory: Path, transformer, optimizer, scheduler, zero=None) -> TrainState:
+    if zero is not None:
+        zero.load(directory)
+    else:
+        # our own checkpoint (never a user upload); weights_only keeps torch.load from running pickled code
+        blob = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=True)
+        params = lora_parameters(transformer)
+        missing = set(params) - set(blob["params"])
+        if missing:
+            raise RuntimeError(f"checkpoint {directory} lacks {len(missing)} LoRA parameters (e.g. {sorted(missing)[0]}): it belongs to another configuration")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(blob["params"][name])
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
     meta = json.loads((directory / "state.json").read_text())
     return TrainState(step=meta["step"], log=meta["log"], val=meta["val"], attempt=meta.get("attempt", 0) + 1)
 
@@ -212,16 +219,18 @@ def load_checkpoint(directory: Path, transformer, optimizer, scheduler) -> Train
 CONTENT_ADAPTER = "content"
 
 
-def setup_transformer(cfg: TrainConfig, device: torch.device, content_lora=None):
+def setup_transformer(cfg: TrainConfig, device: torch.device, content_lora=None, dtype: torch.dtype | None = None):
     """The frozen base transformer with a fresh LoRA adapter on `cfg.targets` (seeded).
 
     `content_lora` (ConsisLoRA's second stage): a LoRA loaded as a frozen adapter that stays active under
     the trained one, so the trained adapter learns what the content LoRA does not already explain.
+    `dtype` (default: bf16 on CUDA, fp32 elsewhere) lets ZeRO-3 load a GPU job's bf16 model in host memory.
     """
     from klein.lora import add_lora, lora_config
     from klein.model import load_transformer
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer = load_transformer(cfg.model, dtype=dtype, device=device)
     transformer.requires_grad_(False)
     if content_lora is not None:
@@ -267,23 +276,44 @@ def train_loop_per_worker(config: dict) -> None:
         from klein.lora import read_lora
 
         content_lora = read_lora(storage.read_bytes(cfg.content_lora))
-    transformer = setup_transformer(cfg, device, content_lora)
+    zero3 = cfg.deepspeed_stage == 3
+    # ZeRO-3 shards the base from host memory, so no GPU ever holds the whole model
+    transformer = setup_transformer(cfg, torch.device("cpu") if zero3 else device, content_lora,
+                                    dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     from klein.accel import InputPrefetcher, prepare_for_training
 
     # GPU levers measured in bench/train_step.py: peft input upcast off, regional compile, optional fp8 base
-    prepare_for_training(transformer, device, compile=cfg.compile, fp8=cfg.fp8)
+    # (compile and fp8 are off under ZeRO: recipe.validate refuses them there)
+    prepare_for_training(transformer, device, compile=False if cfg.deepspeed_stage else cfg.compile, fp8=cfg.fp8)
+    zero = None
+    if cfg.deepspeed_stage:
+        from train.zero import ZeroEngine, deepspeed_config, partition_for_zero3
+
+        ds_config = deepspeed_config(cfg, device)
+        if zero3:
+            partition_for_zero3(transformer, ds_config, device)
     params = list(lora_parameters(transformer).values())
     optimizer = make_optimizer(params, cfg, device)
     scheduler = make_lr_scheduler(optimizer, cfg)
+    if cfg.deepspeed_stage:
+        zero = ZeroEngine(transformer, params, optimizer, scheduler, cfg, device, ds_config)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d), transformer, optimizer, scheduler)
+            state = load_checkpoint(Path(d), transformer, optimizer, scheduler, zero)
         log.info("worker %d resumed at step %d (attempt %d)", rank, state.step, state.attempt)
     model = transformer
-    if world > 1:
+    if zero is not None:
+        model = zero.model  # DeepSpeed reduces the gradients itself
+    elif world > 1:
         model = ray.train.torch.prepare_model(transformer, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+    def current_lora(step: int):
+        """The LoRA as trained so far. Under ZeRO a collective that every rank joins."""
+        if zero is not None:
+            return zero.full_lora(meta={"step": step})
+        return extract_lora(transformer, "default", meta={"step": step})
     plan = StepPlan(data.items, cfg.batch_size, world, cfg.seed)
     accum = cfg.gradient_accumulation_steps
     # the next step's inputs are made while this one runs (make_batch is a pure function of the index)
@@ -297,7 +327,10 @@ def train_loop_per_worker(config: dict) -> None:
             index = (step - 1) * accum + micro + 1
             x0, embeds, sigmas, noise, dropped = fetch(index, next_index=index + 1 if index < last_index else None)
             loss = flow_matching_loss(model, x0, embeds, sigmas, noise, autocast_dtype) / accum
-            loss.backward()
+            if zero is not None:
+                zero.backward(loss)  # DeepSpeed reduces, clips and steps at the accumulation boundary
+            else:
+                loss.backward()
             loss_total += loss.item()
             if cfg.fail_at_step == step and rank == 0 and micro == 0:
                 marker = f"jobs/{cfg.job_id}/fault_injected_{step}"
@@ -308,35 +341,40 @@ def train_loop_per_worker(config: dict) -> None:
             mean_loss = torch.tensor([loss_total], device=device)
             torch.distributed.all_reduce(mean_loss)
             loss_total = mean_loss.item() / world
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if zero is None:
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         if cfg.step_delay_s:
             time.sleep(cfg.step_delay_s)
         state.step = step
         state.log.append({"step": step, "loss": loss_total, "lr": scheduler.get_last_lr()[0], "attempt": state.attempt})
         is_save = step % cfg.save_every == 0 or step == cfg.steps
         metrics = {"step": step, "loss": loss_total, "lr": scheduler.get_last_lr()[0]}
-        if rank == 0 and not is_save and cfg.sample_every and step % cfg.sample_every == 0:
+        if not is_save and cfg.sample_every and step % cfg.sample_every == 0 and (rank == 0 or zero is not None):
             # a sample step between saves: keep its LoRA for the contact sheet (no trainer state needed)
-            storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_to_bytes(extract_lora(transformer, "default", meta={"step": step})))
-        if is_save:
-            transformer.eval()
-            metrics["val_loss"] = validation_loss(transformer, data, cfg.seed, autocast_dtype)
-            transformer.train()
-            state.val.append({"step": step, "val_loss": metrics["val_loss"]})
+            lora = current_lora(step)
             if rank == 0:
-                lora = extract_lora(transformer, "default", meta={"step": step})
-                lora_bytes = lora_to_bytes(lora)
-                # every checkpoint's LoRA is kept in our storage for contact sheets and best-checkpoint choice
-                storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_bytes)
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_checkpoint(Path(tmp), transformer, optimizer, scheduler, state, lora_bytes)
-                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
+                storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_to_bytes(lora))
+        if is_save:
+            val_model = model if zero is not None else transformer  # ZeRO-3 gathers weights in the engine
+            val_model.eval()
+            metrics["val_loss"] = validation_loss(val_model, data, cfg.seed, autocast_dtype)
+            val_model.train()
+            state.val.append({"step": step, "val_loss": metrics["val_loss"]})
+            lora = current_lora(step) if rank == 0 or zero is not None else None
+            with tempfile.TemporaryDirectory() as tmp:
+                if zero is not None:
+                    zero.save(Path(tmp))  # every rank writes its own shards; Ray Train merges the directories
+                if rank == 0:
+                    lora_bytes = lora_to_bytes(lora)
+                    # every checkpoint's LoRA is kept in our storage for contact sheets and best-checkpoint choice
+                    storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_bytes)
+                    save_checkpoint(Path(tmp), transformer, optimizer, scheduler, state, lora_bytes, trainer_state=zero is None)
+                reports_files = rank == 0 or zero is not None
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if reports_files else None)
         if rank == 0 and (is_save or step % 10 == 0 or step == first_step):
             elapsed = time.perf_counter() - started
             per_step = elapsed / (step - first_step + 1)

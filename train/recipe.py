@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 OPTIMIZERS = ("adafactor", "adamw", "adamw8bit")
+ZERO_OPTIMIZERS = ("adamw",)  # element-wise: ZeRO's flat fp32 shards of the LoRA change nothing for them
 LR_SCHEDULERS = ("cosine", "cosine_with_restarts", "constant_with_warmup")
 TARGET_PRESETS = ("all", "attention", "single_blocks", "double_blocks")
 
@@ -105,7 +106,8 @@ class TrainConfig:
     use_gpu: bool | None = None  # None: if CUDA is available
     compile: bool | None = None  # regional torch.compile of the blocks (None: on CUDA only)
     fp8: bool = False  # frozen base Linears in float8 e4m3 (native on Hopper/Ada GPUs, emulated elsewhere)
-    deepspeed_stage: int | None = None  # 2 or 3: ZeRO for GPUs that cannot hold the model alone
+    deepspeed_stage: int | None = None  # 2 or 3: DeepSpeed ZeRO (train/zero.py); 3 shards the base over the GPUs
+    deepspeed_offload: bool = False  # ZeRO-3 only: keep the parameter shards in host memory (one small GPU)
     max_failures: int = 2
     max_refs: int = 50
     # testing hooks: kill this worker process once at this step (fault injection), slow each step down
@@ -161,8 +163,16 @@ class TrainConfig:
         check(self.save_every >= 1, "save_every", "a positive integer")
         check(self.num_workers >= 1, "num_workers", "a positive integer")
         check(self.deepspeed_stage in (None, 2, 3), "deepspeed_stage", "2, 3 or null")
-        # Refused rather than silently ignored until the loop implements it (see the closing notes).
-        check(self.deepspeed_stage is None, "deepspeed_stage", "DeepSpeed ZeRO is not implemented yet; leave it null")
+        check(not self.deepspeed_offload or self.deepspeed_stage == 3, "deepspeed_offload",
+              "needs deepspeed_stage: 3 (it moves ZeRO-3's parameter shards to host memory)")
+        if self.deepspeed_stage is not None:
+            check(self.optimizer in ZERO_OPTIMIZERS, "optimizer",
+                  f"cannot run under deepspeed_stage {self.deepspeed_stage}: ZeRO hands the optimizer flat fp32 shards "
+                  f"of the LoRA, where Adafactor's factored moments (they need each matrix's 2-D shape) do not exist "
+                  f"and adamw8bit is untested. Set `optimizer: adamw` with `variant: custom`, or leave deepspeed_stage null")
+            check(not self.fp8, "fp8", "the float8 base cannot be sharded by ZeRO: use fp8 or deepspeed_stage, not both")
+            check(not self.compile, "compile", "ZeRO gathers and frees weights in hooks around every block, which "
+                  "compiled blocks do not see; leave compile null (it is off under deepspeed_stage)")
         check(self.content_steps is None or (isinstance(self.content_steps, int) and self.content_steps >= 1),
               "content_steps", "a positive integer or null")
         check(self.sample_every is None or (isinstance(self.sample_every, int) and self.sample_every >= 1),
@@ -192,6 +202,10 @@ class TrainConfig:
             if cfg.optimizer == "adamw8bit" and not on_gpu:
                 cfg.optimizer = "adamw"
                 decision.warnings.append("adamw8bit needs a GPU: using adamw on this CPU-only run")
+            if cfg.deepspeed_stage is not None and cfg.optimizer not in ZERO_OPTIMIZERS:
+                decision.warnings.append(f"{decision.variant}'s {cfg.optimizer} cannot run on ZeRO's flat shards: "
+                                         f"using adamw under deepspeed_stage {cfg.deepspeed_stage}")
+                cfg.optimizer = "adamw"
         if cfg.use_gemini is None:
             cfg.use_gemini = n_refs > 3
         if cfg.steps is None:

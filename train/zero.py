@@ -1,0 +1,144 @@
+"""DeepSpeed ZeRO for the training loop (`deepspeed_stage: 2 | 3`): for GPUs that cannot hold the model alone.
+
+What each stage shards over the job's workers:
+  - ZeRO-2: the LoRA's gradients and optimizer state. The frozen base is still whole on every GPU, so it
+    saves little for a LoRA (about 1 GB at rank 32); it is here for parity with the other trainers.
+  - ZeRO-3: the parameters too, the frozen 9B base included. Each of N GPUs keeps about 1/N of the weights
+    and gathers one block's weights only while that block runs. With `deepspeed_offload: true` the shards
+    live in host memory instead, so even one GPU smaller than the model can train.
+
+The loop stays the one in `train/loop.py`; `ZeroEngine` holds only what differs under DeepSpeed:
+  - the forward runs through the DeepSpeed engine, `backward` hands it the loss, and DeepSpeed reduces,
+    clips, steps the optimizer and the LR schedule at the accumulation boundary;
+  - the LoRA is read from the optimizer's fp32 master shards (`full_lora`), a collective every rank joins;
+  - a checkpoint is DeepSpeed's own per-rank files, which every rank reports to Ray Train; Ray merges
+    them into one checkpoint directory and hands all of it back on resume (`save` / `load`).
+
+Exact resume holds as without ZeRO: the fp32 master weights, the optimizer moments, the schedule and
+DeepSpeed's step counters come back from the checkpoint, and each step's data and noise come from the seed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from train.recipe import ConfigError, TrainConfig  # TrainConfig.validate says what ZeRO cannot combine with
+
+CHECKPOINT_TAG = "zero"  # one tag per checkpoint directory: Ray Train gives every save its own directory
+
+
+def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
+    """DeepSpeed's config from ours. bf16 on CUDA (DeepSpeed keeps the LoRA's fp32 master weights in the
+    optimizer shards); fp32 on CPU, as the loop without ZeRO."""
+    zero: dict = {"stage": cfg.deepspeed_stage, "overlap_comm": device.type == "cuda", "contiguous_gradients": True}
+    if cfg.deepspeed_stage == 3:
+        # keep every block's weights sharded between uses; small parameters (norms, biases) stay whole
+        zero.update({"stage3_param_persistence_threshold": 100_000, "stage3_gather_16bit_weights_on_model_save": False})
+        if cfg.deepspeed_offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": float(cfg.max_grad_norm or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": device.type == "cuda"},
+        # our optimizer is torch's AdamW, which ZeRO wraps as any client optimizer (recipe.ZERO_OPTIMIZERS)
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        # each worker writes its own shards into its own staging directory, which Ray Train then merges
+        "checkpoint": {"use_node_local_storage": True},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError("deepspeed_stage needs the deepspeed package on every training worker: "
+                          "pip install deepspeed") from e
+    return deepspeed
+
+
+def _prepare_process(device: torch.device):
+    """DeepSpeed, set up for this worker process; returns the module.
+
+    - DeepSpeed places shards on `cuda:$LOCAL_RANK`; Ray Train's device for this worker is the authority.
+    - On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (about 40 s of C++ on two cores) that only
+      speeds up large CPU all-reduces; the LoRA's are small, so gloo's own is used. DeepSpeed keeps its
+      op-compatibility table in `deepspeed.ops.__compatible_ops__` and consults it before building.
+    """
+    deepspeed = import_deepspeed()
+    if device.type == "cuda":
+        os.environ["LOCAL_RANK"] = str(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def partition_for_zero3(transformer, ds_config: dict, device: torch.device):
+    """Shard a model that lives in host memory over the workers before DeepSpeed's engine sees it, so no GPU
+    ever holds the whole model (the engine alone would move it to the GPU first, then shard it)."""
+    deepspeed = _prepare_process(device)
+    if ds_config["bf16"]["enabled"]:
+        # the engine casts only parameters it has not sharded yet: the fp32 LoRA goes to bf16 here (its fp32
+        # master copy lives in the optimizer's shards), or ZeRO-3's linear meets bf16 inputs and fp32 weights
+        transformer.to(torch.bfloat16)
+    deepspeed.zero.Init(module=transformer, config_dict_or_path=ds_config)
+    return transformer
+
+
+class ZeroEngine:
+    """A DeepSpeed engine around the transformer, its LoRA parameters, optimizer and LR schedule."""
+
+    def __init__(self, transformer, params: list[torch.nn.Parameter], optimizer, scheduler, cfg: TrainConfig,
+                 device: torch.device, ds_config: dict):
+        deepspeed = _prepare_process(device)
+        self.stage = cfg.deepspeed_stage
+        self.transformer = transformer
+        self.names = {id(p): n for n, p in transformer.named_parameters()}
+        self.params = params
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=transformer, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler,
+            config=ds_config, dist_init_required=False)
+
+    @property
+    def model(self):
+        """What the loss calls: the engine, whose forward also runs ZeRO-3's parameter gathering."""
+        return self.engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One micro-batch's backward (the loop already divided the loss by the accumulation steps), then
+        DeepSpeed's step, which reduces, clips and steps optimizer and schedule only at the boundary."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def full_lora_state(self) -> dict[str, torch.Tensor]:
+        """Every LoRA parameter whole, in fp32, from the optimizer's master shards. A collective: every
+        rank must call it, and every rank gets the whole state."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {self.names[id(p)]: safe_get_full_fp32_param(p).detach().float().cpu().clone() for p in self.params}
+
+    def full_lora(self, meta: dict):
+        from klein.lora import extract_lora
+
+        return extract_lora(self.transformer, "default", meta=meta, state_dict=self.full_lora_state())
+
+    def save(self, directory: Path) -> None:
+        """This rank's shards (fp32 master weights, optimizer moments, schedule, step counters). The frozen
+        base is not written: it is the model the job started from."""
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"checkpoint {directory} has no DeepSpeed state under tag {CHECKPOINT_TAG!r}: "
+                               f"it was written without deepspeed_stage, or by another configuration")
