@@ -54,6 +54,7 @@ def parse_args():
     p.add_argument("--phases", default="single,concurrent,ddp",
                    help="of single, concurrent, ddp, ddp_bf16, ddp_plain, zero2, zero3, ddp_cap, zero3_cap, zero3_offload_cap")
     p.add_argument("--cap-gib", type=float, default=16.0, help="per-GPU memory cap of the *_cap phases")
+    p.add_argument("--zero-options", default="{}", help="JSON merged into DeepSpeed's zero_optimization (tuning trials)")
     p.add_argument("--section", default="multi_gpu")
     p.add_argument("--nccl-debug", action="store_true", help="NCCL_DEBUG=INFO in the workers (which transport)")
     return p.parse_args()
@@ -116,6 +117,7 @@ def bench_worker(config: dict) -> None:
         from train.zero import ZeroEngine, deepspeed_config, partition_for_zero3
 
         ds_config = deepspeed_config(tc, device)
+        ds_config["zero_optimization"].update(config.get("zero_options") or {})
         if zero3:
             partition_for_zero3(transformer, ds_config, device)
     params = list(lora_parameters(transformer).values())
@@ -197,7 +199,7 @@ def bench_worker(config: dict) -> None:
         del buf
     result = dict(placement, steps=config["steps"], timed_s=round(elapsed, 3), steps_per_s=round(config["steps"] / elapsed, 4),
                   allreduce=allreduce, ddp_hook=config.get("ddp_hook"), zero=zero_stage, offload=bool(config.get("offload")),
-                  cap_gib=config.get("cap_gib"), checkpoint=save,
+                  cap_gib=config.get("cap_gib"), checkpoint=save, zero_options=config.get("zero_options") if zero_stage else None,
                   warmup_s=round(warm_s, 2), last_loss=loss, levers=accel["levers"] + [type(optimizer).__name__],
                   peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
     Path(config["out_dir"], f"{config['job']}-rank{rank}.json").write_text(json.dumps(result))
@@ -247,7 +249,7 @@ def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: di
         config = {"job": job, "config": args.config, "use_gpu": not args.cpu, "warmup": args.warmup, "steps": args.steps,
                   "out_dir": out_dir, "barrier": barrier, "no_compile": args.no_compile, "paths": [str(REPO), str(BENCH)],
                   "ddp_hook": "bf16" if job.startswith("ddpbf16") else None}
-        config.update(PHASE_OPTIONS.get(job.rsplit("-", 1)[0], {}))
+        config.update(PHASE_OPTIONS.get(job.rsplit("-", 1)[0], {}), zero_options=json.loads(args.zero_options))
         if config.get("cap_gib"):
             config["cap_gib"] = args.cap_gib
         trainer = TorchTrainer(

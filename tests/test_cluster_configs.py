@@ -296,6 +296,11 @@ def test_serve_config_is_a_valid_serve_app_on_the_inference_pool(manifests):
     assert isinstance(app["args"], dict) and app["args"]
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == SERVE_DEPLOYMENTS
+    from serve.config import ServeConfig
+
+    args = ServeConfig.from_any(app["args"])  # the app's own config checks
+    generator_gpus = deployments["Generator"]["ray_actor_options"]["num_gpus"]
+    assert args.device.startswith("cuda") == (generator_gpus > 0), "a Generator that reserves a GPU must be told device: cuda"
     for name, deployment in deployments.items():
         options = deployment["ray_actor_options"]
         expected = pools.serve_actor_options(options["num_gpus"], options["num_cpus"], use_labels=True)
