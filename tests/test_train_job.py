@@ -274,3 +274,19 @@ def test_bad_refs_fail_before_anything_is_stored(ray_cluster, tmp_path):
     storage = Storage.from_uri(tmp_path / "store")
     assert storage.read_json("jobs/job-bad/status.json")["state"] == "failed"
     assert not storage.exists(lora_prefix("default", "job-bad"))
+
+
+def test_a_worker_error_fails_the_job_with_its_reason_and_stores_no_lora(clean, board, store):
+    """A worker that raises (adamw8bit asked for explicitly on a CPU-only run) fails the job after its retries:
+    the job's own status says failed at the training stage with the worker's reason, nothing is delivered."""
+    from train.job import JobError
+
+    statuses = []
+    with pytest.raises(JobError, match="adamw8bit runs only on CUDA"):
+        run_training_job(board, _cfg(store, "job-worker-error", variant="custom", optimizer="adamw8bit", max_failures=0),
+                         progress=lambda s: statuses.append(s))
+    status = Storage.from_uri(store).read_json("jobs/job-worker-error/status.json")
+    assert (status["state"], status["stage"], status["tenant"]) == ("failed", "training", "default")
+    assert "adamw8bit runs only on CUDA" in status["error"] and statuses[-1]["state"] == "failed"
+    assert status["error"].endswith("rank 0: ConfigError: optimizer: adamw8bit runs only on CUDA GPUs (bitsandbytes); use adamw or adafactor on CPU")
+    assert not Storage.from_uri(store).exists(lora_prefix("default", "job-worker-error"))

@@ -112,12 +112,24 @@ def test_content_adapter_stays_frozen_under_the_trained_one(tiny_dir):
     assert not torch.isclose(with_content, without)
 
 
-def test_consis_options_are_checked():
+def test_consis_options_are_checked(tmp_path, monkeypatch, capsys):
     with pytest.raises(ConfigError, match="content_steps"):
         TrainConfig(content_steps=0).validate()
     from train.job import JobError
 
     with pytest.raises(JobError, match="not both"):
         run_training_job("unused", TrainConfig(consis_lora=True, content_lora="jobs/x/checkpoints/step_000001.safetensors", job_id="job-x"))
+    # the CLI says so in one line and exits 1 (no traceback)
+    import train.cli
+    from cluster.cli import main
+
+    config = tmp_path / "both.yaml"
+    config.write_text("consis_lora: true\ncontent_lora: jobs/x/checkpoints/step_000001.safetensors\n")
+    monkeypatch.setattr(train.cli, "_start_ray", lambda address: None)
+    assert main(["train", "unused", "--trigger", "zxy_neon", "--config", str(config), "--job-id", "job-x",
+                 "--storage", str(tmp_path / "store")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: content_lora is what consis_lora's first stage trains") and "--job-id job-x" in err
+    assert "Traceback" not in err
     with pytest.raises(ConfigError, match="sample_every"):
         TrainConfig(sample_every=0).validate()

@@ -89,6 +89,7 @@ def run_with_progress(source, cfg):
 def cmd_train(args: argparse.Namespace) -> int:
     from train.captions import TriggerError
     from train.dataset import DatasetError
+    from train.job import JobError
     from train.recipe import ConfigError, TrainConfig
 
     overrides = {"trigger": args.trigger, "model": args.model, "storage": args.storage, "tenant": args.tenant,
@@ -103,6 +104,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, DatasetError, TriggerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JobError as e:  # the job ran and failed (its status.json says so too); checkpoints are kept
+        print(f"error: {e}", file=sys.stderr)
+        if cfg.job_id:
+            print(f"  `klein-style train ... --job-id {cfg.job_id}` resumes from its last checkpoint", file=sys.stderr)
+        return 1
     _print_summary(manifest, cfg)
     return 0
 

@@ -103,11 +103,11 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     """
     from cluster.pools import cluster_has_gpus
 
-    if cfg.use_gpu is None:
-        cfg.use_gpu = cluster_has_gpus()
     cfg.job_id = check_job_id(cfg.job_id or new_job_id())
     if cfg.consis_lora and cfg.content_lora:
         raise JobError("content_lora is what consis_lora's first stage trains: give consis_lora or content_lora, not both")
+    if cfg.use_gpu is None:
+        cfg.use_gpu = cluster_has_gpus()
     storage = Storage.from_uri(cfg.storage)
     cfg.storage = storage.uri
     status_key = f"jobs/{cfg.job_id}/status.json"
@@ -130,26 +130,30 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     status("caching", decision=prepared.decision, warnings=prepared.warnings)
     ref_set = prepared.ref_set
     cache_key = _build_cache(ref_set, prepared.captions, cfg)
-    consis = None
-    if cfg.consis_lora:
-        # ConsisLoRA: a content LoRA on the trigger-less captions first; the style LoRA then trains on top
-        # of it (frozen, active), so content that the content LoRA explains does not leak into the style.
-        from dataclasses import replace
+    try:
+        consis = None
+        if cfg.consis_lora:
+            # ConsisLoRA: a content LoRA on the trigger-less captions first; the style LoRA then trains on top
+            # of it (frozen, active), so content that the content LoRA explains does not leak into the style.
+            from dataclasses import replace
 
-        from train.captions import without_trigger
+            from train.captions import without_trigger
 
-        content_cfg = replace(cfg, job_id=f"{cfg.job_id}-content", consis_lora=False, early_stopping=False, sample_every=None,
-                              steps=cfg.content_steps or max(1, cfg.steps // 2))
-        content_cfg.save_every = content_cfg.steps
-        content_captions = [without_trigger(c, cfg.trigger) for c in prepared.captions]
-        content_cache = _build_cache(ref_set, content_captions, content_cfg)
-        status("training content LoRA", step=0, steps=content_cfg.steps, decision=prepared.decision)
-        content_state = _fit(content_cfg, content_cache, storage)
-        cfg.content_lora = checkpoint_key(content_cfg.job_id, content_state["step"])
-        consis = {"content_job": content_cfg.job_id, "content_steps": content_state["step"], "content_val": content_state["val"],
-                  "content_lora": cfg.content_lora}
-    status("training", step=0, steps=cfg.steps, decision=prepared.decision)
-    final_state = _fit(cfg, cache_key, storage)
+            content_cfg = replace(cfg, job_id=f"{cfg.job_id}-content", consis_lora=False, early_stopping=False, sample_every=None,
+                                  steps=cfg.content_steps or max(1, cfg.steps // 2))
+            content_cfg.save_every = content_cfg.steps
+            content_captions = [without_trigger(c, cfg.trigger) for c in prepared.captions]
+            content_cache = _build_cache(ref_set, content_captions, content_cfg)
+            status("training content LoRA", step=0, steps=content_cfg.steps, decision=prepared.decision)
+            content_state = _fit(content_cfg, content_cache, storage)
+            cfg.content_lora = checkpoint_key(content_cfg.job_id, content_state["step"])
+            consis = {"content_job": content_cfg.job_id, "content_steps": content_state["step"], "content_val": content_state["val"],
+                      "content_lora": cfg.content_lora}
+        status("training", step=0, steps=cfg.steps, decision=prepared.decision)
+        final_state = _fit(cfg, cache_key, storage)
+    except JobError as e:  # the job's own status says so, whichever stage (content or style) failed
+        status("failed", error=str(e), stage="training")
+        raise
     manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
     status("done", manifest=f"{lora_prefix(cfg.tenant, cfg.job_id)}/manifest.json", best_step=manifest["best_step"])
     return manifest
@@ -165,7 +169,7 @@ def _build_cache(ref_set, captions: list[str], cfg: TrainConfig) -> str:
 
 def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
     """One TorchTrainer run (resumed if a run of this job id exists); returns the final state.json."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from cluster.pools import queued_train_loop, train_pool_turn, train_scaling_config
@@ -184,13 +188,24 @@ def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
     )
     # jobs enter the training pool in arrival order (Ray alone retries pending placement groups by back-off)
     with train_pool_turn(cfg.job_id, poll_s=1.0):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:  # retries spent: the job fails with the worker's own reason, not Ray's dump
+            raise JobError(f"training job {cfg.job_id} failed: {_worker_reason(e)}") from e
     if result.error is not None or result.checkpoint is None:
-        storage.write_json(f"jobs/{cfg.job_id}/status.json", {"state": "failed", "job_id": cfg.job_id, "error": str(result.error),
-                                                              "stage": "training", "updated": time.time()})
         raise JobError(f"training job {cfg.job_id} failed: {result.error}")
     with result.checkpoint.as_directory() as d:
         return json.loads((Path(d) / "state.json").read_text())
+
+
+
+def _worker_reason(error: Exception) -> str:
+    """The first failed worker's exception as `Type: message` (a WorkerGroupError carries one per rank)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank, failure = sorted(failures.items())[0]
+        return f"rank {rank}: {type(failure).__name__}: {failure}"
+    return f"{type(error).__name__}: {error}"
 
 
 def sheet_steps(cfg: TrainConfig, saved_steps: list[int]) -> list[int]:
