@@ -301,6 +301,11 @@ def test_serve_config_is_a_valid_serve_app_on_the_inference_pool(manifests):
     args = ServeConfig.from_any(app["args"])  # the app's own config checks
     generator_gpus = deployments["Generator"]["ray_actor_options"]["num_gpus"]
     assert args.device.startswith("cuda") == (generator_gpus > 0), "a Generator that reserves a GPU must be told device: cuda"
+    # Fusion holds no GPU: its K-LoRA scores go to the generator's GPU, never onto a CPU at 9B
+    from serve.fusion import scores_place
+
+    fusion_gpus = deployments["Fusion"]["ray_actor_options"]["num_gpus"]
+    assert scores_place(args.klora_scores_on, fusion_gpus > 0, args.device) == "generator"
     for name, deployment in deployments.items():
         options = deployment["ray_actor_options"]
         expected = pools.serve_actor_options(options["num_gpus"], options["num_cpus"], use_labels=True)

@@ -402,7 +402,9 @@ def _read_storage_key(storage: Any, key: str, display: str) -> bytes:
 
 
 @dataclass
-class _Decoded:
+class DecodedImage:
+    """One reference decoded by `decode_image`: RGB with EXIF orientation applied, and what was converted."""
+
     image: Image.Image  # RGB, oriented
     format: str
     original_mode: str
@@ -445,7 +447,7 @@ def _too_many_pixels(name: str, width: int, height: int, max_pixels: int) -> Fil
     )
 
 
-def decode_image(name: str, data: bytes, max_pixels: int) -> _Decoded | FileProblem:
+def decode_image(name: str, data: bytes, max_pixels: int) -> DecodedImage | FileProblem:
     """Open, check and convert one image; a FileProblem says what is wrong with it."""
     reexport = "re-export it as PNG or JPEG, or remove it"
     if len(data) == 0:
@@ -503,7 +505,7 @@ def decode_image(name: str, data: bytes, max_pixels: int) -> _Decoded | FileProb
         oriented = img
         warnings.append(f"{name}: its EXIF orientation could not be read ({e}); used as stored")
     rgb = _to_rgb(oriented, img.info, name, warnings)
-    return _Decoded(rgb, SUPPORTED_FORMATS[fmt], original_mode, warnings)
+    return DecodedImage(rgb, SUPPORTED_FORMATS[fmt], original_mode, warnings)
 
 
 def _to_rgb(img: Image.Image, info: dict, name: str, warnings: list[str]) -> Image.Image:

@@ -243,7 +243,7 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
     comfy_bytes = export_lora(lora, "comfyui")
     checkpoints = [v["step"] for v in val]
     sampled = sheet_steps(cfg, checkpoints)
-    sheet_png = ray.get(render_contact_sheet_task().remote(cfg.model, [storage.read_bytes(checkpoint_key(cfg.job_id, s)) for s in sampled],
+    sheet_png = ray.get(render_contact_sheet_task(bool(cfg.use_gpu)).remote(cfg.model, [storage.read_bytes(checkpoint_key(cfg.job_id, s)) for s in sampled],
                                                            sampled, cfg.sample_prompts, cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
     loss_png = loss_plot_png(state["log"], val, best_step=best["step"])
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
@@ -306,31 +306,25 @@ def _sample_size(cfg: TrainConfig) -> int:
     return cfg.sample_size or (64 if cfg.model == "tiny" else 1024)
 
 
-def render_contact_sheet_task():
+def render_contact_sheet_task(use_gpu: bool):
     """The contact sheet runs on the inference pool: sampling must not compete with training GPUs."""
-    from cluster.pools import infer_task_options
+    from train.samples import sample_task_options
 
-    return ray.remote(render_contact_sheet).options(**infer_task_options(num_gpus=0, num_cpus=1))
+    return ray.remote(render_contact_sheet).options(**sample_task_options(use_gpu))
 
 
 def render_contact_sheet(model: str, lora_files: list[bytes], steps_of: list[int], prompts: list[str], trigger: str,
                          size: int, sample_steps: int, seed: int, use_gpu: bool) -> bytes:
     """A grid: one row per prompt, the base model in the first column, then one column per checkpoint."""
-    from klein.generate import GenerateRequest, generate_image, set_active_loras
-    from klein.lora import read_lora
-    from klein.model import load_pipeline
+    from klein.generate import GenerateRequest
     from train.report import image_grid
+    from train.samples import cached_pipeline, render_with_lora
 
-    pipe = load_pipeline(model, device="cuda" if use_gpu else "cpu")
-    rows = []
-    for p_idx, prompt in enumerate(prompts):
-        req = GenerateRequest(prompt=f"{trigger}. {prompt}", seed=seed + p_idx, steps=sample_steps, width=size, height=size)
-        set_active_loras(pipe, [])
-        row = [generate_image(pipe, req)]
-        for data, step in zip(lora_files, steps_of):
-            set_active_loras(pipe, [(f"step{step}", read_lora(data), 1.0)])
-            row.append(generate_image(pipe, req))
-        rows.append(row)
+    pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
+    requests = [GenerateRequest(prompt=f"{trigger}. {prompt}", seed=seed + p_idx, steps=sample_steps, width=size, height=size)
+                for p_idx, prompt in enumerate(prompts)]
+    columns = [render_with_lora(pipe, data, requests) for data in [None, *lora_files]]
+    rows = [list(row) for row in zip(*columns)]
     labels = ["base"] + [f"step {s}" for s in steps_of]
     png = io.BytesIO()
     image_grid(rows, col_labels=labels, row_labels=prompts).save(png, format="PNG")

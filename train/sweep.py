@@ -10,7 +10,7 @@ What a sweep does:
    from (sweep name, board, variant), so a re-run finds it. At most `concurrency` jobs train at once (the
    training pool's `train_gpu` units ÷ GPUs per job, unless the YAML says otherwise); the jobs also queue
    FIFO in the pool through `cluster.pools.train_pool_turn`.
-2. As each job finishes, a Ray task on the inference pool (`cluster.pools.infer_task_options`) renders one
+2. As each job finishes, a Ray task on the inference pool (`train.samples.sample_task_options`) renders one
    image per (checkpoint, prompt, seed), and the base model's image per (board, prompt, seed).
 3. Every sample is scored: style distance to the board's refs (`klein.style_score`), a content check
    (offline proxy: correlation of the edge maps of the sample and of the base model's image for the same
@@ -393,21 +393,6 @@ def training_concurrency(spec: SweepSpec, resources: dict | None = None) -> tupl
 
 
 # -- samples on the inference pool ---------------------------------------------------------------------------
-_PIPELINES: dict[tuple[str, str], Any] = {}
-_PIPELINE_LOCK = threading.Lock()
-
-
-def _pipeline(model: str, device: str):
-    """One pipeline per (model, device) per worker process: Ray reuses workers, so later tasks skip the load."""
-    from klein.model import load_pipeline
-
-    with _PIPELINE_LOCK:
-        key = (model, device)
-        if key not in _PIPELINES:
-            _PIPELINES[key] = load_pipeline(model, device=device)
-        return _PIPELINES[key]
-
-
 def sample_name(step: int | None, prompt_index: int, seed: int) -> str:
     return f"{'base' if step is None else f'step_{step:06d}'}/p{prompt_index}_s{seed}.png"
 
@@ -420,41 +405,31 @@ def render_samples(model: str, storage_uri: str, lora_keys: dict[int, str] | Non
     `prompts` are full prompts (trigger included). Keys of the result are `sample_name(step, i, seed)`.
     """
     from cluster.storage import Storage
-    from klein.generate import GenerateRequest, generate_image, set_active_loras
-    from klein.lora import read_lora
+    from klein.generate import GenerateRequest
+    from train.samples import cached_pipeline, render_with_lora
 
-    pipe = _pipeline(model, "cuda" if use_gpu else "cpu")
+    pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
     storage = Storage.from_uri(storage_uri)
+    cells = [(p_idx, prompt, seed) for p_idx, prompt in enumerate(prompts) for seed in seeds]
+    requests = [GenerateRequest(prompt=prompt, seed=seed, steps=steps, width=size, height=size, guidance=guidance)
+                for _, prompt, seed in cells]
     out: dict[str, bytes] = {}
     checkpoints: list[tuple[int | None, str | None]] = [(None, None)] if lora_keys is None else sorted(lora_keys.items())
-    with _PIPELINE_LOCK:  # adapters are per pipeline: one render at a time in this process
-        for step, key in checkpoints:
-            adapter = None
-            if key is None:
-                set_active_loras(pipe, [])
-            else:
-                adapter = "sweep_" + hashlib.sha256(f"{storage_uri}/{key}".encode()).hexdigest()[:16]
-                set_active_loras(pipe, [(adapter, read_lora(storage.read_bytes(key)), 1.0)])
-            try:
-                for p_idx, prompt in enumerate(prompts):
-                    for seed in seeds:
-                        req = GenerateRequest(prompt=prompt, seed=seed, steps=steps, width=size, height=size, guidance=guidance)
-                        buf = io.BytesIO()
-                        generate_image(pipe, req).save(buf, format="PNG")
-                        out[sample_name(step, p_idx, seed)] = buf.getvalue()
-            finally:
-                if adapter is not None:
-                    set_active_loras(pipe, [])
-                    pipe.transformer.delete_adapters([adapter])
+    for step, key in checkpoints:
+        images = render_with_lora(pipe, None if key is None else storage.read_bytes(key), requests)
+        for (p_idx, _, seed), image in zip(cells, images):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            out[sample_name(step, p_idx, seed)] = buf.getvalue()
     return out
 
 
 def _render_task(use_gpu: bool):
     import ray
 
-    from cluster.pools import infer_task_options
+    from train.samples import sample_task_options
 
-    return ray.remote(render_samples).options(**infer_task_options(num_gpus=1 if use_gpu else 0, num_cpus=1))
+    return ray.remote(render_samples).options(**sample_task_options(use_gpu))
 
 
 # -- scores ------------------------------------------------------------------------------------------------
