@@ -290,3 +290,16 @@ def test_a_worker_error_fails_the_job_with_its_reason_and_stores_no_lora(clean, 
     assert "adamw8bit runs only on CUDA" in status["error"] and statuses[-1]["state"] == "failed"
     assert status["error"].endswith("rank 0: ConfigError: optimizer: adamw8bit runs only on CUDA GPUs (bitsandbytes); use adamw or adafactor on CPU")
     assert not Storage.from_uri(store).exists(lora_prefix("default", "job-worker-error"))
+
+
+def test_a_model_the_cache_task_cannot_load_fails_the_job_at_caching_in_one_line(ray_cluster, board, store):
+    """The model folder is read where the cache task runs (a worker, not the driver): its ModelLoadError comes
+    back through Ray as the job's reason, without Ray's wrapping, and the status names the stage."""
+    from train.job import JobError
+
+    with pytest.raises(JobError, match="failed while caching: ModelLoadError: model folder /nonexistent/klein does not exist"):
+        run_training_job(board, _cfg(store, "job-bad-model", model="/nonexistent/klein"))
+    status = Storage.from_uri(store).read_json("jobs/job-bad-model/status.json")
+    assert (status["state"], status["stage"]) == ("failed", "caching")
+    assert "Traceback" not in status["error"] and "ray::" not in status["error"]
+    assert not Storage.from_uri(store).exists(lora_prefix("default", "job-bad-model"))

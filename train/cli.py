@@ -107,7 +107,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except JobError as e:  # the job ran and failed (its status.json says so too); checkpoints are kept
         print(f"error: {e}", file=sys.stderr)
         if cfg.job_id:
-            print(f"  `klein-style train ... --job-id {cfg.job_id}` resumes from its last checkpoint", file=sys.stderr)
+            print(f"  fix the cause and run `klein-style train ... --job-id {cfg.job_id}` again: the cache and the last "
+                  f"checkpoint are reused", file=sys.stderr)
         return 1
     _print_summary(manifest, cfg)
     return 0

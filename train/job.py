@@ -127,10 +127,12 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         raise
     for w in prepared.warnings:
         log.warning("%s", w)
-    status("caching", decision=prepared.decision, warnings=prepared.warnings)
-    ref_set = prepared.ref_set
-    cache_key = _build_cache(ref_set, prepared.captions, cfg)
+    stage = "caching"
     try:
+        status("caching", decision=prepared.decision, warnings=prepared.warnings)
+        ref_set = prepared.ref_set
+        cache_key = _build_cache(ref_set, prepared.captions, cfg)
+        stage = "training"
         consis = None
         if cfg.consis_lora:
             # ConsisLoRA: a content LoRA on the trigger-less captions first; the style LoRA then trains on top
@@ -151,10 +153,16 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
                       "content_lora": cfg.content_lora}
         status("training", step=0, steps=cfg.steps, decision=prepared.decision)
         final_state = _fit(cfg, cache_key, storage)
-    except JobError as e:  # the job's own status says so, whichever stage (content or style) failed
-        status("failed", error=str(e), stage="training")
-        raise
-    manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
+        stage = "finishing"
+        manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
+    except Exception as e:
+        # whichever stage failed (a model folder the cache task cannot load, a worker error, a contact sheet),
+        # the job's own status says so in one line; checkpoints stay, and resubmitting the job id resumes
+        reason = str(e) if isinstance(e, JobError) else f"job {cfg.job_id} failed while {stage}: {failure_reason(e)}"
+        status("failed", error=reason, stage=stage)
+        if isinstance(e, JobError):
+            raise
+        raise JobError(reason) from e
     status("done", manifest=f"{lora_prefix(cfg.tenant, cfg.job_id)}/manifest.json", best_step=manifest["best_step"])
     return manifest
 
@@ -191,7 +199,7 @@ def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
         try:
             result = trainer.fit()
         except TrainingFailedError as e:  # retries spent: the job fails with the worker's own reason, not Ray's dump
-            raise JobError(f"training job {cfg.job_id} failed: {_worker_reason(e)}") from e
+            raise JobError(f"training job {cfg.job_id} failed: {failure_reason(e)}") from e
     if result.error is not None or result.checkpoint is None:
         raise JobError(f"training job {cfg.job_id} failed: {result.error}")
     with result.checkpoint.as_directory() as d:
@@ -199,12 +207,17 @@ def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
 
 
 
-def _worker_reason(error: Exception) -> str:
-    """The first failed worker's exception as `Type: message` (a WorkerGroupError carries one per rank)."""
+def failure_reason(error: BaseException) -> str:
+    """What failed, as `Type: message`, without Ray's wrapping: the first failed worker of a Ray Train run
+    (a WorkerGroupError carries one per rank), the original exception of a Ray task."""
     failures = getattr(error, "worker_failures", None) or {}
     if failures:
         rank, failure = sorted(failures.items())[0]
-        return f"rank {rank}: {type(failure).__name__}: {failure}"
+        return f"rank {rank}: {failure_reason(failure)}"
+    from ray.exceptions import RayTaskError
+
+    if isinstance(error, RayTaskError) and error.cause is not None:
+        return failure_reason(error.cause)
     return f"{type(error).__name__}: {error}"
 
 
