@@ -35,6 +35,30 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
     bad.write_text("rank: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         TrainConfig.from_yaml(bad)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("rank: true", r"rank: expected an integer \(got True, of type bool\)"),
+    ("sample_prompts: a house", r"sample_prompts: expected a list of strings \(got 'a house'"),
+    ("lr: 1e-x", r"lr: expected a number \(got '1e-x'"),
+    ("trigger: 5", "trigger: expected a string"),
+    ("use_gpu: maybe", "use_gpu: expected true or false or null"),
+])
+def test_values_of_the_wrong_type_are_named(tmp_path, line, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_yaml(path)
+
+
+def test_yaml_floats_written_without_a_dot_are_numbers(tmp_path):
+    """ai-toolkit configs say `lr: 1e-4`; PyYAML (YAML 1.1) reads that as a string, YAML 1.2 as a float."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lr: 1e-4\nweight_decay: 1e-2\nlinear_alpha: 16\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert (cfg.lr, cfg.weight_decay, cfg.linear_alpha) == (1e-4, 1e-2, 16)
 
 
 def test_formerly_refused_options_are_accepted():

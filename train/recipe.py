@@ -118,7 +118,12 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e}); pass the path of a TrainConfig "
+                              f"YAML file") from e
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
@@ -135,6 +140,13 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+        # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; YAML 1.2 and ai-toolkit's configs mean a float
+        for key in FLOAT_KEYS & set(data):
+            if isinstance(data[key], str):
+                try:
+                    data[key] = float(data[key])
+                except ValueError:
+                    pass  # validate() names the key and the expected type
         config = cls(**data)
         config.validate()
         return config
@@ -147,6 +159,7 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"{key}: {msg} (got {getattr(self, key)!r})")
 
+        self._check_types()
         check(self.optimizer in OPTIMIZERS, "optimizer", f"choose one of {OPTIMIZERS}")
         check(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"choose one of {LR_SCHEDULERS}")
         check(self.targets in TARGET_PRESETS, "targets", f"choose one of {TARGET_PRESETS}")
@@ -178,6 +191,31 @@ class TrainConfig:
         check(self.sample_every is None or (isinstance(self.sample_every, int) and self.sample_every >= 1),
               "sample_every", "a positive integer or null")
         check(self.max_refs >= 2, "max_refs", "at least 2")
+
+    def _check_types(self) -> None:
+        """Each key against its annotation: `rank: true` or `sample_prompts: a house` must not slip through as
+        an int (bool is one in Python) or as a list of characters."""
+        for f in fields(self):
+            value, annotation = getattr(self, f.name), str(f.type)
+            optional = annotation.endswith("| None")
+            base = annotation.removesuffix("| None").strip()
+            if value is None:
+                ok, expected = optional, base
+            elif base == "bool":
+                ok, expected = isinstance(value, bool), "true or false"
+            elif base == "int":
+                ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif base == "float":
+                ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            elif base == "str":
+                ok, expected = isinstance(value, str), "a string"
+            elif base == "list[str]":
+                ok, expected = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+            else:
+                continue
+            if not ok:
+                raise ConfigError(f"{f.name}: expected {expected}{' or null' if optional else ''} "
+                                  f"(got {value!r}, of type {type(value).__name__})")
 
     # -- resolution of 'auto' ----------------------------------------------------------------------------
     def resolved(self, n_refs: int, on_gpu: bool = True) -> tuple["TrainConfig", PolicyDecision]:
@@ -212,3 +250,7 @@ class TrainConfig:
             cfg.steps = default_steps(cfg.rank, n_refs)
         cfg.validate()
         return cfg, decision
+
+
+# the keys a YAML file may spell as `1e-4` (see TrainConfig.from_dict)
+FLOAT_KEYS = frozenset(f.name for f in fields(TrainConfig) if str(f.type).removesuffix("| None").strip() == "float")
