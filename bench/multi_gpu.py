@@ -13,7 +13,9 @@ worker its own batch). DeepSpeed ZeRO phases run the loop's ZeRO path (`train.ze
 `partition_for_zero3`, `ZeroEngine`) with adamw, no compile, gradient checkpointing, against `ddp_plain` (DDP with
 the same settings): `zero2`, `zero3` on N GPUs; `zero3_cap` with every GPU capped at `--cap-gib` (a GPU smaller
 than the bf16 model, which DDP cannot use: `ddp_cap` shows the OOM); `zero3_offload_cap`: one capped GPU, the
-parameter shards in host memory. Under ZeRO-3 the random model is made on the GPU and moved to host memory
+parameter shards in host memory. ZeRO-3 phases gather what `deepspeed_gather` says (auto: one transformer block
+at a time, as the bench trains with gradient checkpointing); `zero3_linear` each LoRA'd Linear, and the `_module`
+twins every module (DeepSpeed's own hooks, the baseline). Under ZeRO-3 the random model is made on the GPU and moved to host memory
 before the cap is set and the model is sharded, as `train.loop` loads it from disk to host memory. Every worker reports where it runs (Ray node, CUDA_VISIBLE_DEVICES, torch device, GPU
 uuid) and its steps/s over a timed window that all jobs of a phase enter together (a barrier actor).
 Targets: (2) aggregate steps/s ≥ 0.9·N × (1); (3) samples/s ≥ 1.8 × (1) on 2 GPUs.
@@ -52,7 +54,7 @@ def parse_args():
     p.add_argument("--cpu", action="store_true", help="CPU workers (gloo): logic check only")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--phases", default="single,concurrent,ddp",
-                   help="of single, concurrent, ddp, ddp_bf16, ddp_plain, zero2, zero3, ddp_cap, zero3_cap, zero3_offload_cap")
+                   help="of single, concurrent, ddp, ddp_bf16, and the ZeRO phases: " + ", ".join(ZERO_PHASES))
     p.add_argument("--cap-gib", type=float, default=16.0, help="per-GPU memory cap of the *_cap phases")
     p.add_argument("--zero-options", default="{}", help="JSON merged into DeepSpeed's zero_optimization (tuning trials)")
     p.add_argument("--section", default="multi_gpu")
@@ -102,7 +104,8 @@ def bench_worker(config: dict) -> None:
     klein.model.load_transformer = load_random_transformer
     plain = bool(zero_stage) or config.get("plain")  # adamw, no compile, checkpointing: ZeRO's settings
     tc = TrainConfig(model="random", steps=10_000, seed=0, **(dict(optimizer="adamw", gradient_checkpointing=True, variant="custom",
-                     deepspeed_stage=zero_stage, deepspeed_offload=bool(config.get("offload"))) if plain else {}))
+                     deepspeed_stage=zero_stage, deepspeed_offload=bool(config.get("offload")),
+                     deepspeed_gather=config.get("gather", "auto") if zero_stage == 3 else "auto") if plain else {}))
     zero3 = zero_stage == 3
     transformer = setup_transformer(tc, torch.device("cpu") if zero3 else device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     if device.type == "cuda":
@@ -199,7 +202,7 @@ def bench_worker(config: dict) -> None:
         del buf
     result = dict(placement, steps=config["steps"], timed_s=round(elapsed, 3), steps_per_s=round(config["steps"] / elapsed, 4),
                   allreduce=allreduce, ddp_hook=config.get("ddp_hook"), zero=zero_stage, offload=bool(config.get("offload")),
-                  cap_gib=config.get("cap_gib"), checkpoint=save, zero_options=config.get("zero_options") if zero_stage else None,
+                  cap_gib=config.get("cap_gib"), gather=engine.units if engine else None, checkpoint=save, zero_options=config.get("zero_options") if zero_stage else None,
                   warmup_s=round(warm_s, 2), last_loss=loss, levers=accel["levers"] + [type(optimizer).__name__],
                   peak_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)
     Path(config["out_dir"], f"{config['job']}-rank{rank}.json").write_text(json.dumps(result))
@@ -232,10 +235,16 @@ PHASE_OPTIONS = {
     "ddp_plain": {"plain": True},
     "ddp_cap": {"plain": True, "cap_gib": True},
     "zero2": {"zero": 2},
-    "zero3": {"zero": 3},
+    "zero3": {"zero": 3},  # deepspeed_gather auto: block (the bench trains with gradient checkpointing)
+    "zero3_linear": {"zero": 3, "gather": "linear"},
+    "zero3_module": {"zero": 3, "gather": "module"},  # DeepSpeed's own: every module hooked
     "zero3_cap": {"zero": 3, "cap_gib": True},
+    "zero3_module_cap": {"zero": 3, "gather": "module", "cap_gib": True},
     "zero3_offload_cap": {"zero": 3, "offload": True, "cap_gib": True},
+    "zero3_module_offload_cap": {"zero": 3, "gather": "module", "offload": True, "cap_gib": True},
 }
+ZERO_PHASES = ("ddp_plain", "zero2", "zero3", "zero3_linear", "zero3_module", "ddp_cap", "zero3_cap", "zero3_module_cap",
+               "zero3_offload_cap", "zero3_module_offload_cap")
 
 
 def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: dict) -> None:
@@ -341,9 +350,9 @@ def main():
         if "ddp_bf16" in phases and n > 1:  # the same job, gradients all-reduced in bf16
             R["phases"]["ddp_bf16"] = run_phase("ddp_bf16", [("ddpbf16-0", n)], args, out_dir)
             save_section(device, tiny, args.section, R)
-        for phase in ("ddp_plain", "zero2", "zero3", "ddp_cap", "zero3_cap", "zero3_offload_cap"):
+        for phase in ZERO_PHASES:
             if phase in phases:
-                workers = 1 if phase == "zero3_offload_cap" else n
+                workers = 1 if "offload" in phase else n
                 R["phases"][phase] = run_phase(phase, [(f"{phase}-0", workers)], args, out_dir)
                 save_section(device, tiny, args.section, R)
     finally:
@@ -389,7 +398,7 @@ def finish(R, device, env, tiny, n, section="multi_gpu"):
         for job, err in data.get("errors", {}).items():
             rows.append({"phase": ph, "job": job, "rank": "FAILED", "node": err[:60]})
     print_table(f"placement and steps/s, {R['what']} on {env['gpu']} x{n}", rows,
-                [("phase", "phase", 11), ("job", "job", 13), ("rank", "rank", 5), ("node", "ray node", 13),
+                [("phase", "phase", 24), ("job", "job", 13), ("rank", "rank", 5), ("node", "ray node", 13),
                  ("cvd", "CUDA_VISIBLE_DEVICES", 21), ("dev", "device", 7), ("uuid", "GPU uuid", 19),
                  ("sps", "steps/s", 8), ("peak", "peak GiB", 9)])
     print("summary:", summary, flush=True)

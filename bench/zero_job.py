@@ -53,7 +53,7 @@ def main():
     R = {"what": "run_training_job with deepspeed_stage on the tiny model, 2 workers, bf16 on GPUs", "jobs": {}}
     loras = {}
     try:
-        for name, extra in (("zero2", dict(deepspeed_stage=2)), ("zero3-killed", dict(deepspeed_stage=3, fail_at_step=8))):
+        for name, extra in (("zero2", dict(deepspeed_stage=2)), ("zero3-killed", dict(deepspeed_stage=3, fail_at_step=8, gradient_checkpointing=True))):
             store = root / name
             cfg = TrainConfig(trigger="zxy_sepia", storage=str(store), resolution=64, steps=12, save_every=5, job_id=f"job-{name}",
                               lr=2e-3, sample_prompts=["a house"], sample_steps=2, seed=3, variant="custom", optimizer="adamw",

@@ -8,6 +8,11 @@ replay's LoRA.
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,8 +66,10 @@ def test_zero3_worker_killed_mid_run_resumes_to_what_data_parallel_training_comp
     """ZeRO-3 shards the LoRA's gradients, optimizer state and parameters, the frozen base included. Rank 0 is
     killed mid-step 4 (after the step-3 checkpoint); both workers restart from DeepSpeed's shards, which Ray
     Train merged into one checkpoint, and the final LoRA equals the single-process replay of the whole run.
+    With gradient checkpointing ZeRO-3 gathers a whole transformer block at a time (deepspeed_gather: auto).
     (ZeRO-2 runs the same code with stage 2; it is checked on GPUs by bench/zero_job.py.)"""
-    manifest = run_training_job(board, _cfg(tmp_path, "job-zero3", deepspeed_stage=3, fail_at_step=4))
+    manifest = run_training_job(board, _cfg(tmp_path, "job-zero3", deepspeed_stage=3, fail_at_step=4,
+                                            gradient_checkpointing=True))
     storage = Storage.from_uri(tmp_path)
     assert storage.exists("jobs/job-zero3/fault_injected_4")
     assert manifest["config"]["deepspeed_stage"] == 3 and manifest["metrics"]["effective_batch"] == 2
@@ -82,6 +89,32 @@ def test_zero3_worker_killed_mid_run_resumes_to_what_data_parallel_training_comp
     assert sum(p.stat().st_size for p in last.rglob("*") if p.is_file()) < 20 * 2**20
 
 
+def test_zero3_gathers_blocks_or_lora_linears_and_trains_exactly_as_with_deepspeeds_per_module_hooks(tiny_dir):
+    """The same three ZeRO-3 steps with each gather unit (tests/zero3_gather_run.py, its own process): the
+    losses and the LoRA equal those of DeepSpeed's default of hooking every module (to float rounding: a
+    block sums its gradients in another order), so a unit whose LoRA gradients were reduced before they all
+    existed would show here as a different LoRA."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    specs = ["module:gc", "block:gc", "linear:gc", "linear:no"]
+    root = Path(__file__).parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("zero3_gather_run.py")), str(port), *specs],
+                          capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(r["unit"], r["checkpointing"]) for r in runs] == [("module", True), ("block", True), ("linear", True), ("linear", False)]
+    leaves = {r["unit"]: r["leaves"] for r in runs}
+    assert leaves == {"module": [], "block": ["Flux2SingleTransformerBlock", "Flux2TransformerBlock"], "linear": ["Linear"]}
+    reference = runs[0]
+    assert reference["losses"][0] != reference["losses"][-1]
+    for run in runs[1:]:
+        assert run["losses"] == pytest.approx(reference["losses"], abs=1e-6), (run["unit"], run["losses"], reference["losses"])
+        worst = max(abs(a - b) for name, values in reference["lora"].items() for a, b in zip(values, run["lora"][name]))
+        assert worst < 1e-6, f"{run['unit']}: the LoRA differs from per-module gathering by {worst}"
+
+
 def test_zero_options_are_checked():
     with pytest.raises(ConfigError, match="optimizer: cannot run under deepspeed_stage 2.*adamw"):
         TrainConfig(deepspeed_stage=2, optimizer="adafactor", variant="custom").validate()
@@ -93,7 +126,17 @@ def test_zero_options_are_checked():
         TrainConfig(deepspeed_stage=3, optimizer="adamw", compile=True).validate()
     with pytest.raises(ConfigError, match="deepspeed_stage: 2, 3 or null"):
         TrainConfig(deepspeed_stage=1).validate()
+    with pytest.raises(ConfigError, match="deepspeed_gather: choose one of"):
+        TrainConfig(deepspeed_stage=3, optimizer="adamw", deepspeed_gather="layer").validate()
+    with pytest.raises(ConfigError, match="deepspeed_gather: needs deepspeed_stage: 3"):
+        TrainConfig(deepspeed_stage=2, optimizer="adamw", deepspeed_gather="linear").validate()
+    with pytest.raises(ConfigError, match="deepspeed_gather: block needs gradient_checkpointing: true"):
+        TrainConfig(deepspeed_stage=3, optimizer="adamw", deepspeed_gather="block").validate()
+    TrainConfig(deepspeed_stage=3, optimizer="adamw", deepspeed_gather="block", gradient_checkpointing=True).validate()
     # the policy's own choice of optimizer gives way to adamw under ZeRO, and says so
     resolved, decision = TrainConfig(deepspeed_stage=3, optimizer="adamw").resolved(12)
     assert decision.variant == "GEM+A" and resolved.optimizer == "adamw"
     assert any("adamw under deepspeed_stage 3" in w for w in decision.warnings)
+    assert any("without gradient_checkpointing gathers one Linear" in w for w in decision.warnings)
+    _, decision = TrainConfig(deepspeed_stage=3, optimizer="adamw", gradient_checkpointing=True).resolved(12)
+    assert not any("gradient_checkpointing" in w for w in decision.warnings)

@@ -70,6 +70,9 @@ def _prepare_process(device: torch.device):
     """DeepSpeed, set up for this worker process; returns the module.
 
     - DeepSpeed places shards on `cuda:$LOCAL_RANK`; Ray Train's device for this worker is the authority.
+    - CUDA memory in expandable segments (unless PYTORCH_CUDA_ALLOC_CONF says otherwise): ZeRO-3 allocates
+      and frees a whole block's weights at every use, and in fixed segments that left 1.5 GiB reserved but
+      unusable on a 16 GiB GPU, enough to run out of memory where the same step needs only 14.7 GiB.
     - On CPU DeepSpeed JIT-compiles a shared-memory all-reduce (about 40 s of C++ on two cores) that only
       speeds up large CPU all-reduces; the LoRA's are small, so gloo's own is used. DeepSpeed keeps its
       op-compatibility table in `deepspeed.ops.__compatible_ops__` and consults it before building.
@@ -77,6 +80,10 @@ def _prepare_process(device: torch.device):
     deepspeed = import_deepspeed()
     if device.type == "cuda":
         os.environ["LOCAL_RANK"] = str(device.index if device.index is not None else torch.cuda.current_device())
+        if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+            # torch 2.10+ names it per accelerator; the CUDA name is older and now warns
+            set_allocator_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+            (set_allocator_settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
     else:
         import deepspeed.ops
 
@@ -96,6 +103,65 @@ def partition_for_zero3(transformer, ds_config: dict, device: torch.device):
     return transformer
 
 
+def zero3_gather(cfg: TrainConfig) -> str:
+    """`deepspeed_gather` with auto resolved: block under gradient checkpointing, else linear."""
+    if cfg.deepspeed_gather != "auto":
+        return cfg.deepspeed_gather
+    return "block" if cfg.gradient_checkpointing else "linear"
+
+
+def zero3_units(transformer, cfg: TrainConfig) -> str:
+    """Make ZeRO-3 gather bigger units than single modules; returns the unit ("block", "linear" or "module").
+
+    DeepSpeed hooks every module: it gathers and releases weights, and keeps its trace, around each one's
+    forward and backward. On this model those hooks, not the communication, are most of ZeRO-3's step time
+    (bench/README.md). A "leaf" module is gathered and released as one unit, its children unhooked:
+      - block: each transformer block (8 + 24 on the 9B), its weights (~1/32 of the model) whole while it runs;
+      - linear: each LoRA'd Linear with its LoRA A/B and dropout (5 hooked modules become 1).
+    A leaf's LoRA gradients are reduced by a backward hook on the leaf that fires once the gradients of its
+    positional inputs exist. Two things keep that after the LoRA's own gradients:
+      - the transformer's inputs (the noisy latents, the text embeddings) are made to require grad, so every
+        activation inside does (as transformers' `enable_input_require_grads`); otherwise a Linear of the
+        first block, whose input has no gradient, reduces before its LoRA's gradients arrive;
+      - blocks only under gradient checkpointing, which calls each block with positional arguments; outside
+        it diffusers passes keyword arguments, which the hook does not see (recipe.validate refuses that).
+    Must run before `deepspeed.initialize`, which installs the hooks.
+    """
+    unit = zero3_gather(cfg)
+    if unit == "module":
+        return unit
+    from deepspeed.utils import set_z3_leaf_modules
+
+    if unit == "block":
+        leaf_types = sorted({type(b) for name in ("transformer_blocks", "single_transformer_blocks")
+                             for b in getattr(transformer, name, [])}, key=lambda t: t.__name__)
+    else:
+        from peft.tuners.lora import Linear as LoraLinear
+
+        leaf_types = [LoraLinear]
+    if not leaf_types:
+        raise ConfigError(f"deepspeed_gather: {unit} found no transformer blocks in {type(transformer).__name__}; "
+                          f"use deepspeed_gather: module")
+    set_z3_leaf_modules(transformer, leaf_types)
+    transformer.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
+    return unit
+
+
+def _inputs_require_grad(module, args, kwargs):
+    """Forward pre-hook: the latents and text embeddings (positional or keyword) require grad while training."""
+    if not torch.is_grad_enabled():
+        return args, kwargs
+
+    def needing_grad(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
+            return value.detach().requires_grad_(True)
+        return value
+
+    args = tuple(needing_grad(v) if i < 2 else v for i, v in enumerate(args))
+    kwargs = {k: needing_grad(v) if k in ("hidden_states", "encoder_hidden_states") else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
 class ZeroEngine:
     """A DeepSpeed engine around the transformer, its LoRA parameters, optimizer and LR schedule."""
 
@@ -106,6 +172,7 @@ class ZeroEngine:
         self.transformer = transformer
         self.names = {id(p): n for n, p in transformer.named_parameters()}
         self.params = params
+        self.units = zero3_units(transformer, cfg) if self.stage == 3 else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=transformer, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler,
             config=ds_config, dist_init_required=False)
