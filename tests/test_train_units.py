@@ -25,8 +25,12 @@ def test_yaml_uses_ai_toolkit_keys(tmp_path):
 
 
 def test_unknown_key_and_bad_value_are_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown keys \['learning_rat'\]"):
+    with pytest.raises(ConfigError, match=r"unknown keys \['learning_rat'\] \(did you mean 'learning_rat' → 'learning_rate'\?\)") as e:
         TrainConfig.from_dict({"learning_rat": 1e-4})
+    assert "'lr'" in str(e.value) and "fail_at_step" not in str(e.value)  # testing hooks are not offered
+    with pytest.raises(ConfigError, match=r"unknown keys \['colour'\]; known keys") as e:
+        TrainConfig.from_dict({"colour": "red"})
+    assert "did you mean" not in str(e.value)
     with pytest.raises(ConfigError, match="optimizer: choose one of"):
         TrainConfig.from_dict({"optimizer": "sgd"})
     with pytest.raises(ConfigError, match="resolution"):

@@ -206,7 +206,6 @@ def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
         return json.loads((Path(d) / "state.json").read_text())
 
 
-
 def failure_reason(error: BaseException) -> str:
     """What failed, as `Type: message`, without Ray's wrapping: the first failed worker of a Ray Train run
     (a WorkerGroupError carries one per rank), the original exception of a Ray task."""
