@@ -105,7 +105,7 @@ def bench_worker(config: dict) -> None:
     plain = bool(zero_stage) or config.get("plain")  # adamw, no compile, checkpointing: ZeRO's settings
     tc = TrainConfig(model="random", steps=10_000, seed=0, **(dict(optimizer="adamw", gradient_checkpointing=True, variant="custom",
                      deepspeed_stage=zero_stage, deepspeed_offload=bool(config.get("offload")),
-                     deepspeed_gather=config.get("gather", "auto") if zero_stage == 3 else "auto") if plain else {}))
+                     deepspeed_gather=config.get("gather", "auto")) if plain else {}))
     zero3 = zero_stage == 3
     transformer = setup_transformer(tc, torch.device("cpu") if zero3 else device, dtype=torch.bfloat16 if device.type == "cuda" else None)
     if device.type == "cuda":
@@ -230,21 +230,20 @@ def make_barrier(name: str, parties: int):
     return Barrier.options(name=name, namespace="klein-bench", lifetime="detached").remote(parties)
 
 
-# what the ZeRO phases set in the worker (the job's name is "<phase>-<i>")
+# what the ZeRO phases set in the worker (the job's name is "<phase>-<i>"), in the order they run
 PHASE_OPTIONS = {
     "ddp_plain": {"plain": True},
-    "ddp_cap": {"plain": True, "cap_gib": True},
     "zero2": {"zero": 2},
     "zero3": {"zero": 3},  # deepspeed_gather auto: block (the bench trains with gradient checkpointing)
     "zero3_linear": {"zero": 3, "gather": "linear"},
     "zero3_module": {"zero": 3, "gather": "module"},  # DeepSpeed's own: every module hooked
+    "ddp_cap": {"plain": True, "cap_gib": True},
     "zero3_cap": {"zero": 3, "cap_gib": True},
     "zero3_module_cap": {"zero": 3, "gather": "module", "cap_gib": True},
     "zero3_offload_cap": {"zero": 3, "offload": True, "cap_gib": True},
     "zero3_module_offload_cap": {"zero": 3, "gather": "module", "offload": True, "cap_gib": True},
 }
-ZERO_PHASES = ("ddp_plain", "zero2", "zero3", "zero3_linear", "zero3_module", "ddp_cap", "zero3_cap", "zero3_module_cap",
-               "zero3_offload_cap", "zero3_module_offload_cap")
+ZERO_PHASES = tuple(PHASE_OPTIONS)
 
 
 def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: dict) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from cluster.ports import free_port
 from cluster.storage import Storage
 from klein.lora import read_lora
 from replay import replay_data_parallel  # tests/ is on sys.path
@@ -94,9 +94,7 @@ def test_zero3_gathers_blocks_or_lora_linears_and_trains_exactly_as_with_deepspe
     losses and the LoRA equal those of DeepSpeed's default of hooking every module (to float rounding: a
     block sums its gradients in another order), so a unit whose LoRA gradients were reduced before they all
     existed would show here as a different LoRA."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     specs = ["module:gc", "block:gc", "linear:gc", "linear:no"]
     root = Path(__file__).parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))

@@ -135,13 +135,13 @@ def zero3_units(transformer, cfg: TrainConfig) -> str:
     if unit == "block":
         leaf_types = sorted({type(b) for name in ("transformer_blocks", "single_transformer_blocks")
                              for b in getattr(transformer, name, [])}, key=lambda t: t.__name__)
+        if not leaf_types:
+            raise ConfigError(f"deepspeed_gather: block found no transformer blocks in {type(transformer).__name__}; "
+                              f"use deepspeed_gather: linear or module")
     else:
         from peft.tuners.lora import Linear as LoraLinear
 
         leaf_types = [LoraLinear]
-    if not leaf_types:
-        raise ConfigError(f"deepspeed_gather: {unit} found no transformer blocks in {type(transformer).__name__}; "
-                          f"use deepspeed_gather: module")
     set_z3_leaf_modules(transformer, leaf_types)
     transformer.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
     return unit
