@@ -36,7 +36,7 @@ class GenerateRequest:
     height: int = 1024
     guidance: float = 4.0
     negative_prompt: str = ""
-    max_sequence_length: int = 512
+    max_sequence_length: int | None = None  # None: the model's own (klein.model.max_sequence_length)
     extra: dict = field(default_factory=dict)
 
     def validate(self, max_side: int = MAX_SIDE_DEFAULT) -> None:
@@ -52,6 +52,13 @@ class GenerateRequest:
             raise GenerateError(f"seed must be an integer in [0, 2^63), got {self.seed!r}", "seed")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise GenerateError("prompt must be a non-empty string", "prompt")
+
+
+def text_length(pipe, request: GenerateRequest) -> int:
+    """The request's max_sequence_length, else the one the model folder declares (Klein: 512, mini: 64)."""
+    if request.max_sequence_length is not None:
+        return int(request.max_sequence_length)
+    return int(getattr(pipe, "klein_max_sequence_length", 512))
 
 
 def set_active_loras(pipe, loras: list[tuple[str, LoraWeights | None, float]]) -> None:
@@ -94,9 +101,10 @@ def generate_image(
         return denoise(pipe, request, on_step, accel=pipe._klein_accel)
     device = pipe._execution_device
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
+    msl = text_length(pipe, request)
     negative = None
     if request.guidance > 1.0 and request.negative_prompt:
-        negative, _ = pipe.encode_prompt(request.negative_prompt, device=device, max_sequence_length=request.max_sequence_length)
+        negative, _ = pipe.encode_prompt(request.negative_prompt, device=device, max_sequence_length=msl)
     def report_step(_pipe, i, _t, kwargs):
         on_step(i + 1, request.steps)
         return kwargs
@@ -108,7 +116,7 @@ def generate_image(
         num_inference_steps=request.steps,
         guidance_scale=request.guidance,
         generator=generator,
-        max_sequence_length=request.max_sequence_length,
+        max_sequence_length=msl,
         callback_on_step_end=report_step if on_step is not None else None,
     )
     return out.images[0]
@@ -129,7 +137,7 @@ def denoise(pipe, request: GenerateRequest, on_step: Callable[[int, int], None] 
     transformer = pipe.transformer
     device = pipe._execution_device
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
-    msl = request.max_sequence_length
+    msl = text_length(pipe, request)
     prompt_embeds, text_ids = pipe.encode_prompt(prompt=request.prompt, device=device, max_sequence_length=msl)
     do_cfg = request.guidance > 1 and not getattr(pipe.config, "is_distilled", False)
     if do_cfg:

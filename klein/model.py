@@ -1,4 +1,4 @@
-"""Loading a FLUX.2 Klein pipeline: real weights from a local diffusers folder, or the tiny preset.
+"""Loading a FLUX.2 Klein pipeline: real weights from a local diffusers folder, or the tiny / mini preset.
 
 Both go through `Flux2KleinPipeline.from_pretrained`. A folder that is not a Klein pipeline fails before
 any weight is read, with a message that lists what is missing or wrong.
@@ -46,15 +46,43 @@ class KleinVariant:
         return cls(known.get(key, "klein-custom"), hidden, config.joint_attention_dim, config.num_layers, config.num_single_layers)
 
 
+PRESETS = ("tiny", "mini")
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # Klein pads every prompt to 512 Qwen3 tokens
+
+
 def resolve_model_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """`tiny` → the tiny preset folder (built on first use); anything else → a checked local folder."""
+    """`tiny` → the tiny preset folder (built on first use); `mini` → the pretrained preset shipped in the
+    repository; anything else → a checked local folder."""
     if str(source) == "tiny":
         from klein.tiny import tiny_preset_dir
 
         return tiny_preset_dir(cache_dir)
+    if str(source) == "mini":
+        from klein.mini import MINI_PRESET_DIR
+
+        if not (MINI_PRESET_DIR / "model_index.json").exists():
+            raise ModelLoadError(
+                f"the mini preset's weights are missing from {MINI_PRESET_DIR}: they ship with the repository "
+                "(check out the whole tree) and `python scripts/pretrain_mini.py` rebuilds them on a GPU"
+            )
+        check_klein_folder(MINI_PRESET_DIR)
+        return MINI_PRESET_DIR
     path = Path(source).expanduser()
     check_klein_folder(path)
     return path
+
+
+def preset_declaration(folder: str | os.PathLike) -> dict:
+    """What a preset folder declares about itself in `klein_preset.json` (empty for real Klein folders)."""
+    path = Path(folder) / "klein_preset.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def max_sequence_length(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> int:
+    """How many text tokens prompts are padded to: 512 for Klein, less where a preset declares it (mini: 64).
+    Training caches, samples and serving must all use the same number, so they all ask here."""
+    folder = resolve_model_source(source, cache_dir)
+    return int(preset_declaration(folder).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
 
 
 def check_klein_folder(path: Path) -> None:
@@ -127,6 +155,8 @@ def load_pipeline(
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load the Klein pipeline from {folder}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
+    # Read by klein.generate and train.cache when a request leaves max_sequence_length unset.
+    pipe.klein_max_sequence_length = int(preset_declaration(folder).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
     return pipe.to(device)
 
 
@@ -140,9 +170,13 @@ def load_transformer(source: str | os.PathLike = "tiny", dtype: torch.dtype = to
 
 
 def model_id(source: str | os.PathLike) -> str:
-    """A stable name for manifests: `tiny-v<N>` or the folder name of real weights."""
+    """A stable name for manifests: `tiny-v<N>`, `mini-v<N>` or the folder name of real weights."""
     if str(source) == "tiny":
         from klein.tiny import TINY_PRESET_VERSION
 
         return f"tiny-v{TINY_PRESET_VERSION}"
+    if str(source) == "mini":
+        from klein.mini import MINI_PRESET_VERSION
+
+        return f"mini-v{MINI_PRESET_VERSION}"
     return Path(source).expanduser().resolve().name

@@ -146,7 +146,8 @@ def build_tiny_preset(out_dir: Path, seed: int = 0) -> None:
     (out_dir / "klein_preset.json").write_text(json.dumps({"preset": "tiny", "version": TINY_PRESET_VERSION, "seed": seed}))
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
+    """A byte-level BPE `Qwen2TokenizerFast` trained on `corpus` (the tiny preset's own by default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -154,12 +155,12 @@ def build_tiny_tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=vocab_size,
         special_tokens=_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS.split("\n"), trainer=trainer)
+    bpe.train_from_iterator(corpus if corpus is not None else _CORPUS.split("\n"), trainer=trainer)
     tok = Qwen2TokenizerFast(
         tokenizer_object=bpe,
         unk_token=None,

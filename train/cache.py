@@ -90,7 +90,7 @@ def build_cache(
     embeds = {}
     for j in range(0, len(unique_captions), 8):
         chunk = unique_captions[j : j + 8]
-        prompt_embeds, _ = pipe.encode_prompt(chunk, device=device)
+        prompt_embeds, _ = pipe.encode_prompt(chunk, device=device, max_sequence_length=pipe.klein_max_sequence_length)
         for caption, emb in zip(chunk, prompt_embeds):
             embeds[caption] = emb.float().cpu()
     embed_tensors = {f"embed_{k}": embeds[c] for k, c in enumerate(unique_captions)}
