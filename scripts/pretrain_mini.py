@@ -115,7 +115,7 @@ def train_vae(pipe, data: dict, steps: int, device, state: dict, batch: int = 64
         opt.step()
         sched.step()
         if step % 200 == 0 or step == steps - 1:
-            curve.append((step, float(mse)))
+            curve.append((step, mse.item()))
             log(state, f"vae step {step}/{steps} mse {float(mse):.5f}")
     vae.eval()
     set_latent_statistics(pipe, images, device)
@@ -221,6 +221,11 @@ def train_transformer(pipe, latents, embeds, caption_index, deadline: float, max
             decay = min(ema_decay, (1 + step) / (10 + step))
             for k, v in transformer.state_dict().items():
                 ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        if step == 100:
+            # fit the cosine schedule to the steps the budget allows, so the rate anneals before the deadline
+            per_step = (time.time() - t_start) / 100
+            max_steps = min(max_steps, 100 + int((deadline - time.time()) / per_step))
+            log(state, f"{per_step:.3f} s/step: training {max_steps} steps")
         if step % 250 == 0:
             curve.append((step, float(loss)))
             log(state, f"transformer step {step} loss {float(loss):.4f} lr {lr_at(step):.2e} "
@@ -328,7 +333,10 @@ def main(argv=None) -> int:
     p.add_argument("--judge-per-pair", type=int, default=40, help="judge images per (style, class), every style")
     p.add_argument("--vae-steps", type=int, default=2500)
     p.add_argument("--steps", type=int, default=8000, help="transformer steps at most (the budget may stop it sooner)")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=256, help="transformer batch")
+    p.add_argument("--lr", type=float, default=4e-4, help="transformer peak learning rate")
+    p.add_argument("--vae-batch", type=int, default=64)
+    p.add_argument("--judge-batch", type=int, default=256)
     p.add_argument("--judge-steps", type=int, default=1200)
     p.add_argument("--val-per-pair", type=int, default=2, help="unseen images per (style, class) to measure the judge")
     p.add_argument("--eval-steps", type=int, default=28, help="denoising steps of the evaluation images")
@@ -364,7 +372,7 @@ def main(argv=None) -> int:
         log(state, f"resumed weights from {args.resume_from}")
     pipe.to(device)
     if not args.resume_from:
-        train_vae(pipe, data, args.vae_steps, device, state)
+        train_vae(pipe, data, args.vae_steps, device, state, batch=args.vae_batch)
         round_to_half(pipe.vae)
         set_latent_statistics(pipe, data["images"], device)
         round_to_half(pipe.vae)
@@ -373,7 +381,7 @@ def main(argv=None) -> int:
     state["caption_ids"] = torch.tensor([index[c] for c in data["captions"]])
     log(state, f"encoded {latents.shape[0]} latents {tuple(latents.shape[1:])}, {len(unique)} captions {tuple(embeds.shape[1:])}")
     pipe.transformer = train_transformer(pipe, latents, embeds, index, deadline - args.reserve_s, args.steps, device,
-                                         state, batch=args.batch)
+                                         state, batch=args.batch, lr=args.lr)
     del state["caption_ids"]
 
     init_judge = None
@@ -381,7 +389,7 @@ def main(argv=None) -> int:
     if judge_file is not None and judge_file.exists():
         init_judge = WorldJudge.load(judge_file)
     judge_steps = args.judge_steps if init_judge is None else args.judge_steps // 3
-    judge = train_judge(pipe, judge_data, val_data, judge_steps, device, state, init_judge)
+    judge = train_judge(pipe, judge_data, val_data, judge_steps, device, state, init_judge, batch=args.judge_batch)
 
     export = args.work / "export" / "mini"
     save_mini_preset(pipe, export, {
