@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import Literal
 
 import numpy as np
@@ -420,6 +421,8 @@ def reformulate(
         return _offline(profile, prompt, trigger, [f"offline L2: {why}"])
     feedback: list[str] | None = None
     warnings: list[str] = []
+    # one deadline for the whole L2 (both attempts): on the request path it must end well inside the request's
+    deadline_at = time.monotonic() + client.config.deadline_for("rewrite")
     for attempt in (1, 2):
         try:
             answer = client.generate(
@@ -428,6 +431,7 @@ def reformulate(
                 RewriteAnswer,
                 system_instruction=SYSTEM_INSTRUCTION,
                 prompt_version=PROMPT_VERSION,
+                deadline_at=deadline_at,
             )
         except GeminiError as e:
             logger.warning("L2 rewrite by Gemini failed (%s); weaving the prompt offline", e)

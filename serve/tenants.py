@@ -134,6 +134,16 @@ class TokenBucketLimiter:
     def limit_of(self, tenant: str) -> tuple[float, float]:
         return self.overrides.get(tenant, (self.rate, self.burst))
 
+    def peek(self, tenant: str, cost: float = 1.0) -> float:
+        """Like `try_acquire`, without taking anything: 0.0 when `cost` tokens are there, else the wait."""
+        rate, burst = self.limit_of(tenant)
+        with self._lock:
+            bucket = self._buckets.get(tenant)
+            if bucket is None:
+                return 0.0
+            tokens = min(burst, bucket.tokens + (self._clock() - bucket.updated) * rate)
+            return 0.0 if tokens >= cost else (cost - tokens) / rate
+
     def try_acquire(self, tenant: str, cost: float = 1.0) -> float:
         """0.0 when allowed; otherwise the seconds until `cost` tokens are available (for Retry-After)."""
         rate, burst = self.limit_of(tenant)
