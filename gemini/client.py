@@ -42,6 +42,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Sequence, TypeVar, Union
 
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
 from PIL import Image
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
@@ -403,9 +406,6 @@ class GeminiClient:
             raise GeminiUnavailable("no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) to use Gemini")
         with self._genai_lock:
             if self._genai is None:
-                from google import genai
-                from google.genai import types
-
                 http_options = types.HttpOptions(
                     base_url=self.config.base_url,
                     api_version=self.config.api_version,
@@ -457,8 +457,6 @@ class GeminiClient:
 
     # -- request building ------------------------------------------------------------------------------
     def _encode_parts(self, parts: Sequence[Part]) -> _Encoded:
-        from google.genai import types
-
         encoded = _Encoded(parts=[])
         for part in parts:
             if isinstance(part, Image.Image):
@@ -473,8 +471,6 @@ class GeminiClient:
         return encoded
 
     def _generation_config(self, schema: type[BaseModel], system_instruction: str, timeout_s: float):
-        from google.genai import types
-
         return types.GenerateContentConfig(
             system_instruction=system_instruction,
             temperature=self.config.temperature,
@@ -495,8 +491,6 @@ class GeminiClient:
         return delay
 
     def _call_with_retries(self, stage, model, encoded, schema, system_instruction, deadline_at) -> GeminiAnswer:
-        from google.genai import errors as genai_errors
-
         transient_failures = 0
         bad_answers = 0
         attempt = 0
