@@ -102,6 +102,9 @@ class OurMetadata(BaseModel):
     base_model: StrictStr | None = None
 
 
+_TYPE_TAG = re.compile(r"(int|float|str|bool|none|(list|dict|tuple)\[.*\])")
+
+
 def _header_object(header: dict, key: str, label: str, model: type[BaseModel]) -> dict:
     """The header entry `key` parsed as a JSON object of `model`'s types, or a LoraError naming the key."""
     text = header.get(key)
@@ -119,7 +122,8 @@ def _header_object(header: dict, key: str, label: str, model: type[BaseModel]) -
         model.model_validate(value)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        # union members add their type to the location ("lora_alpha.int"): name the key only
+        where = ".".join(str(p) for p in first["loc"] if not _TYPE_TAG.fullmatch(str(p)))
         raise LoraError(f"{label}: metadata key {key}: `{where}` {first['msg'].lower()}") from None
     return value
 
