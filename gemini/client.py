@@ -48,6 +48,8 @@ from google.genai import types
 from PIL import Image
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
+from cluster.storage import Storage
+
 logger = logging.getLogger("klein.gemini")
 
 Stage = Literal["caption", "profile", "rewrite", "judge"]
@@ -324,7 +326,7 @@ def _transient_exception_types() -> tuple[type[BaseException], ...]:
             if isinstance(cls, type):
                 types_.append(cls)
     try:
-        import aiohttp
+        import aiohttp  # optional: the SDK uses it only where it is installed
 
         types_.append(aiohttp.ClientError)
     except ImportError:
@@ -337,8 +339,6 @@ _TRANSIENT_EXCEPTIONS = _transient_exception_types()
 
 def _open_cache(uri: str):
     """The answer cache's storage, or None (with a warning) when it cannot be opened: no cache, but no failure."""
-    from cluster.storage import Storage
-
     try:
         return Storage.from_uri(uri)
     except Exception as e:

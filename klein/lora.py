@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -229,8 +231,6 @@ def transformer_targets(transformer, preset: str = "all") -> list[str]:
 
 
 def lora_config(transformer, rank: int = 32, alpha: float = 32, preset: str = "all", init: str | bool = True):
-    from peft import LoraConfig
-
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=transformer_targets(transformer, preset), init_lora_weights=init)
 
 
@@ -241,8 +241,6 @@ def extract_lora(transformer, adapter_name: str = "default", meta: dict | None =
 
     `state_dict` (parameter name → tensor) replaces the module's own tensors, for weights that live
     elsewhere: under DeepSpeed ZeRO the real values are the optimizer's gathered fp32 master shards."""
-    from peft.utils import get_peft_model_state_dict
-
     config = transformer.peft_config[adapter_name]
     state = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=adapter_name)
     layers = {}

@@ -8,6 +8,7 @@ caller shows the plaintext once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -17,7 +18,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ray import serve
+
 from cluster.storage import Storage, StorageError, check_name
+from serve.config import ServeConfig
 
 log = logging.getLogger("klein.serve.tenants")
 
@@ -165,8 +169,6 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 
 
 # -- the cluster-wide limit ----------------------------------------------------------------------------------
-from ray import serve  # noqa: E402  (the plain part above must import without Serve's side effects)
-
 
 @serve.deployment(name="RateLimiter", num_replicas=1, max_ongoing_requests=1000)
 class RateLimiter:
@@ -178,8 +180,6 @@ class RateLimiter:
     """
 
     def __init__(self, config: dict):
-        from serve.config import ServeConfig
-
         cfg = ServeConfig.from_any(config)
         self.limiter = TokenBucketLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst, overrides=cfg.tenant_rate_limits)
 
@@ -207,8 +207,6 @@ class SharedRateLimit:
 
     async def acquire(self, tenant: str) -> float:
         if self.handle is not None and time.monotonic() >= self._down_until:
-            import asyncio
-
             response = self.handle.acquire.remote(tenant)
 
             async def wait():

@@ -61,6 +61,7 @@ def _slots_free(client) -> bool:
     return taken == client.config.max_concurrency
 
 
+@pytest.mark.reliability("faults")
 def test_a_silent_upstream_ends_at_the_deadline_and_frees_the_slot(server):
     for _ in range(4):
         server.push_silent()
@@ -73,6 +74,7 @@ def test_a_silent_upstream_ends_at_the_deadline_and_frees_the_slot(server):
     assert _slots_free(client), "the abandoned attempt still holds a concurrency slot"
 
 
+@pytest.mark.reliability("faults")
 def test_a_trickling_upstream_is_cut_off_at_the_deadline(server):
     server.push_trickle(0.2, {"caption": "x" * 200})  # every read gets a byte: a per-read time-out never fires
     client = client_for(server, timeout_s=30, deadlines={"caption": 1.5})
@@ -82,6 +84,7 @@ def test_a_trickling_upstream_is_cut_off_at_the_deadline(server):
     assert time.monotonic() - t0 < 2.5
 
 
+@pytest.mark.reliability("faults")
 def test_retries_cannot_extend_the_deadline(server):
     for _ in range(10):
         server.push_status(503)
@@ -103,6 +106,7 @@ def test_retry_after_is_honoured_within_the_deadline(server):
     assert time.monotonic() - t0 >= 1.0, "the Retry-After header was not waited for"
 
 
+@pytest.mark.reliability("faults")
 def test_a_retry_after_past_the_deadline_gives_up_at_once(server):
     server.push_status(503, retry_after=30)
     server.push_json({"caption": "never asked"})
@@ -113,6 +117,7 @@ def test_a_retry_after_past_the_deadline_gives_up_at_once(server):
     assert time.monotonic() - t0 < 5 and len(server.requests) == 1  # not the 10 s deadline, nor the 30 s asked
 
 
+@pytest.mark.reliability("faults")
 def test_repeated_auth_failures_open_the_circuit_breaker(server):
     for _ in range(3):
         server.push_status(401, message="API key not valid")
@@ -126,6 +131,7 @@ def test_repeated_auth_failures_open_the_circuit_breaker(server):
     assert len(server.requests) == 3, "a call went out while the breaker was open"
 
 
+@pytest.mark.reliability("faults")
 def test_quota_exhaustion_counts_towards_the_breaker_and_success_resets_it(server):
     client = client_for(server, max_retries=0, breaker_failures=2, breaker_cooldown_s=60)
     server.push_status(429)
@@ -146,6 +152,7 @@ def test_quota_exhaustion_counts_towards_the_breaker_and_success_resets_it(serve
         ask(client)
 
 
+@pytest.mark.reliability("faults")
 def test_an_oversize_answer_is_malformed_asked_once_more_then_refused(server):
     server.push_json({"caption": "x" * 1_000_000})
     server.push_json({"caption": "a short caption"})
@@ -165,6 +172,7 @@ def test_json_inside_a_fence_with_prose_around_it(server):
         extract_json("no json here at all")
 
 
+@pytest.mark.reliability("faults")
 def test_secrets_are_redacted_from_upstream_text(server, caplog):
     echo = f"API key {TEST_API_KEY} is invalid; also AIzaSyA1234567890abcdefghijklmnopqrstu and key=s3cr3tvalue99"
     server.push_status(400, message=echo)
@@ -186,6 +194,7 @@ def test_l2_defaults_to_flash_and_captions_stay_on_pro():
     assert GeminiConfig.from_env({"KLEIN_GEMINI_DEADLINE_REWRITE_S": "1.5"}).deadline_for("rewrite") == 1.5
 
 
+@pytest.mark.reliability("faults")
 def test_a_silent_gemini_makes_l2_fall_back_offline_within_its_deadline(server):
     for _ in range(4):
         server.push_silent()
@@ -208,6 +217,7 @@ def test_the_l2_reask_shares_one_deadline(server):
     assert time.monotonic() - t0 < 1.8, "the re-ask got a deadline of its own"
 
 
+@pytest.mark.reliability("faults")
 def test_concurrent_callers_each_end_by_their_deadline(server):
     server.responder = lambda request: time.sleep(5) or {"caption": "late"}
     client = client_for(server, max_concurrency=1, deadlines={"caption": 1.0})

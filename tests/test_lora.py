@@ -246,6 +246,7 @@ def _with_meta(state, **meta) -> bytes:
 
 @pytest.mark.parametrize("alpha, why", [("NaN", "finite"), ("Infinity", "finite"), ("1e30", "scale"),
                                          ("0", "scale"), ("-4", "scale")])
+@pytest.mark.reliability("bad_inputs")
 def test_alphas_from_peft_metadata_must_be_finite_and_sane(alpha, why):
     data = _with_meta(_ab(), lora_adapter_metadata=f'{{"r": 4, "lora_alpha": {alpha}}}')
     with pytest.raises(L.LoraError, match=why):
@@ -253,6 +254,7 @@ def test_alphas_from_peft_metadata_must_be_finite_and_sane(alpha, why):
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 1e30])
+@pytest.mark.reliability("bad_inputs")
 def test_alphas_from_a_comfyui_alpha_tensor_must_be_finite_and_sane(alpha):
     state = {"diffusion_model.double_blocks.0.img_attn.proj.lora_down.weight": torch.randn(4, 32),
              "diffusion_model.double_blocks.0.img_attn.proj.lora_up.weight": torch.randn(32, 4),
@@ -261,6 +263,7 @@ def test_alphas_from_a_comfyui_alpha_tensor_must_be_finite_and_sane(alpha):
         L.read_lora(st_save(state), name="comfy.safetensors")
 
 
+@pytest.mark.reliability("bad_inputs")
 def test_rank_zero_and_rank_mismatch_are_refused_naming_the_layer():
     with pytest.raises(L.LoraError, match=r"transformer_blocks\.0\.attn\.to_q has rank 0"):
         L.read_lora(st_save(_ab(rank=0)))
@@ -279,12 +282,14 @@ def test_rank_zero_and_rank_mismatch_are_refused_naming_the_layer():
     ("klein_style", "[1]", "must be a JSON object"),
     ("klein_style", '{"trigger": 5}', "`trigger`"),
 ])
+@pytest.mark.reliability("bad_inputs")
 def test_metadata_of_the_wrong_shape_is_an_error_naming_the_key(key, text, match):
     with pytest.raises(L.LoraError, match=match) as e:
         L.read_lora(_with_meta(_ab(), **{key: text}))
     assert key in str(e.value)
 
 
+@pytest.mark.reliability("bad_inputs")
 def test_the_dtype_policy():
     half = {k: v.to(torch.bfloat16) for k, v in _ab().items()}
     lora = L.read_lora(st_save(half))
@@ -294,6 +299,7 @@ def test_the_dtype_policy():
         L.read_lora(st_save(ints))
 
 
+@pytest.mark.reliability("bad_inputs")
 def test_targets_must_lie_inside_the_served_blocks():
     pipe = load_pipeline("tiny", components=("transformer",))
     inner = pipe.transformer.x_embedder

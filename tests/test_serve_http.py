@@ -384,6 +384,7 @@ def _status_line(sock: socket.socket) -> bytes:
     return data.split(b"\r\n", 1)[0]
 
 
+@pytest.mark.reliability("faults")
 def test_stalled_bodies_do_not_lock_tenants_out_and_are_cut_off(http, service):
     """More stalled uploads than the in-flight limit: other requests are still answered (a request counts in
     flight only once its body is in), and each stalled one gets a JSON 408 at the body deadline."""
@@ -403,6 +404,7 @@ def test_stalled_bodies_do_not_lock_tenants_out_and_are_cut_off(http, service):
             sock.close()
 
 
+@pytest.mark.reliability("faults")
 def test_a_trickling_body_and_an_endless_chunked_body_get_408(http, service):
     trickle = _slow_request(body=b'{', declared=200)
     chunked = _slow_request(body=b"1\r\n{\r\n", chunked=True)
@@ -424,6 +426,7 @@ def test_a_trickling_body_and_an_endless_chunked_body_get_408(http, service):
         chunked.close()
 
 
+@pytest.mark.reliability("bad_inputs")
 def test_failed_authentication_is_rate_limited_per_client(http, service):
     statuses = [http.get("/v1/loras", headers=_auth(f"ks_{i:012d}_guess{i}")).status_code for i in range(12)]
     assert statuses[0] == 401 and 429 in statuses, statuses

@@ -128,6 +128,7 @@ def _post(port: int, body: bytes, declared: int | None = None) -> socket.socket:
                        f"Content-Length: {length}\r\nConnection: close\r\n\r\n", body)
 
 
+@pytest.mark.reliability("faults")
 def test_a_stalled_body_gets_408_at_the_idle_deadline(echo_server):
     t0 = time.monotonic()
     answer = _answer(_post(echo_server, b"abc", declared=100))
@@ -136,6 +137,7 @@ def test_a_stalled_body_gets_408_at_the_idle_deadline(echo_server):
     assert b'"error":"timeout"' in answer and 0.6 < took < 1.5
 
 
+@pytest.mark.reliability("faults")
 def test_a_trickling_body_gets_408_at_the_overall_deadline(echo_server):
     sock = _post(echo_server, b"a", declared=100)
     t0 = time.monotonic()
@@ -150,6 +152,7 @@ def test_a_trickling_body_gets_408_at_the_overall_deadline(echo_server):
     assert time.monotonic() - t0 < 3.5
 
 
+@pytest.mark.reliability("faults")
 def test_stalled_bodies_do_not_count_in_flight(echo_server):
     stalled = [_post(echo_server, b"x", declared=50) for _ in range(5)]  # more than max_inflight_requests=2
     time.sleep(0.2)
