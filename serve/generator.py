@@ -36,7 +36,7 @@ from klein.accel import INFERENCE_MODES, prepare_for_inference
 from klein.fp8 import Float8Linear
 from klein.fusion import KLORA_DEFAULTS, KLoraSchedule, apply_klora_step, klora_layer_scores
 from klein.generate import GenerateRequest, generate_image, set_active_loras
-from klein.lora import LoraLayer, LoraWeights, add_lora, extract_lora, read_lora
+from klein.lora import add_lora, extract_lora, read_lora
 from klein.model import load_pipeline
 from serve.config import ServeConfig
 from serve.fusion import LruCache
@@ -218,10 +218,8 @@ class KleinGenerator:
         key = tuple(names)
         scores = self._klora_scores.get(key)
         if scores is None:
-            if self.accel is not None:  # factors as resident: up, and down with the alpha/r scale folded in
-                loras = [LoraWeights(layers={layer: LoraLayer(down=down, up=up, alpha=float(down.shape[0]))
-                                             for layer, (up, down) in self.accel.loras.adapters[n].items()})
-                         for n in names]
+            if self.accel is not None:  # the factors as resident on the device
+                loras = [self.accel.loras.resident_lora(n) for n in names]
             else:
                 loras = [extract_lora(self.pipe.transformer, n) for n in names]
             scores = klora_layer_scores(loras, self.pipe._execution_device)
