@@ -90,11 +90,15 @@ def build_app(config: dict | ServeConfig | None = None, *, replica_cpus: float =
 def app_builder(args: dict) -> serve.Application:
     """Entry point for `serve run serve.app:app_builder key=value ...` and the `import_path` of a config file.
 
-    `args` are ServeConfig fields; `replica_cpus` sets the CPUs each replica reserves.
+    `args` are ServeConfig fields, or request limits (`serve.middleware.Limits`: body_timeout_s, ...);
+    `replica_cpus` sets the CPUs each replica reserves.
     """
     args = dict(args or {})
     replica_cpus = float(args.pop("replica_cpus", 0.1))
-    return build_app(_coerce(args), replica_cpus=replica_cpus)
+    limit_names = {f.name: f.type for f in dataclasses.fields(Limits)}
+    limits = {name: (int if limit_names[name] in (int, "int") else float)(args.pop(name))
+              for name in list(args) if name in limit_names}
+    return build_app(_coerce(args), replica_cpus=replica_cpus, limits=limits)
 
 
 def _coerce(args: dict) -> dict:
