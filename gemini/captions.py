@@ -92,8 +92,12 @@ def strip_trigger(text: str, trigger: str) -> str:
 
 
 def with_trigger(content: str, trigger: str) -> str:
-    """'<trigger>. <content>', or the trigger alone when there is no content."""
-    content = _tidy(strip_trigger(content, trigger))
+    """'<trigger>. <content>', or the trigger alone when there is no content. The trigger appears once, at the
+    head: copies of it elsewhere in the content (mid-caption, or twice) are cut out."""
+    content = strip_trigger(content, trigger)
+    content = re.sub(rf"(?<![A-Za-z0-9_\-]){re.escape(trigger)}(?![A-Za-z0-9_\-])[.,:;]?", "", content,
+                     flags=re.IGNORECASE)
+    content = _tidy(content)
     return f"{trigger}. {content}" if content else trigger
 
 
@@ -102,8 +106,21 @@ def caption_style_words(caption: str, trigger: str) -> list[tuple[str, str]]:
     return find_style_words(strip_trigger(caption, trigger))
 
 
-def remove_style_words(text: str, words: Sequence[str]) -> str:
-    """Cut the given words out and tidy what remains (last resort after Gemini's second try)."""
+def remove_style_words(text: str, words: Sequence[str], drop_clauses: bool = False) -> str:
+    """Cut the given words out and tidy what remains (last resort after Gemini's second try).
+
+    With `drop_clauses` (captions), a clause of three words or more after the first (text between commas
+    or semicolons) that holds one of the words is dropped whole, so no broken text is left ("a dress, under
+    neon light" -> "a dress"); in the first clause, which names the subject, and in short lists of adjectives,
+    the words alone are cut and dangling articles and prepositions tidied away."""
+    clauses = [c for c in re.split(r"\s*[,;]\s*", text.strip()) if c]
+    if drop_clauses and len(clauses) > 1:
+        def has_word(clause: str) -> bool:
+            return any(re.search(rf"(?<![A-Za-z0-9\-]){re.escape(w)}(?![A-Za-z0-9\-])", clause, re.IGNORECASE)
+                       for w in words)
+
+        kept = [clauses[0]] + [c for c in clauses[1:] if len(c.split()) < 3 or not has_word(c)]
+        text = ", ".join(kept)
     for word in words:
         text = re.sub(rf"(?<![A-Za-z0-9\-]){re.escape(word)}(?![A-Za-z0-9\-])", "", text, flags=re.IGNORECASE)
     text = re.sub(r"\s*,(\s*,)+", ",", text)  # "a, , portrait" -> "a, portrait"
@@ -111,7 +128,8 @@ def remove_style_words(text: str, words: Sequence[str]) -> str:
     text = re.sub(r"\b(a|an|the)\s+(?=(of|with|and|in|on|at|,|\.|$))", "", text, flags=re.IGNORECASE)
     text = re.sub(r"\b(and|or)\s*(?=(and\b|or\b|,|\.|$))", "", text.strip(), flags=re.IGNORECASE)
     # a preposition left dangling before punctuation or the end ("..., painted in watercolor" -> "..., in")
-    text = re.sub(r"\b(in|on|with|of|at|by|as)\s*(?=[,.;]|$)", "", text.strip(), flags=re.IGNORECASE)
+    text = re.sub(r"\b(in|on|with|of|at|by|as|under|over|beside|near|behind|through|from|into)\s*(?=[,.;]|$)",
+                  "", text.strip(), flags=re.IGNORECASE)
     text = re.sub(r"^(of|in|with|as)\s+", "", text.strip(), flags=re.IGNORECASE)  # "an illustration of a fox"
     return _tidy(text)
 
@@ -188,7 +206,7 @@ def _gemini_caption(name: str, image: Image.Image, trigger: str, client: GeminiC
     if not style:
         return ImageCaption(name=name, caption=caption, source="gemini")
     removed = [w for w, _ in style]
-    content = fix_articles(remove_style_words(strip_trigger(caption, trigger), removed))
+    content = fix_articles(remove_style_words(strip_trigger(caption, trigger), removed, drop_clauses=True))
     return ImageCaption(
         name=name,
         caption=with_trigger(content, trigger),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import Literal
 
 import numpy as np
@@ -75,6 +76,12 @@ class RewriteChecks(BaseModel):
     suffix_must_present: bool
     trigger_present: bool | None = None  # None: no LoRA trigger to check
     saturation_kept: bool
+    colours_present: bool = True  # the style's main palette colours are named
+    missing_colours: list[str] = Field(default_factory=list)
+    signature_kept: bool = True  # every SIGNATURE_ELEMENT is there (most of its words)
+    missing_signature: list[str] = Field(default_factory=list)
+    wardrobe_adapted: bool | None = None  # None: the prompt has no clothing
+    setting_transformed: bool | None = None  # None: the prompt's setting is not a generic one
 
     @property
     def passed(self) -> bool:
@@ -84,6 +91,10 @@ class RewriteChecks(BaseModel):
             and self.suffix_must_present
             and self.trigger_present is not False
             and self.saturation_kept
+            and self.colours_present
+            and self.signature_kept
+            and self.wardrobe_adapted is not False
+            and self.setting_transformed is not False
         )
 
     def failures(self) -> list[str]:
@@ -98,6 +109,14 @@ class RewriteChecks(BaseModel):
             failed.append("the trigger word is missing: start the prompt with it")
         if not self.saturation_kept:
             failed.append("the palette is saturated: remove words that flatten it (muted, faded, pastel, ...)")
+        if not self.colours_present:
+            failed.append(f"the style's colours are missing: name {', '.join(self.missing_colours)}")
+        if not self.signature_kept:
+            failed.append(f"signature elements are missing: keep {'; '.join(self.missing_signature)}")
+        if self.wardrobe_adapted is False:
+            failed.append("the clothing is not adapted: restyle the user's garments with WARDROBE_LANGUAGE")
+        if self.setting_transformed is False:
+            failed.append("the generic setting is not transformed: replace it with the style's ENVIRONMENT")
         return failed
 
 
@@ -161,6 +180,54 @@ def subject_terms(prompt: str) -> tuple[list[str], list[str]]:
     return people, content
 
 
+MAIN_COLOUR_SHARE = 0.25  # palette colours at least this large must be named (always the largest one)
+
+
+def _content_stems(text: str) -> set[str]:
+    return {_stem(t) for t in _tokens(text) if len(t) >= 3 and t not in STOPWORDS}
+
+
+def _mostly_present(phrase: str, stems: set[str], share: float = 0.5) -> bool:
+    wanted = _content_stems(phrase)
+    return not wanted or len(wanted & stems) / len(wanted) >= share
+
+
+def _coloured_garment_phrases(prompt: str) -> list[str]:
+    """The user's clothing as written with a colour ("pink ruffle blouse"): kept verbatim, it was not restyled."""
+    tokens = _TOKEN.findall(prompt)
+    phrases = []
+    for i, token in enumerate(tokens):
+        if token.lower() in GARMENTS:
+            before = tokens[max(0, i - 2) : i]
+            if any(dict(find_style_words(w)).get(w.lower()) == "colour" for w in before):
+                phrases.append(" ".join(before + [token]).lower())
+    return phrases
+
+
+def _rule_checks(text: str, profile: StyleProfile, user_prompt: str, stems: set[str]) -> dict:
+    """The seed's rules checked against the profile: colours, signature elements, wardrobe, setting."""
+    palette = sorted(profile.MUST_APPLY.COLOR.palette, key=lambda c: -c.share)
+    main = [c.name for i, c in enumerate(palette) if i == 0 or c.share >= MAIN_COLOUR_SHARE]
+    normalised = _normalise(text)
+    missing_colours = [name for name in main if _normalise(name) not in normalised]
+    missing_signature = [e for e in profile.ENRICH.SIGNATURE_ELEMENTS if not _mostly_present(e, stems)]
+    wardrobe_ok = None
+    if set(_tokens(user_prompt)) & GARMENTS:
+        wardrobe = profile.ENRICH.WARDROBE_LANGUAGE
+        outfit = {"feminine": wardrobe.feminine, "masculine": wardrobe.masculine}.get(subject_gender(user_prompt),
+                                                                                      wardrobe.general)
+        palette_stems = set().union(*(_content_stems(c.name) for c in palette)) if palette else set()
+        styled = (_content_stems(outfit) | _content_stems(wardrobe.general)) - palette_stems
+        kept_verbatim = any(phrase in normalised for phrase in _coloured_garment_phrases(user_prompt))
+        wardrobe_ok = bool(styled & stems) and not kept_verbatim
+    setting_ok = None
+    if _setting_kind(user_prompt)[0] == "generic":
+        setting_ok = _mostly_present(profile.ENRICH.ENVIRONMENT, stems)
+    return {"colours_present": not missing_colours, "missing_colours": missing_colours,
+            "signature_kept": not missing_signature, "missing_signature": missing_signature,
+            "wardrobe_adapted": wardrobe_ok, "setting_transformed": setting_ok}
+
+
 def check_reformulation(text: str, profile: StyleProfile, user_prompt: str, trigger: str | None) -> RewriteChecks:
     words = word_count(text)
     stems = {_stem(t) for t in _tokens(text)}
@@ -188,6 +255,7 @@ def check_reformulation(text: str, profile: StyleProfile, user_prompt: str, trig
         suffix_must_present=suffix_ok,
         trigger_present=trigger_ok,
         saturation_kept=saturation_ok,
+        **_rule_checks(text, profile, user_prompt, stems),
     )
 
 
@@ -420,6 +488,8 @@ def reformulate(
         return _offline(profile, prompt, trigger, [f"offline L2: {why}"])
     feedback: list[str] | None = None
     warnings: list[str] = []
+    # one deadline for the whole L2 (both attempts): on the request path it must end well inside the request's
+    deadline_at = time.monotonic() + client.config.deadline_for("rewrite")
     for attempt in (1, 2):
         try:
             answer = client.generate(
@@ -428,6 +498,7 @@ def reformulate(
                 RewriteAnswer,
                 system_instruction=SYSTEM_INSTRUCTION,
                 prompt_version=PROMPT_VERSION,
+                deadline_at=deadline_at,
             )
         except GeminiError as e:
             logger.warning("L2 rewrite by Gemini failed (%s); weaving the prompt offline", e)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from klein.fp8 import Float8Linear, block_linear_names, convert_to_fp8, fp8_supported, quantize_rowwise
+from klein.lora import LoraLayer, LoraWeights, check_lora_fits
 
 log = logging.getLogger("klein.accel")
 
@@ -203,9 +204,7 @@ class FusedLoras:
     # -- adapters ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def add(self, name: str, lora) -> None:
-        """Make `lora` (a `klein.lora.LoraWeights`) resident under `name` (its shapes checked first)."""
-        from klein.lora import check_lora_fits
-
+        """Make `lora` (a `klein.lora.LoraWeights`) resident under `name` (validated and its shapes checked first)."""
         check_lora_fits(lora, self.transformer)
         factors = {}
         for layer, l in lora.layers.items():
@@ -213,6 +212,12 @@ class FusedLoras:
             down = (l.down.to(self.device, non_blocking=True).float() * l.scale).to(self.dtype)  # never in place: l is the caller's
             factors[layer] = (up, down)
         self.adapters[name] = factors
+
+    def resident_lora(self, name: str) -> LoraWeights:
+        """Adapter `name` as a LoRA of its resident factors (on the device; the alpha/r scale is folded into
+        the down factor, so alpha = rank): what K-LoRA scores, without a copy to the host."""
+        return LoraWeights(layers={layer: LoraLayer(down=down, up=up, alpha=float(down.shape[0]))
+                                   for layer, (up, down) in self.adapters[name].items()})
 
     @torch.no_grad()
     def delete(self, names: list[str]) -> None:

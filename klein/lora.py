@@ -18,6 +18,7 @@ Other formats map to and from the canonical form:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -25,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -70,6 +74,107 @@ _SINGLE_TO_BFL = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
 
 class LoraError(ValueError):
     """A LoRA file or adapter is unusable; the message names the file or layer and what to do."""
+
+
+# -- the one validator ------------------------------------------------------------------------------------
+# Dtype policy: a file's tensors may be float32, float16, bfloat16 or float64; they are held, fused and saved
+# as float32. Integer, boolean, complex and float8 tensors are refused (a LoRA of those is a broken export).
+LORA_FILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_LORA_RANK = 1024  # the largest rank any trainer we know of writes for Klein (ours stops at 512)
+MAX_LORA_SCALE = 64.0  # alpha / rank above this saturates every activation (kohya and peft use <= 2)
+
+
+class AdapterMetadata(BaseModel):
+    """peft's config as diffusers stores it under `lora_adapter_metadata` (keys without `transformer.`)."""
+
+    model_config = ConfigDict(extra="allow")
+    r: StrictInt | None = None
+    lora_alpha: StrictInt | StrictFloat | None = None
+    alpha_pattern: dict[str, StrictInt | StrictFloat] = {}
+    rank_pattern: dict[str, StrictInt] = {}
+    target_modules: list[StrictStr] | StrictStr | None = None
+
+
+class OurMetadata(BaseModel):
+    """Our facts under `klein_style`: a JSON object; the keys we read are typed, others are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+    trigger: StrictStr | None = None
+    preset: StrictStr | None = None
+    base_model: StrictStr | None = None
+
+
+_TYPE_TAG = re.compile(r"(int|float|str|bool|none|(list|dict|tuple)\[.*\])")
+
+
+def _header_object(header: dict, key: str, label: str, model: type[BaseModel]) -> dict:
+    """The header entry `key` parsed as a JSON object of `model`'s types, or a LoraError naming the key."""
+    text = header.get(key)
+    if text in (None, ""):
+        return {}
+    try:
+        value = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise LoraError(f"{label}: metadata key {key} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise LoraError(f"{label}: metadata key {key} must be a JSON object, not {type(value).__name__}")
+    if key == ADAPTER_METADATA_KEY:
+        value = {k.removeprefix("transformer."): v for k, v in value.items()}
+    try:
+        model.model_validate(value)
+    except ValidationError as e:
+        first = e.errors()[0]
+        # union members add their type to the location ("lora_alpha.int"): name the key only
+        where = ".".join(str(p) for p in first["loc"] if not _TYPE_TAG.fullmatch(str(p)))
+        raise LoraError(f"{label}: metadata key {key}: `{where}` {first['msg'].lower()}") from None
+    return value
+
+
+def check_tensor_types(tensors: dict[str, torch.Tensor], label: str) -> None:
+    """The dtype policy and each tensor's dimensions, before anything reads a shape."""
+    for key, tensor in tensors.items():
+        if tensor.dtype not in LORA_FILE_DTYPES:
+            raise LoraError(f"{label}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; LoRA tensors must "
+                            "be float32, float16, bfloat16 or float64")
+        if key.endswith(".alpha"):
+            if tensor.numel() != 1:
+                raise LoraError(f"{label}: tensor {key} must hold one number (the alpha), has shape {tuple(tensor.shape)}")
+        elif tensor.dim() != 2:
+            raise LoraError(f"{label}: tensor {key} has unexpected shapes: a LoRA matrix must be 2-D, got "
+                            f"shape {tuple(tensor.shape)}")
+
+
+def validate_lora(lora: LoraWeights, label: str) -> None:
+    """The one check every LoRA passes before it is stored or loaded (import, training output, every reader).
+
+    Per layer: A [r, in] and B [out, r] are matrices of one rank r with 1 <= r <= MAX_LORA_RANK; alpha is a
+    finite number with 0 < alpha/r <= MAX_LORA_SCALE; every weight is finite. `check_lora_fits` adds the
+    model's side (shapes, targets inside the served blocks)."""
+    if not lora.layers:
+        raise LoraError(f"{label} has no LoRA layers")
+    for name, layer in sorted(lora.layers.items()):
+        down, up = layer.down, layer.up
+        if down.dim() != 2 or up.dim() != 2:
+            raise LoraError(f"{label}: layer {name} has tensors of unexpected shapes: A {tuple(down.shape)} and "
+                            f"B {tuple(up.shape)} must be matrices")
+        if down.dtype not in LORA_FILE_DTYPES or up.dtype not in LORA_FILE_DTYPES:
+            raise LoraError(f"{label}: layer {name} is {down.dtype}/{up.dtype}; LoRA weights must be floating point")
+        rank = down.shape[0]
+        if rank < 1 or up.shape[1] < 1:
+            raise LoraError(f"{label}: layer {name} has rank 0 (A {tuple(down.shape)}, B {tuple(up.shape)}); "
+                            "a LoRA layer needs rank >= 1")
+        if up.shape[1] != rank:
+            raise LoraError(f"{label}: layer {name} has a rank mismatch: A (lora_A/lora_down) has {rank} rows, "
+                            f"B (lora_B/lora_up) has {up.shape[1]} columns")
+        if rank > MAX_LORA_RANK:
+            raise LoraError(f"{label}: layer {name} has rank {rank}; at most {MAX_LORA_RANK} is supported")
+        alpha = layer.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise LoraError(f"{label}: layer {name} has alpha {alpha!r}; alpha must be a finite number")
+        if not 0 < alpha / rank <= MAX_LORA_SCALE:
+            raise LoraError(f"{label}: layer {name} has alpha {alpha:g} for rank {rank} (scale alpha/rank "
+                            f"{alpha / rank:g}); the scale must be in (0, {MAX_LORA_SCALE:g}]")
+    check_finite(lora, label)
 
 
 @dataclass
@@ -126,8 +231,6 @@ def transformer_targets(transformer, preset: str = "all") -> list[str]:
 
 
 def lora_config(transformer, rank: int = 32, alpha: float = 32, preset: str = "all", init: str | bool = True):
-    from peft import LoraConfig
-
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=transformer_targets(transformer, preset), init_lora_weights=init)
 
 
@@ -138,8 +241,6 @@ def extract_lora(transformer, adapter_name: str = "default", meta: dict | None =
 
     `state_dict` (parameter name → tensor) replaces the module's own tensors, for weights that live
     elsewhere: under DeepSpeed ZeRO the real values are the optimizer's gathered fp32 master shards."""
-    from peft.utils import get_peft_model_state_dict
-
     config = transformer.peft_config[adapter_name]
     state = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=adapter_name)
     layers = {}
@@ -164,12 +265,18 @@ def add_lora(transformer, lora: LoraWeights, adapter_name: str) -> None:
 
 def check_lora_fits(lora: LoraWeights, transformer) -> None:
     """Every layer must exist in the model with matching shapes; otherwise say which layer and both shapes."""
+    validate_lora(lora, "the LoRA")
     modules = dict(transformer.named_modules())
+    served = set(transformer_targets(transformer, "all"))
     problems = []
-    for name, layer in lora.layers.items():
+    for name, layer in sorted(lora.layers.items()):  # a stable order: the message lists the first few
         module = modules.get(name)
         if module is None:
             problems.append(f"{name}: no such layer in this model")
+            continue
+        if name not in served:
+            problems.append(f"{name}: outside the served blocks (a LoRA may target the Linears of the double- and "
+                            "single-stream blocks only)")
             continue
         base = getattr(module, "base_layer", module)
         if not isinstance(base, torch.nn.Linear):
@@ -251,7 +358,7 @@ def lora_to_bytes(lora: LoraWeights, dtype: torch.dtype = torch.float32) -> byte
     """Our `.safetensors` (diffusers keys + metadata) as bytes, to be written atomically by storage.
 
     Deterministic: the same LoRA (whatever the order of its layers or meta) always gives the same bytes."""
-    check_finite(lora, "the LoRA to save")
+    validate_lora(lora, "the LoRA to save")
     state, adapter_meta = to_diffusers_state(lora)
     header = {
         "format": "pt",
@@ -300,8 +407,11 @@ def read_lora(source: bytes | str | os.PathLike, name: str | None = None) -> Lor
         raise LoraError(f"{label} is a damaged safetensors file: {e}") from e
     if not tensors:
         raise LoraError(f"{label} holds no tensors")
+    if not isinstance(header, dict):
+        raise LoraError(f"{label}: the safetensors __metadata__ must be an object of strings")
+    check_tensor_types(tensors, label)
     lora = _canonicalise(tensors, header, label)
-    check_finite(lora, label)
+    validate_lora(lora, label)
     return lora
 
 
@@ -327,12 +437,11 @@ def detect_format(keys) -> str:
 
 def _canonicalise(tensors: dict[str, torch.Tensor], header: dict, label: str) -> LoraWeights:
     fmt = detect_format(tensors)
-    ours = json.loads(header.get(OUR_METADATA_KEY, "{}") or "{}")
+    ours = _header_object(header, OUR_METADATA_KEY, label, OurMetadata)
     meta = {k: v for k, v in ours.items() if k not in ("format_version", "rank", "alpha")}
     meta["source_format"] = fmt
     if fmt in ("diffusers", "peft"):
-        adapter = json.loads(header.get(ADAPTER_METADATA_KEY, "{}") or "{}")
-        adapter = {k.removeprefix("transformer."): v for k, v in adapter.items()}
+        adapter = _header_object(header, ADAPTER_METADATA_KEY, label, AdapterMetadata)
         layers = {}
         for key, tensor in tensors.items():
             if not key.endswith(".lora_A.weight"):
@@ -343,7 +452,8 @@ def _canonicalise(tensors: dict[str, torch.Tensor], header: dict, label: str) ->
                 raise LoraError(f"{label}: layer {module} has lora_A but no lora_B")
             name = module.removeprefix("base_model.model.").removeprefix("transformer.")
             rank = tensor.shape[0]
-            alpha = adapter.get("alpha_pattern", {}).get(name, adapter.get("lora_alpha", rank))
+            alpha = (adapter.get("alpha_pattern") or {}).get(name, adapter.get("lora_alpha"))
+            alpha = rank if alpha is None else alpha
             layers[name] = LoraLayer(tensor.float(), tensors[up_key].float(), float(alpha))
         return LoraWeights(layers=layers, meta=meta)
     if fmt in ("comfyui", "ai-toolkit", "kohya"):
@@ -396,7 +506,7 @@ def _from_bfl(tensors, fmt: str, label: str) -> dict[str, LoraLayer]:
             raise LoraError(f"{label}: layer {module} lacks its {'up' if 'down' in parts else 'down'} matrix")
         down, up = parts["down"].float(), parts["up"].float()
         rank = down.shape[0]
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
+        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
         if module.startswith(("transformer_blocks.", "single_transformer_blocks.")):  # diffusers names under diffusion_model.
             layers[module] = LoraLayer(down, up, alpha)
             continue
@@ -493,5 +603,6 @@ def lora_size_params(lora: LoraWeights) -> int:
 __all__ = [
     "LoraError", "LoraLayer", "LoraWeights", "TARGET_PRESETS", "target_modules", "transformer_targets",
     "lora_config", "extract_lora", "add_lora", "check_lora_fits", "to_diffusers_state", "lora_to_bytes",
-    "save_lora", "read_lora", "export_lora", "detect_format", "lora_delta_close", "check_finite",
+    "save_lora", "read_lora", "export_lora", "detect_format", "lora_delta_close", "check_finite", "validate_lora",
+    "MAX_LORA_RANK", "MAX_LORA_SCALE", "LORA_FILE_DTYPES",
 ]

@@ -10,6 +10,10 @@ overrides them per deployment (serve/serve_config.yaml).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import asdict
+
 from ray import serve
 
 from cluster.pools import serve_actor_options
@@ -17,6 +21,7 @@ from serve.config import ServeConfig
 from serve.fusion import Fusion
 from serve.generator import Generator
 from serve.ingress import Ingress
+from serve.middleware import Limits
 from serve.style import StyleStage
 from serve.tenants import RateLimiter
 
@@ -35,14 +40,18 @@ def _generator_options(config: ServeConfig, num_cpus: float) -> dict:
 
 
 def build_app(config: dict | ServeConfig | None = None, *, replica_cpus: float = 0.1,
-              deployment_options: dict[str, dict] | None = None) -> serve.Application:
+              deployment_options: dict[str, dict] | None = None, limits: dict | None = None) -> serve.Application:
     """The bound application. `replica_cpus` is what each replica reserves (small on a laptop or in tests).
+
+    `limits` sets the request limits of `serve.middleware.Limits` (body deadlines, JSON size and depth,
+    failed-authentication rate); unset ones come from `KLEIN_SERVE_*` environment variables, then defaults.
 
     `deployment_options` overrides Serve options per deployment name, as a config file's `deployments`
     list does, e.g. {"Ingress": {"num_replicas": 2}, "Generator": {"max_queued_requests": 16}}.
     """
     cfg = ServeConfig.from_any(config)
     cfg_dict = cfg.to_dict()
+    request_limits = asdict(Limits.from_env(limits))  # checked here: a bad limit fails the build, not a replica
     extra = dict(deployment_options or {})
     unknown = sorted(set(extra) - {"Ingress", "StyleStage", "Fusion", "Generator", "RateLimiter"})
     if unknown:
@@ -75,24 +84,25 @@ def build_app(config: dict | ServeConfig | None = None, *, replica_cpus: float =
     return Ingress.options(**opts(
         "Ingress", ray_actor_options=_cpu_replica(replica_cpus), max_ongoing_requests=cfg.max_inflight_requests + 16,
         max_queued_requests=-1,
-    )).bind(style, generator, fusion, cfg_dict, rate_limiter=limiter)
+    )).bind(style, generator, fusion, cfg_dict, rate_limiter=limiter, limits=request_limits)
 
 
 def app_builder(args: dict) -> serve.Application:
     """Entry point for `serve run serve.app:app_builder key=value ...` and the `import_path` of a config file.
 
-    `args` are ServeConfig fields; `replica_cpus` sets the CPUs each replica reserves.
+    `args` are ServeConfig fields, or request limits (`serve.middleware.Limits`: body_timeout_s, ...);
+    `replica_cpus` sets the CPUs each replica reserves.
     """
     args = dict(args or {})
     replica_cpus = float(args.pop("replica_cpus", 0.1))
-    return build_app(_coerce(args), replica_cpus=replica_cpus)
+    limit_names = {f.name: f.type for f in dataclasses.fields(Limits)}
+    limits = {name: (int if limit_names[name] in (int, "int") else float)(args.pop(name))
+              for name in list(args) if name in limit_names}
+    return build_app(_coerce(args), replica_cpus=replica_cpus, limits=limits)
 
 
 def _coerce(args: dict) -> dict:
     """`serve run` passes every CLI arg as a string: convert to the field's type."""
-    import dataclasses
-    import json
-
     types = {f.name: f.type for f in dataclasses.fields(ServeConfig)}
     out = {}
     for key, value in args.items():

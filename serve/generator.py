@@ -17,6 +17,7 @@ runs as a batch of 2. On CPU ("auto" = "off") adapters are peft adapters, as the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import io
@@ -28,9 +29,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from klein.generate import GenerateRequest, generate_image, set_active_loras
+from ray import serve
+
+from cluster.storage import Storage
 from klein.accel import INFERENCE_MODES, prepare_for_inference
-from serve.fusion import KLoraSchedule, LruCache, klora_layer_scores
+from klein.fp8 import Float8Linear
+from klein.fusion import KLORA_DEFAULTS, KLoraSchedule, apply_klora_step, klora_layer_scores
+from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.lora import add_lora, extract_lora, read_lora
+from klein.model import load_pipeline
+from serve.config import ServeConfig
+from serve.fusion import LruCache
 
 log = logging.getLogger("klein.serve.generator")
 
@@ -39,6 +48,20 @@ BASE_MODEL_ID = ""  # no adapters: the base model
 
 class GeneratorError(RuntimeError):
     """The generator could not load an adapter or run the pipeline."""
+
+
+class NonFiniteOutput(GeneratorError):
+    """The transformer's output went NaN or infinite during denoising: the image would be all black."""
+
+
+def _check_finite_output(_module, _inputs, output) -> None:
+    """Forward hook on the transformer: a non-finite prediction stops the image (never a black 200).
+
+    One `isfinite().all()` per step: a device sync of one bool, small next to the step itself."""
+    tensor = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+    if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteOutput("the denoiser's output went NaN or infinite (a LoRA's weights or scale overflow the "
+                              "model at this size); no image was made")
 
 
 # -- adapter-set ids ---------------------------------------------------------------------------------------
@@ -97,13 +120,11 @@ class KleinGenerator:
     """A Klein pipeline and the adapters resident in its transformer. Thread-safe: one pipeline call at a time."""
 
     def __init__(self, model: str = "tiny", device: str = "cpu", max_side: int = 2048, storage=None,
-                 klora_constants: tuple[float, float, float] = (1.5, 0.5, 1.0), accel: str = "auto",
+                 klora_constants: tuple[float, float, float] = KLORA_DEFAULTS, accel: str = "auto",
                  compile: bool | None = None, pipe=None):
         """`accel`: "auto" ("exact" on CUDA, "off" on CPU), "off" (peft adapters, stock pipeline call),
         "exact" (fused LoRAs, compiled blocks, CFG batch 2) or "fast" (also fp8 base and step caching).
         `compile=None` compiles on CUDA only. `pipe` replaces loading `model` (benchmarks, tests)."""
-        from klein.model import load_pipeline
-
         self.model = model
         self.max_side = max_side
         self.storage = storage
@@ -117,6 +138,7 @@ class KleinGenerator:
         self.lock = threading.Lock()
         self.last_ok = time.monotonic()
         self._klora_scores = LruCache(8)
+        self.pipe.transformer.register_forward_hook(_check_finite_output)
 
     # -- adapters --------------------------------------------------------------------------------------
     def resident_adapters(self) -> list[str]:
@@ -128,16 +150,12 @@ class KleinGenerator:
         """The transformer's parameters plus the resident adapters' (fused adapters are kept as factors)."""
         base = sum(p.numel() for p in self.pipe.transformer.parameters())
         if self.accel is not None:
-            from klein.fp8 import Float8Linear
-
             base += sum(m.weight_fp8.numel() for m in self.pipe.transformer.modules() if isinstance(m, Float8Linear))
             return base + self.accel.loras.parameter_count()
         return base
 
     def load_adapter_set(self, model_id: str) -> list[str]:
-        """Read the set's files from storage (sha256-checked) and add them as adapters; returns their names."""
-        from klein.lora import read_lora
-
+        """Read the set's files from storage (sha256-checked, validated) and add them as adapters; returns names."""
         files = parse_adapter_set_id(model_id)
         names = adapter_names(model_id, len(files))
         loras = [read_lora(self.storage.read_verified(f["key"], f["sha256"]), name=f["key"]) for f in files]
@@ -148,8 +166,6 @@ class KleinGenerator:
                     if self.accel is not None:
                         self.accel.loras.add(name, lora)
                     else:
-                        from klein.lora import add_lora
-
                         add_lora(self.pipe.transformer, lora, adapter_name=name)
         return names
 
@@ -202,12 +218,8 @@ class KleinGenerator:
         key = tuple(names)
         scores = self._klora_scores.get(key)
         if scores is None:
-            from klein.lora import LoraLayer, LoraWeights, extract_lora
-
-            if self.accel is not None:  # factors as resident: up, and down with the alpha/r scale folded in
-                loras = [LoraWeights(layers={layer: LoraLayer(down=down, up=up, alpha=float(down.shape[0]))
-                                             for layer, (up, down) in self.accel.loras.adapters[n].items()})
-                         for n in names]
+            if self.accel is not None:  # the factors as resident on the device
+                loras = [self.accel.loras.resident_lora(n) for n in names]
             else:
                 loras = [extract_lora(self.pipe.transformer, n) for n in names]
             scores = klora_layer_scores(loras, self.pipe._execution_device)
@@ -256,8 +268,6 @@ class KleinGenerator:
 
 def _eager():
     """Run compiled modules eagerly inside the block (torch.compiler.set_stance), where torch has it."""
-    import contextlib
-
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
@@ -267,16 +277,6 @@ def _lora_modules(transformer, layer_names: list[str]) -> dict:
     return {name: modules[name] for name in layer_names if name in modules}
 
 
-def apply_klora_step(modules: dict, names: list[str], schedule: KLoraSchedule, step: int, user_weights: list[float]) -> None:
-    """Set each layer's adapter scales for `step`: the chosen LoRA at its weight, the others at 0."""
-    for layer, weights in schedule.weights_at(step, user_weights).items():
-        module = modules.get(layer)
-        if module is None:
-            continue
-        for name, weight in zip(names, weights):
-            module.set_scale(name, weight)
-
-
 def _png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -284,8 +284,6 @@ def _png(image) -> bytes:
 
 
 # -- the Serve deployment ----------------------------------------------------------------------------------
-from ray import serve  # noqa: E402  (the plain part above must import without Serve's side effects)
-
 
 class ResidentAdapterSet:
     """What `@serve.multiplexed` keeps per model id. Serve calls `__del__` on LRU eviction (and Python may
@@ -307,34 +305,29 @@ class ResidentAdapterSet:
 @serve.deployment(name="Generator")
 class Generator:
     def __init__(self, config: dict):
-        from cluster.storage import Storage
-        from serve.config import ServeConfig
-
         self.config = ServeConfig.from_any(config)
         storage = Storage.from_uri(self.config.storage)
         self.core = KleinGenerator(self.config.model, self.config.device, self.config.max_side, storage,
                                    (self.config.klora_alpha, self.config.klora_beta, self.config.klora_gamma),
                                    accel=self.config.accel)
-        # the decorators' numbers are placeholders: the config decides (the multiplex limit is applied once
-        # Serve has created its wrapper, see `_adapter_set`)
+        # the batch decorator's numbers are placeholders: the config decides
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        core = self.core
 
-    @serve.multiplexed(max_num_models_per_replica=4)
-    async def get_adapter_set(self, model_id: str) -> ResidentAdapterSet:
-        names = await asyncio.to_thread(self.core.load_adapter_set, model_id)
-        return ResidentAdapterSet(self.core, model_id, names)
+        async def load_adapter_set(model_id: str) -> ResidentAdapterSet:
+            names = await asyncio.to_thread(core.load_adapter_set, model_id)
+            return ResidentAdapterSet(core, model_id, names)
 
-    async def _adapter_set(self, model_id: str) -> ResidentAdapterSet:
-        adapter_set = await self.get_adapter_set(model_id)
-        # Serve builds the multiplex wrapper lazily with the decorator's limit; the limit is checked before
-        # each load, so setting it after the first load makes the configured limit hold from then on.
-        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
-        if wrapper is not None:
-            wrapper.max_num_models_per_replica = self.config.max_loras_per_replica
-        return adapter_set
+        # multiplexing wired up at init (a public form Serve detects on the instance), so that the configured
+        # limit holds from the first load
+        self.get_adapter_set = serve.multiplexed(
+            max_num_models_per_replica=self.config.max_loras_per_replica)(load_adapter_set)
 
     async def generate(self, item: dict) -> bytes:
+        """One image. The adapter set is the request's multiplexed model id (sent once, by the handle's
+        `options(multiplexed_model_id=...)`): the item itself does not carry it."""
+        item = {**item, "model_id": serve.get_multiplexed_model_id() or BASE_MODEL_ID}
         result = await self.generate_batch(GenerateItem(**item))
         if isinstance(result, Exception):
             raise result
@@ -352,7 +345,7 @@ class Generator:
                 names: list[str] = []
                 if group[0].model_id:
                     # resolve adapters before taking the pipeline lock: an eviction triggered here needs it
-                    adapter_set = await self._adapter_set(group[0].model_id)
+                    adapter_set = await self.get_adapter_set(group[0].model_id)
                     names = adapter_set.names
                 pngs = await asyncio.to_thread(self.core.run_group, group, names, self.config.batch_forward)
                 for i, png in zip(indices, pngs):

@@ -8,7 +8,14 @@ import asyncio
 import io
 import logging
 
+from PIL import Image
 from ray import serve
+
+from gemini.client import GeminiClient, GeminiConfig
+from gemini.policy import text_stage_policy
+from gemini.profile import StyleProfile, extract_style_profile
+from gemini.rewrite import reformulate
+from serve.config import ServeConfig
 
 log = logging.getLogger("klein.serve.style")
 
@@ -21,8 +28,6 @@ def with_triggers(prompt: str, triggers: list[str]) -> str:
 
 class StyleService:
     def __init__(self, gemini_mode: str = "auto"):
-        from gemini.client import GeminiClient, GeminiConfig
-
         self.gemini_mode = gemini_mode
         self.client = GeminiClient(GeminiConfig.from_env())
 
@@ -38,9 +43,6 @@ class StyleService:
         off: the prompt as given (triggers added). auto: L2 when the LoRA has a profile and its text-stage
         policy allows it (Gemini if a key is set, else offline weaving). on: L2 whenever there is a profile.
         """
-        from gemini.profile import StyleProfile
-        from gemini.rewrite import reformulate
-
         base = with_triggers(prompt.strip(), [])
         if use_gemini == "off" or profile is None or (use_gemini == "auto" and not policy_allows):
             reason = ("use_gemini=off" if use_gemini == "off" else "no style profile" if profile is None
@@ -59,23 +61,26 @@ class StyleService:
                 "gemini_source": result.source, "warnings": warnings}
 
     def profile_from_images(self, images: list[bytes], use_gemini: str = "auto") -> dict:
-        from PIL import Image
-
-        from gemini.profile import extract_style_profile
-
+        """{"profile", "text_stage"}: the seeds' refs policy decides whether Gemini is asked (1–3 pictures:
+        no, unless `use_gemini` is "on": the user's explicit choice wins, with a warning)."""
         pictures = []
         for data in images:
             with Image.open(io.BytesIO(data)) as im:
                 pictures.append(im.convert("RGB"))
-        profile = extract_style_profile(pictures, client=self._client_for(use_gemini))
-        return profile.to_manifest()
+        policy = text_stage_policy(len(pictures))
+        text_stage = policy.model_dump(mode="json")
+        client = self._client_for(use_gemini)
+        override = use_gemini == "on" and not policy.use_gemini
+        if override:
+            text_stage["warnings"] = [*text_stage["warnings"], "use_gemini=on overrides the 1–3 refs policy"]
+        text_stage["use_gemini"] = client is not None and client.available and (policy.use_gemini or override)
+        profile = extract_style_profile(pictures, client=client, policy=None if override else policy)
+        return {"profile": profile.to_manifest(), "text_stage": text_stage}
 
 
 @serve.deployment(name="StyleStage")
 class StyleStage:
     def __init__(self, config: dict):
-        from serve.config import ServeConfig
-
         self.service = StyleService(ServeConfig.from_any(config).gemini)
 
     async def restyle(self, prompt: str, profile: dict | None, triggers: list[str], use_gemini: str,

@@ -8,6 +8,7 @@ caller shows the plaintext once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -17,7 +18,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ray import serve
+
 from cluster.storage import Storage, StorageError, check_name
+from serve.config import ServeConfig
 
 log = logging.getLogger("klein.serve.tenants")
 
@@ -134,6 +138,16 @@ class TokenBucketLimiter:
     def limit_of(self, tenant: str) -> tuple[float, float]:
         return self.overrides.get(tenant, (self.rate, self.burst))
 
+    def peek(self, tenant: str, cost: float = 1.0) -> float:
+        """Like `try_acquire`, without taking anything: 0.0 when `cost` tokens are there, else the wait."""
+        rate, burst = self.limit_of(tenant)
+        with self._lock:
+            bucket = self._buckets.get(tenant)
+            if bucket is None:
+                return 0.0
+            tokens = min(burst, bucket.tokens + (self._clock() - bucket.updated) * rate)
+            return 0.0 if tokens >= cost else (cost - tokens) / rate
+
     def try_acquire(self, tenant: str, cost: float = 1.0) -> float:
         """0.0 when allowed; otherwise the seconds until `cost` tokens are available (for Retry-After)."""
         rate, burst = self.limit_of(tenant)
@@ -155,8 +169,6 @@ def retry_after_header(seconds: float) -> dict[str, str]:
 
 
 # -- the cluster-wide limit ----------------------------------------------------------------------------------
-from ray import serve  # noqa: E402  (the plain part above must import without Serve's side effects)
-
 
 @serve.deployment(name="RateLimiter", num_replicas=1, max_ongoing_requests=1000)
 class RateLimiter:
@@ -168,8 +180,6 @@ class RateLimiter:
     """
 
     def __init__(self, config: dict):
-        from serve.config import ServeConfig
-
         cfg = ServeConfig.from_any(config)
         self.limiter = TokenBucketLimiter(cfg.rate_limit_per_s, cfg.rate_limit_burst, overrides=cfg.tenant_rate_limits)
 
@@ -197,8 +207,6 @@ class SharedRateLimit:
 
     async def acquire(self, tenant: str) -> float:
         if self.handle is not None and time.monotonic() >= self._down_until:
-            import asyncio
-
             response = self.handle.acquire.remote(tenant)
 
             async def wait():

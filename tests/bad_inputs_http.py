@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 from PIL import Image
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 try:
@@ -215,6 +216,48 @@ def lora_wrong_inner_dim(ctx: Ctx) -> bytes:
     return st_save(state)
 
 
+def lora_rank_zero(ctx: Ctx) -> bytes:
+    """Every layer of rank 0 (lora_A [0, in], lora_B [out, 0]): K-LoRA's top-k with k = 0 never ended."""
+    state = _state(ctx)
+    return st_save({k: (v[:0] if k.endswith("lora_A.weight") else v[:, :0]).contiguous() for k, v in state.items()})
+
+
+def _with_adapter_metadata(ctx: Ctx, text: str) -> bytes:
+    return st_save(_state(ctx), metadata={"lora_adapter_metadata": text})
+
+
+def lora_rank_mismatch(ctx: Ctx) -> bytes:
+    state = _state(ctx)
+    first = sorted(k for k in state if k.endswith("lora_B.weight"))[0]
+    state[first] = state[first][:, :3].contiguous()  # B has 3 columns, A 4 rows
+    return st_save(state)
+
+
+def lora_comfyui_alpha(value: float) -> Callable[[Ctx], bytes]:
+    def make(ctx: Ctx) -> bytes:
+        from klein.lora import export_lora
+        from serve.testing import random_lora
+
+        state = st_load(export_lora(random_lora(ctx.transformer, rank=4, scale=0.05, seed=5), "comfyui"))
+        first = sorted(k for k in state if k.endswith(".alpha"))[0]
+        state[first] = torch.tensor(value)
+        return st_save(state)
+
+    return make
+
+
+def lora_int_tensors(ctx: Ctx) -> bytes:
+    return st_save({k: (v * 100).to(torch.int32) for k, v in _state(ctx).items()})
+
+
+def lora_outside_the_blocks(ctx: Ctx) -> bytes:
+    state = _state(ctx)
+    inner = ctx.transformer.x_embedder
+    state["transformer.x_embedder.lora_A.weight"] = torch.zeros(4, inner.in_features)
+    state["transformer.x_embedder.lora_B.weight"] = torch.zeros(inner.out_features, 4)
+    return st_save(state)
+
+
 def _png_as_lora(ctx: Ctx) -> bytes:
     return bad_inputs.png_bytes(bad_inputs.good_image(3, (64, 64)))
 
@@ -228,7 +271,18 @@ LORA_FILES: dict[str, Callable[[Ctx], bytes]] = {
     "torch_pickle": lora_torch_pickle, "raw_pickle": lora_raw_pickle, "truncated": lora_truncated,
     "header_lies": lora_header_lies, "no_lora_keys": lora_no_lora_keys, "missing_up": lora_missing_up,
     "one_dimensional": lora_one_dimensional, "wrong_inner_dim": lora_wrong_inner_dim,
+    "rank_zero": lora_rank_zero, "rank_mismatch": lora_rank_mismatch, "int_tensors": lora_int_tensors,
+    "outside_the_blocks": lora_outside_the_blocks, "comfyui_alpha_nan": lora_comfyui_alpha(float("nan")),
 }
+
+
+def raw_json(method: str, url: str, text: str) -> Callable[[Ctx], dict]:
+    return lambda ctx: {"method": method, "url": url, "content": text.encode(),
+                        "headers": {"Content-Type": "application/json"}}
+
+
+def deep_json(depth: int) -> str:
+    return '{"lora_id": ' + "[" * depth + "]" * depth + "}"
 
 
 # -- pictures for the style profile ---------------------------------------------------------------------------
@@ -311,7 +365,18 @@ CASES: list[HttpCase] = [
     HttpCase("width_not_multiple_of_16", generate(width=100), 422, "invalid_request", "width", r"multiple of 16.*got 100"),
     HttpCase("width_too_small", generate(width=32), 422, "invalid_request", "width", r"between 64 and"),
     HttpCase("height_over_max_side", generate(height=4096), 422, "invalid_request", "height", r"between 64 and 2048, got 4096"),
-    HttpCase("width_not_a_number", generate(width="wide"), 422, "invalid_request", "width", r"valid integer"),
+    HttpCase("width_not_a_number", generate(width="wide"), 422, "invalid_request", "width", r"JSON number, not a string"),
+    HttpCase("steps_as_a_string", generate(steps="1"), 422, "invalid_request", "steps", r"JSON number, not a string"),
+    HttpCase("width_as_a_boolean", generate(width=True), 422, "invalid_request", "width", r"JSON number, not a boolean"),
+    HttpCase("guidance_as_a_string", generate(guidance="3.5"), 422, "invalid_request", "guidance", r"not a string"),
+    HttpCase("prompt_with_carriage_return", generate(prompt="a house\r\nX-Injected: 1"), 422, "invalid_request", "prompt",
+             r"control characters.*'\\r'"),
+    HttpCase("prompt_with_nul", generate(prompt="a\x00house"), 422, "invalid_request", "prompt", r"control characters"),
+    HttpCase("prompt_with_escape", generate(prompt="\x1b[31ma red house"), 422, "invalid_request", "prompt",
+             r"control characters"),
+    HttpCase("negative_prompt_with_delete", generate(negative_prompt="blur\x7f"), 422, "invalid_request",
+             "negative_prompt", r"control characters"),
+    HttpCase("prompt_not_a_string", generate(prompt=["a", "house"]), 422, "invalid_request", "prompt", r"valid string"),
     HttpCase("steps_zero", generate(steps=0), 422, "invalid_request", "steps", r"between 1 and 200, got 0"),
     HttpCase("steps_too_many", generate(steps=5000), 422, "invalid_request", "steps", r"between 1 and 200, got 5000"),
     HttpCase("guidance_negative", generate(guidance=-1), 422, "invalid_request", "guidance", r"between 0 and 30"),
@@ -334,6 +399,22 @@ CASES: list[HttpCase] = [
              415, "unsupported_media_type", "content-type", r"application/json"),
     # -- LoRA references --
     HttpCase("unknown_lora_id", generate(lora_id="lora-000000000000"), 404, "not_found", "lora_id", r"^LoRA not found$"),
+    HttpCase("lora_id_empty", generate(lora_id=""), 422, "invalid_request", "lora_id", r"at least 1 character"),
+    HttpCase("loras_entry_with_empty_id", generate(loras=[{"id": ""}]), 422, "invalid_request", "loras.0.id",
+             r"at least 1 character"),
+    HttpCase("lora_weight_as_a_string", lambda ctx: generate(loras=[{"id": ctx.own_loras[0], "weight": "1"}])(ctx),
+             422, "invalid_request", "loras.0.weight", r"not a string"),
+    # -- JSON bounds: depth and size on every endpoint (a RecursionError was a 500) --
+    HttpCase("generate_json_10000_deep", raw_json("POST", "/v1/generate", deep_json(10_000)), 400, "invalid_json", None,
+             r"nests 10001 levels deep; at most 32"),
+    HttpCase("profile_json_10000_deep", raw_json("POST", "/v1/style-profile", deep_json(10_000)), 400, "invalid_json",
+             None, r"nests 10001 levels deep"),
+    HttpCase("train_json_10000_deep", raw_json("POST", "/v1/loras", deep_json(10_000)), 400, "invalid_json", None,
+             r"nests 10001 levels deep"),
+    HttpCase("generate_json_over_1_mib", raw_json("POST", "/v1/generate", '{"prompt": "' + "a" * (1 << 20) + '"}'),
+             413, "payload_too_large", None, r"a JSON body is at most 1048576 bytes"),
+    HttpCase("profile_lora_id_empty", lambda ctx: {"method": "POST", "url": "/v1/style-profile", "json": {"lora_id": ""}},
+             422, "invalid_request", "lora_id", r"at least 1 character"),
     HttpCase("lora_id_path_traversal", generate(lora_id="../../auth/keys"), 404, "not_found", "lora_id", r"^LoRA not found$"),
     HttpCase("other_tenants_lora_id", lambda ctx: generate(lora_id=ctx.other_lora)(ctx), 404, "not_found", "lora_id",
              r"^LoRA not found$", kind="cross_tenant"),
@@ -392,6 +473,14 @@ CASES: list[HttpCase] = [
              422, "invalid_request", "trigger", r"trigger word is empty"),
     HttpCase("train_json_rank_zero", train_json({"source_uri": "s3://bucket/refs", "rank": 0}),
              422, "invalid_request", "rank", r"greater than or equal to 1"),
+    HttpCase("train_json_rank_as_a_string", train_json({"source_uri": "s3://bucket/refs", "rank": "8"}),
+             422, "invalid_request", "rank", r"valid integer"),
+    HttpCase("train_json_steps_as_a_boolean", train_json({"source_uri": "s3://bucket/refs", "steps": True}),
+             422, "invalid_request", "steps", r"valid integer"),
+    HttpCase("train_form_steps_fractional", train_upload(trigger="zxy_ok", steps="1.5"), 422, "invalid_request", "steps",
+             r"steps must be an integer"),
+    HttpCase("train_form_rank_empty", train_upload(trigger="zxy_ok", rank=""), 422, "invalid_request", "rank",
+             r"rank must be an integer"),
     HttpCase("source_uri_inside_storage", lambda ctx: train_json({"source_uri": ctx.storage_uri + "/auth"})(ctx),
              422, "invalid_request", "source_uri", r"may not point inside"),
     HttpCase("source_uri_local_path", train_json({"source_uri": "/etc"}), 422, "invalid_request", "source_uri", r"s3:// or gs://"),
@@ -417,6 +506,28 @@ CASES: list[HttpCase] = [
     HttpCase("lora_wrong_inner_dimension", import_lora(lora_wrong_inner_dim), 422, "invalid_request", "lora",
              r"does not fit this model"),
     HttpCase("lora_bad_trigger", import_lora(lora_good, trigger="art"), 422, "invalid_request", "trigger", r"common word"),
+    HttpCase("lora_rank_zero", import_lora(lora_rank_zero), 422, "invalid_request", "lora", r"has rank 0"),
+    HttpCase("lora_rank_mismatch_between_a_and_b", import_lora(lora_rank_mismatch), 422, "invalid_request", "lora",
+             r"rank mismatch: A .* has 4 rows, B .* has 3 columns"),
+    HttpCase("lora_alpha_nan_in_metadata", import_lora(lambda ctx: _with_adapter_metadata(ctx, '{"lora_alpha": NaN}')),
+             422, "invalid_request", "lora", r"alpha nan; alpha must be a finite number"),
+    HttpCase("lora_alpha_infinite_in_metadata",
+             import_lora(lambda ctx: _with_adapter_metadata(ctx, '{"lora_alpha": Infinity}')), 422, "invalid_request",
+             "lora", r"alpha inf; alpha must be a finite number"),
+    HttpCase("lora_alpha_1e30_in_metadata", import_lora(lambda ctx: _with_adapter_metadata(ctx, '{"lora_alpha": 1e30}')),
+             422, "invalid_request", "lora", r"scale must be in \(0, 64\]"),
+    HttpCase("lora_comfyui_alpha_tensor_nan", import_lora(lora_comfyui_alpha(float("nan"))), 422, "invalid_request",
+             "lora", r"alpha nan"),
+    HttpCase("lora_comfyui_alpha_tensor_1e30", import_lora(lora_comfyui_alpha(1e30)), 422, "invalid_request", "lora",
+             r"scale must be in"),
+    HttpCase("lora_metadata_a_json_list", import_lora(lambda ctx: _with_adapter_metadata(ctx, "[]")), 422,
+             "invalid_request", "lora", r"metadata key lora_adapter_metadata must be a JSON object, not list"),
+    HttpCase("lora_metadata_alpha_a_string", import_lora(lambda ctx: _with_adapter_metadata(ctx, '{"lora_alpha": "8"}')),
+             422, "invalid_request", "lora", r"lora_adapter_metadata: `lora_alpha`"),
+    HttpCase("lora_integer_tensors", import_lora(lora_int_tensors), 422, "invalid_request", "lora",
+             r"is int32; LoRA tensors must be float32"),
+    HttpCase("lora_target_outside_the_served_blocks", import_lora(lora_outside_the_blocks), 422, "invalid_request",
+             "lora", r"x_embedder: outside the served blocks"),
     HttpCase("lora_file_missing", lambda ctx: {"method": "POST", "url": "/v1/loras/import", "data": {"trigger": "zxy_ok"},
                                                "files": {"other": ("x.txt", b"x", "text/plain")}},
              422, "invalid_request", "lora", r"attach the LoRA"),

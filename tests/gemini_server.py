@@ -7,6 +7,9 @@ and answers go back as `candidates[].content.parts[]`. Tests queue what the serv
     server.push_json({"caption": "a cat on a sofa"})     # a normal answer
     server.push_status(429)                              # rate limit (google.rpc error body)
     server.push_delay(2.0)                               # sleep longer than the client's time-out
+    server.push_silent()                                 # accept, then never answer (until stop)
+    server.push_trickle(0.5, {"caption": "..."})         # send the answer one byte every 0.5 s
+    server.push_status(429, retry_after=3)               # with a Retry-After header
     server.push_text("{not json")                        # malformed JSON
     server.push_empty_candidate() / push_blocked()       # no content / safety block
 
@@ -72,6 +75,9 @@ class Action:
     status: int = 200
     body: Any = None  # dict -> JSON; str -> raw text
     delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    trickle_s: float = 0.0  # > 0: headers at once, then the body one byte at a time, this far apart
+    silent: bool = False  # never answer (the connection stays open until the server stops)
 
 
 Responder = Callable[[RecordedRequest], Any]
@@ -166,8 +172,18 @@ class GeminiProtocolServer:
         """An answer whose text part is `text` verbatim (e.g. malformed JSON)."""
         self.push(Action(body=candidate_answer(text)))
 
-    def push_status(self, code: int, message: str | None = None, retry_delay: str | None = None) -> None:
-        self.push(Action(status=code, body=error_body(code, message, retry_delay)))
+    def push_status(self, code: int, message: str | None = None, retry_delay: str | None = None,
+                    retry_after: float | None = None) -> None:
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+        self.push(Action(status=code, body=error_body(code, message, retry_delay), headers=headers))
+
+    def push_silent(self) -> None:
+        """Read the request, then never answer: an upstream that stops talking."""
+        self.push(Action(silent=True))
+
+    def push_trickle(self, interval_s: float, then: Any = None) -> None:
+        """Answer `then` (or {}) one byte every `interval_s`: each read gets data, the whole never comes in time."""
+        self.push(Action(body=candidate_answer(then if then is not None else {}), trickle_s=interval_s))
 
     def push_delay(self, seconds: float, then: Any = None) -> None:
         """Sleep `seconds` before answering `then` (an answer payload) or an empty JSON object."""
@@ -236,19 +252,31 @@ class GeminiProtocolServer:
             self._send(handler, Action(status=404, body=error_body(404, f"unknown path {handler.path}")))
             return
         action = self._next_action(request)
+        if action.silent:
+            self._stopping.wait()
+            return
         if action.delay_s and self._stopping.wait(action.delay_s):
             return
-        self._send(handler, action)
+        self._send(handler, action, self._stopping)
 
     @staticmethod
-    def _send(handler: BaseHTTPRequestHandler, action: Action) -> None:
+    def _send(handler: BaseHTTPRequestHandler, action: Action, stopping: threading.Event | None = None) -> None:
         data = action.body.encode() if isinstance(action.body, str) else json.dumps(action.body).encode()
         try:
             handler.send_response(action.status)
             handler.send_header("Content-Type", "application/json; charset=UTF-8")
             handler.send_header("Content-Length", str(len(data)))
+            for name, value in action.headers.items():
+                handler.send_header(name, value)
             handler.end_headers()
-            handler.wfile.write(data)
+            if action.trickle_s > 0:
+                for i in range(len(data)):
+                    handler.wfile.write(data[i : i + 1])
+                    handler.wfile.flush()
+                    if stopping is not None and stopping.wait(action.trickle_s):
+                        return
+            else:
+                handler.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (time-out test): nothing to answer
 

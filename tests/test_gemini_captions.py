@@ -180,3 +180,47 @@ def test_caption_text_helpers():
     assert with_trigger("trgx is a word", "trg") == "trg. trgx is a word"
     assert with_trigger("", "trg") == "trg"
     assert remove_style_words("a watercolor painting of an old man", ["watercolor", "painting"]) == "an old man"
+
+
+# -- lint gaps (issue 20): compounds, media, movements, references; the trigger once; no broken text -------------
+@pytest.mark.parametrize("caption, word", [
+    ("a black-and-white picture of a dog", "black-and-white"), ("a sun-drenched street", "sun-drenched"),
+    ("pastel-hued houses by the sea", "pastel-hued"), ("a neon-lit alley", "neon-lit"), ("a photo of a dog", "photo"),
+    ("a man with bokeh behind him", "bokeh"), ("an Art Deco lobby", "Art Deco"), ("ukiyo-e waves", "ukiyo-e"),
+    ("a noir detective in a hat", "noir"), ("a vase of flowers in oils", "oils"), ("a print of a heron", "print"),
+    ("a wheat field in the style of Van Gogh", "in the style of Van Gogh"),
+])
+def test_the_lint_catches_compounds_media_movements_and_references(caption, word):
+    from gemini.style_words import find_style_words
+    from train.captions import lint_caption
+
+    assert word in [w for w, _ in find_style_words(caption)]
+    assert lint_caption(caption) and word.split()[0].lower() in lint_caption(caption)[0].lower()
+
+
+def test_content_words_that_look_like_references_are_not_flagged():
+    from gemini.style_words import find_style_words
+
+    assert find_style_words("a boat on a lake at noon") == []
+    assert find_style_words("a house in the style of") == [("in the style of", "reference")]
+    assert [w for w, _ in find_style_words("a barn in the style of Andrew Wyeth at dusk")] == ["in the style of Andrew Wyeth"]
+
+
+def test_the_trigger_is_kept_once_at_the_head():
+    from gemini.captions import with_trigger
+
+    assert with_trigger("a cat zxy_ink on a wall", "zxy_ink") == "zxy_ink. a cat on a wall"
+    assert with_trigger("zxy_ink. a cat, zxy_ink, on a ZXY_INK wall", "zxy_ink") == "zxy_ink. a cat, on a wall"
+    assert with_trigger("zxy_inked cat", "zxy_ink") == "zxy_ink. zxy_inked cat"  # another token: kept
+
+
+def test_cutting_style_words_never_leaves_broken_text():
+    from gemini.captions import fix_articles, remove_style_words
+
+    cut = fix_articles(remove_style_words("a dress under golden light, an illustration of a horse",
+                                          ["golden", "illustration"], drop_clauses=True))
+    assert cut == "a dress under light"
+    assert fix_articles(remove_style_words("a watercolor of a fox", ["watercolor"], drop_clauses=True)) == "a fox"
+    text = remove_style_words("a woman in a dress, painted in watercolor, beside a tree", ["painted", "watercolor"],
+                              drop_clauses=True)
+    assert text == "a woman in a dress, beside a tree"

@@ -211,3 +211,38 @@ def test_no_key_and_empty_prompt():
     assert result.source == "offline" and "GEMINI_API_KEY" in result.warnings[0]
     with pytest.raises(ValueError, match="prompt is empty"):
         reformulate(rose_profile(), "   ")
+
+
+# -- every rule of the seed, checked against the profile (issue 20) -------------------------------------------
+LAZY_REWRITE = (
+    f"{TRIGGER}. A young woman in a pink ruffle blouse sits working at her desk in an office, typing on a laptop while a "
+    "cup of coffee cools beside a stack of papers. Sheer curtains hang at the tall window behind her and the "
+    "afternoon falls across the carpet. She looks up from the screen with a small smile as a colleague walks past "
+    "the glass partition, and the printer hums in the corner near the potted plant. The desk holds a notebook, a "
+    "pen and a framed photograph, and the chair is pushed back a little from the desk as she stretches her "
+    "shoulders after a long morning of meetings and emails. dusty rose and teal palette, soft film grain, soft "
+    "side window light, wistful intimate mood"
+)
+
+
+def test_an_answer_that_breaks_the_rules_is_reasked_naming_them_then_woven_offline(server):
+    prompt = "a woman in a pink ruffle blouse working in an office"
+    checks = check_reformulation(LAZY_REWRITE, rose_profile(), prompt, TRIGGER)
+    assert checks.length_ok and checks.suffix_must_present and checks.trigger_present and checks.subject_kept
+    assert checks.wardrobe_adapted is False and checks.setting_transformed is False and not checks.signature_kept
+    assert checks.missing_signature == ["a single brass object catching the light"]
+    server.push_json({"prompt": LAZY_REWRITE})
+    server.push_json({"prompt": LAZY_REWRITE})
+    result = reformulate(rose_profile(), prompt, trigger=TRIGGER, client=client_for(server))
+    assert result.source == "offline" and result.checks.passed
+    feedback = server.requests[1].prompt_text
+    for rule in ("clothing is not adapted", "generic setting is not transformed", "signature elements are missing"):
+        assert rule in feedback, rule
+    assert "pink ruffle blouse" not in result.prompt
+
+
+def test_the_colour_rule_names_the_main_palette_colours():
+    text = GOOD_REWRITE.replace("dusty rose", "rose").replace("teal", "green")
+    checks = check_reformulation(text, rose_profile(), "a young woman by a window", TRIGGER)
+    assert not checks.colours_present and checks.missing_colours == ["dusty rose", "teal"]
+    assert any("style's colours are missing: name dusty rose, teal" in f for f in checks.failures())

@@ -231,3 +231,86 @@ def test_exported_lora_bytes_are_deterministic(trained_like):
     shuffled = L.LoraWeights(layers=dict(reversed(list(lora.layers.items()))), meta=dict(reversed(list(lora.meta.items()))))
     for fmt in ("comfyui", "kohya"):
         assert L.export_lora(lora, fmt) == L.export_lora(lora, fmt) == L.export_lora(shuffled, fmt)
+
+
+# -- the one validator (issue 20): every reader, import and training output goes through it -------------------
+def _ab(rank=4, width=32, out=32, prefix="transformer.transformer_blocks.0.attn.to_q"):
+    g = torch.Generator().manual_seed(3)
+    return {f"{prefix}.lora_A.weight": torch.randn(rank, width, generator=g),
+            f"{prefix}.lora_B.weight": torch.randn(out, rank, generator=g)}
+
+
+def _with_meta(state, **meta) -> bytes:
+    return st_save(state, metadata={k: v for k, v in meta.items()})
+
+
+@pytest.mark.parametrize("alpha, why", [("NaN", "finite"), ("Infinity", "finite"), ("1e30", "scale"),
+                                         ("0", "scale"), ("-4", "scale")])
+@pytest.mark.reliability("bad_inputs")
+def test_alphas_from_peft_metadata_must_be_finite_and_sane(alpha, why):
+    data = _with_meta(_ab(), lora_adapter_metadata=f'{{"r": 4, "lora_alpha": {alpha}}}')
+    with pytest.raises(L.LoraError, match=why):
+        L.read_lora(data, name="alpha.safetensors")
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 1e30])
+@pytest.mark.reliability("bad_inputs")
+def test_alphas_from_a_comfyui_alpha_tensor_must_be_finite_and_sane(alpha):
+    state = {"diffusion_model.double_blocks.0.img_attn.proj.lora_down.weight": torch.randn(4, 32),
+             "diffusion_model.double_blocks.0.img_attn.proj.lora_up.weight": torch.randn(32, 4),
+             "diffusion_model.double_blocks.0.img_attn.proj.alpha": torch.tensor(alpha)}
+    with pytest.raises(L.LoraError, match="alpha"):
+        L.read_lora(st_save(state), name="comfy.safetensors")
+
+
+@pytest.mark.reliability("bad_inputs")
+def test_rank_zero_and_rank_mismatch_are_refused_naming_the_layer():
+    with pytest.raises(L.LoraError, match=r"transformer_blocks\.0\.attn\.to_q has rank 0"):
+        L.read_lora(st_save(_ab(rank=0)))
+    state = _ab()
+    state["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"] = torch.randn(32, 3)
+    with pytest.raises(L.LoraError, match="rank mismatch: A .* has 4 rows, B .* has 3 columns"):
+        L.read_lora(st_save(state))
+
+
+@pytest.mark.parametrize("key, text, match", [
+    ("lora_adapter_metadata", "[]", "must be a JSON object, not list"),
+    ("lora_adapter_metadata", '"r"', "must be a JSON object, not str"),
+    ("lora_adapter_metadata", "{not json", "not valid JSON"),
+    ("lora_adapter_metadata", '{"lora_alpha": "eight"}', "`lora_alpha`"),
+    ("lora_adapter_metadata", '{"alpha_pattern": [1, 2]}', "`alpha_pattern`"),
+    ("klein_style", "[1]", "must be a JSON object"),
+    ("klein_style", '{"trigger": 5}', "`trigger`"),
+])
+@pytest.mark.reliability("bad_inputs")
+def test_metadata_of_the_wrong_shape_is_an_error_naming_the_key(key, text, match):
+    with pytest.raises(L.LoraError, match=match) as e:
+        L.read_lora(_with_meta(_ab(), **{key: text}))
+    assert key in str(e.value)
+
+
+@pytest.mark.reliability("bad_inputs")
+def test_the_dtype_policy():
+    half = {k: v.to(torch.bfloat16) for k, v in _ab().items()}
+    lora = L.read_lora(st_save(half))
+    assert all(l.down.dtype == torch.float32 and l.up.dtype == torch.float32 for l in lora.layers.values())
+    ints = {k: (v * 10).to(torch.int32) for k, v in _ab().items()}
+    with pytest.raises(L.LoraError, match="int32; LoRA tensors must be float32, float16, bfloat16 or float64"):
+        L.read_lora(st_save(ints))
+
+
+@pytest.mark.reliability("bad_inputs")
+def test_targets_must_lie_inside_the_served_blocks():
+    pipe = load_pipeline("tiny", components=("transformer",))
+    inner = pipe.transformer.x_embedder
+    lora = L.LoraWeights(layers={"x_embedder": L.LoraLayer(torch.randn(2, inner.in_features),
+                                                           torch.randn(inner.out_features, 2), 2.0)})
+    with pytest.raises(L.LoraError, match="x_embedder: outside the served blocks"):
+        L.check_lora_fits(lora, pipe.transformer)
+
+
+def test_training_outputs_pass_the_same_validator():
+    bad = L.LoraWeights(layers={"transformer_blocks.0.attn.to_q": L.LoraLayer(torch.randn(4, 8), torch.randn(8, 4),
+                                                                              float("nan"))})
+    with pytest.raises(L.LoraError, match="the LoRA to save.*alpha"):
+        L.lora_to_bytes(bad)

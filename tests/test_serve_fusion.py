@@ -184,3 +184,50 @@ def test_fusion_deployment_picks_where_scores_are_computed(tmp_path):
     assert service(device="cuda", klora_scores_on="fusion").scores_on == "fusion"
     with pytest.raises(ServeConfigError, match="klora_scores_on must be one of auto, fusion, generator, got 'gpu'"):
         ServeConfig.from_any({"klora_scores_on": "gpu"})
+
+
+# -- guards: no input makes the fusion math endless (issue 20) -------------------------------------------------
+def test_topk_with_k_zero_is_refused_at_once_not_an_endless_pyramid():
+    from klein.fusion import topk_abs_sums
+
+    deltas = torch.randn(2, 300, 500)
+    with pytest.raises(FusionError, match="k >= 1"):
+        topk_abs_sums(deltas, 0)
+    with pytest.raises(FusionError, match="fan >= 2"):
+        topk_abs_sums(deltas, 4, block=64, fan=1)
+
+
+def test_klora_refuses_rank_zero_and_mismatched_factors_before_any_work():
+    a = _lora(0, rank=2)
+    zero = LoraWeights(layers={"a.q": LoraLayer(torch.zeros(0, 8), torch.zeros(12, 0), 1.0)})
+    with pytest.raises(FusionError, match="rank must be >= 1"):
+        klora_layer_scores([a, zero])
+    mismatched = LoraWeights(layers={"a.q": LoraLayer(torch.randn(3, 8), torch.randn(12, 2), 3.0)})
+    with pytest.raises(FusionError, match="A's rows equal B's columns"):
+        klora_layer_scores([a, mismatched])
+    with pytest.raises(FusionError, match="rank must be >= 1"):
+        linear_merge([a, zero], [1.0, 1.0])
+    nan_alpha = LoraWeights(layers={"a.q": LoraLayer(torch.randn(2, 8), torch.randn(12, 2), float("nan"))})
+    with pytest.raises(FusionError, match="not finite"):
+        klora_layer_scores([a, nan_alpha])
+
+
+def test_klora_work_is_bounded(monkeypatch):
+    import klein.fusion as fusion_math
+
+    a, b = _lora(0, rank=3), _lora(5, rank=3)
+    monkeypatch.setattr(fusion_math, "KLORA_MAX_K", 8)  # k = 3 * 3 = 9
+    with pytest.raises(FusionError, match="product of the ranks"):
+        klora_layer_scores([a, b])
+    monkeypatch.setattr(fusion_math, "KLORA_MAX_K", 1 << 22)
+    monkeypatch.setattr(fusion_math, "KLORA_MAX_ENTRIES", 100)
+    with pytest.raises(FusionError, match="ΔW entries"):
+        klora_layer_scores([a, b])
+
+
+def test_schedule_refuses_absurd_steps_and_constants():
+    scores = klora_layer_scores([_lora(0), _lora(5)])
+    with pytest.raises(FusionError, match="steps"):
+        KLoraSchedule.build(scores, 0)
+    with pytest.raises(FusionError, match="gamma"):
+        KLoraSchedule.build(scores, 4, gamma=0.0)

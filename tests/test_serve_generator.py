@@ -160,3 +160,19 @@ def test_fused_klora_with_a_dominant_lora_equals_that_lora_alone(fused_gen):
 
 def test_fused_generator_probe(fused_gen):
     fused_gen.probe()
+
+
+@pytest.mark.reliability("faults")
+def test_an_image_whose_latents_go_non_finite_is_an_error_not_a_black_image(gen):
+    """A LoRA that passes the validator (finite weights, a sane alpha) but overflows the model: the
+    transformer's output goes inf/NaN, and the generator raises instead of returning an all-black PNG."""
+    from serve.generator import NonFiniteOutput
+
+    lora = random_lora(gen.pipe.transformer, rank=4, scale=1e18, seed=9)  # finite, but ΔW ~ 1e36
+    names = gen.load_adapter_set(adapter_set_id([_stored(gen, "overflow", lora)]))
+    try:
+        with pytest.raises(NonFiniteOutput, match="NaN or infinite"):
+            gen.run_group([_item(weights=(1.0,))], names)
+        assert np.isfinite(_pixels(gen.run_group([_item()], [])[0])).all()  # the base model still works
+    finally:
+        gen.delete_adapters(names)

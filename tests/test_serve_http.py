@@ -6,6 +6,7 @@ not need the trained LoRA run meanwhile, on synthetic LoRAs stored exactly where
 
 import base64
 import io
+import socket
 import time
 import zipfile
 
@@ -19,6 +20,9 @@ from cluster.ports import free_port
 
 PORT = free_port()  # not Serve's fixed 8000: other Serve instances may run on this machine at the same time
 APP = "klein-style-test"
+INFLIGHT = 12
+# request limits short enough to test in seconds (serve.middleware.Limits; production: 120 s and 15 s)
+LIMITS = {"body_timeout_s": 2.0, "body_idle_s": 1.0, "auth_failures_per_s": 2.0, "auth_failure_burst": 5}
 TRAIN_OVERRIDES = {"steps": 20, "save_every": 10, "lr": 2e-3, "resolution": 64, "sample_prompts": ["a house"],
                    "sample_steps": 4}
 
@@ -45,10 +49,10 @@ def service(tmp_path_factory):
     storage = Storage.from_uri(root)
     config = {"storage": str(root), "max_loras_per_replica": 2, "max_upload_bytes": 5 * 1024 * 1024,
               "rate_limit_per_s": 5.0, "rate_limit_burst": 40, "train_overrides": TRAIN_OVERRIDES,
-              "max_training_jobs_per_tenant": 1}
+              "max_training_jobs_per_tenant": 1, "max_inflight_requests": INFLIGHT}
     init_local_ray(num_cpus=2)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(config, replica_cpus=0.1), name=APP, route_prefix="/")
+    serve.run(build_app(config, replica_cpus=0.1, limits=LIMITS), name=APP, route_prefix="/")
     keys = {t: create_api_key(storage, t) for t in ("acme", "globex", "hammer")}
     client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120)
     yield {"client": client, "keys": keys, "storage": storage}
@@ -357,3 +361,81 @@ def test_cli_client_generates_and_reports_errors(http, service, tmp_path, capsys
     args.api_key, args.width = service["keys"]["acme"], 70
     assert generate_remote(args) == 2
     assert "field: width" in capsys.readouterr().err
+
+
+# -- request bounds (issue 20): slow bodies, stalled connections, key guessing --------------------------------
+def _slow_request(path: str = "/v1/generate", body: bytes = b'{"pro', declared: int | None = 1000,
+                  chunked: bool = False) -> socket.socket:
+    """A raw connection that sends its headers and part of a body, then stalls (the caller may trickle more)."""
+    sock = socket.create_connection(("127.0.0.1", PORT), timeout=15)
+    length = "Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {declared}\r\n"
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{length}\r\n".encode()
+                 + body)
+    return sock
+
+
+def _status_line(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.reliability("faults")
+def test_stalled_bodies_do_not_lock_tenants_out_and_are_cut_off(http, service):
+    """More stalled uploads than the in-flight limit: other requests are still answered (a request counts in
+    flight only once its body is in), and each stalled one gets a JSON 408 at the body deadline."""
+    key = service["keys"]["acme"]
+    stalled = [_slow_request() for _ in range(INFLIGHT + 4)]
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        r = http.get("/v1/loras", headers=_auth(key))
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - t0 < 1.5
+        for sock in stalled:
+            assert b" 408 " in _status_line(sock) + b" "
+        assert time.monotonic() - t0 < LIMITS["body_timeout_s"] + 4
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+@pytest.mark.reliability("faults")
+def test_a_trickling_body_and_an_endless_chunked_body_get_408(http, service):
+    trickle = _slow_request(body=b'{', declared=200)
+    chunked = _slow_request(body=b"1\r\n{\r\n", chunked=True)
+    t0 = time.monotonic()
+    try:
+        for _ in range(8):  # a byte every 0.4 s: never idle for body_idle_s, but never done either
+            if time.monotonic() - t0 > LIMITS["body_timeout_s"] + 1:
+                break
+            for sock, piece in ((trickle, b" "), (chunked, b"1\r\n \r\n")):
+                try:
+                    sock.sendall(piece)
+                except OSError:
+                    pass  # the server answered (408) and closed this one already
+            time.sleep(0.4)
+        for sock in (trickle, chunked):
+            sock.settimeout(10)
+            line = _status_line(sock)
+            assert b" 408 " in line + b" ", line
+        assert time.monotonic() - t0 < LIMITS["body_timeout_s"] + 5
+    finally:
+        trickle.close()
+        chunked.close()
+
+
+@pytest.mark.reliability("bad_inputs")
+def test_failed_authentication_is_rate_limited_per_client(http, service):
+    statuses = [http.get("/v1/loras", headers=_auth(f"ks_{i:012d}_guess{i}")).status_code for i in range(12)]
+    assert statuses[0] == 401 and 429 in statuses, statuses
+    blocked = http.get("/v1/loras", headers=_auth("ks_000000000000_another_guess"))
+    assert blocked.status_code == 429 and int(blocked.headers["Retry-After"]) >= 1
+    assert blocked.json()["error"] == "rate_limited" and blocked.json()["field"] == "authorization"
+    assert http.get("/v1/loras").status_code == 401  # no key at all is not a guess: not counted, not blocked
+    time.sleep(1.0)  # the bucket refills (2 per second): a valid key works again
+    assert http.get("/v1/loras", headers=_auth(service["keys"]["acme"])).status_code == 200

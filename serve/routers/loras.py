@@ -1,0 +1,163 @@
+"""LoRAs of a tenant: list, status, delete, public files, and import (bring your own .safetensors)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import torch
+from diffusers import Flux2Transformer2DModel
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from klein.lora import LoraError, LoraWeights, check_lora_fits, lora_to_bytes, read_lora
+from klein.model import model_id, resolve_model_source
+from serve import jobs as jobstore
+from serve.errors import ApiError, not_found
+from serve.middleware import API_PREFIX, ctx, tenant_of
+from serve.routers.common import checked_trigger, owned
+from train.job import lora_prefix
+
+router = APIRouter(prefix=API_PREFIX, tags=["loras"])
+
+_SKELETONS: dict[str, torch.nn.Module] = {}
+
+
+def _public_status(state: str | None) -> str:
+    return state or "unknown"
+
+
+def model_skeleton(model: str) -> torch.nn.Module:
+    """The served transformer's modules on the `meta` device (shapes only, no memory), to check uploads."""
+    if model not in _SKELETONS:
+        folder = resolve_model_source(model)
+        config = Flux2Transformer2DModel.load_config(str(folder / "transformer"))
+        with torch.device("meta"):
+            _SKELETONS[model] = Flux2Transformer2DModel.from_config(config)
+    return _SKELETONS[model]
+
+
+@router.get("/loras")
+async def list_loras(request: Request) -> dict:
+    state = ctx()
+    tenant = await tenant_of(request)
+    items = []
+    finished = set(await asyncio.to_thread(state.storage.list_tenant, tenant, "loras"))
+    for lora_id in await asyncio.to_thread(jobstore.list_jobs, state.storage, tenant):
+        if lora_id in finished:  # trained or imported: the manifest says what it is
+            manifest = await asyncio.to_thread(jobstore.read_manifest, state.storage, tenant, lora_id) or {}
+            items.append({"id": lora_id, "status": "done", "trigger": manifest.get("trigger")})
+            continue
+        status = await asyncio.to_thread(state.jobs.state_of, lora_id)
+        items.append({"id": lora_id, "status": _public_status(status.get("state")), "trigger": status.get("trigger")})
+    return {"loras": items}
+
+
+@router.get("/loras/{lora_id}")
+async def get_lora(lora_id: str, request: Request) -> dict:
+    state = ctx()
+    tenant = await tenant_of(request)
+    lora_id = owned(tenant, lora_id)
+    status = await asyncio.to_thread(state.jobs.state_of, lora_id)
+    manifest = await asyncio.to_thread(jobstore.read_manifest, state.storage, tenant, lora_id)
+    submission = state.storage.read_json(jobstore.submission_key(tenant, lora_id)) \
+        if state.storage.exists(jobstore.submission_key(tenant, lora_id)) else {}
+    body = {
+        "id": lora_id,
+        "status": "done" if manifest is not None else _public_status(status.get("state")),
+        "progress": {k: status.get(k) for k in ("step", "steps", "loss", "eta_s") if k in status},
+        "trigger": (manifest or submission).get("trigger"),
+        "error": status.get("error"),
+        "decision": (manifest or {}).get("decision") or status.get("decision"),
+        "warnings": (manifest or {}).get("warnings") or status.get("warnings") or [],
+    }
+    if manifest is not None:
+        body.update({
+            "metrics": manifest.get("metrics"),
+            "best_step": manifest.get("best_step"),
+            "style_profile": manifest.get("style_profile"),
+            "files": {name: f"{API_PREFIX}/loras/{lora_id}/files/{name}"
+                      for name, path in jobstore.PUBLIC_FILES.items() if path in manifest.get("files", {})},
+        })
+    return body
+
+
+@router.delete("/loras/{lora_id}")
+async def delete_lora(lora_id: str, request: Request) -> dict:
+    tenant = await tenant_of(request)
+    lora_id = owned(tenant, lora_id)
+    await asyncio.to_thread(ctx().jobs.delete, tenant, lora_id)
+    return {"id": lora_id, "deleted": True}
+
+
+@router.get("/loras/{lora_id}/files/{name}")
+async def get_lora_file(lora_id: str, name: str, request: Request) -> Response:
+    storage = ctx().storage
+    tenant = await tenant_of(request)
+    lora_id = owned(tenant, lora_id)
+    path = jobstore.PUBLIC_FILES.get(name)
+    if path is None:
+        raise not_found("file", "name")
+    manifest = await asyncio.to_thread(jobstore.read_manifest, storage, tenant, lora_id)
+    if manifest is None or path not in manifest.get("files", {}):
+        raise not_found("file", "name")
+    data = await asyncio.to_thread(storage.read_verified, f"{lora_prefix(tenant, lora_id)}/{path}",
+                                   manifest["files"][path])
+    media = "image/png" if name.endswith(".png") else "application/octet-stream"
+    return Response(data, media_type=media)
+
+
+@router.post("/loras/import", status_code=201)
+async def import_lora(request: Request) -> JSONResponse:
+    """Bring your own LoRA: multipart `lora` (a .safetensors file: diffusers/peft, ComfyUI, ai-toolkit or
+    kohya keys) and an optional `trigger`. Only safetensors is read, never a pickle; the file passes the one
+    LoRA validator (`klein.lora.validate_lora`: ranks, alphas, dtypes, finite weights, typed metadata) and
+    every layer must fit the served blocks. It is stored like a trained LoRA, in our format."""
+    tenant = await tenant_of(request)
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(415, "send multipart/form-data with the .safetensors file in the `lora` field", "content-type")
+    form = await request.form(max_files=1, max_fields=4)
+    upload = form.get("lora")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(422, "attach the LoRA (.safetensors) in the `lora` form field", "lora")
+    trigger = form.get("trigger")
+    if trigger is not None and not isinstance(trigger, str):
+        raise ApiError(422, "`trigger` must be a text field", "trigger")
+    if trigger is not None:
+        trigger = checked_trigger(trigger)
+    data = await upload.read()
+    lora_id = jobstore.new_id()
+    manifest = await asyncio.to_thread(_import_lora, tenant, lora_id, data, trigger)
+    return JSONResponse({"id": lora_id, "status": "done", "trigger": manifest["trigger"],
+                         "layers": manifest["layers"], "rank": manifest["rank"]}, status_code=201)
+
+
+def _import_lora(tenant: str, lora_id: str, data: bytes, trigger: str | None) -> dict:
+    state = ctx()
+    try:
+        lora = read_lora(data, name="the uploaded LoRA")  # safetensors only; validated
+        check_lora_fits(lora, model_skeleton(state.config.model))
+    except LoraError as e:
+        raise ApiError(422, str(e), "lora") from None
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as e:
+        raise ApiError(422, f"the uploaded LoRA has tensors of unexpected shapes or types ({type(e).__name__})",
+                       "lora") from None
+    if trigger is None and lora.meta.get("trigger"):
+        trigger = checked_trigger(str(lora.meta["trigger"]))
+    meta = {"trigger": trigger, "base_model": model_id(state.config.model), "imported": True,
+            "source_format": lora.meta.get("source_format")}
+    clean = LoraWeights(layers=lora.layers, meta={k: v for k, v in meta.items() if v is not None})
+    prefix = lora_prefix(tenant, lora_id)
+    sha = state.storage.write_bytes(f"{prefix}/lora.safetensors", lora_to_bytes(clean))
+    manifest = {
+        "id": lora_id, "tenant": tenant, "trigger": trigger, "base_model": meta["base_model"],
+        "source": {"kind": "import", "format": meta["source_format"], "sha256": hashlib.sha256(data).hexdigest()},
+        "rank": clean.rank, "layers": len(clean.layers), "style_profile": None,
+        "decision": {"variant": "imported", "reason": "uploaded by the tenant",
+                     "text_stage": {"use_gemini": False, "reason": "imported LoRA: no style profile"}},
+        "files": {"lora.safetensors": sha}, "created": time.time(),
+    }
+    state.storage.write_json(f"{prefix}/manifest.json", manifest)  # last: the LoRA exists from here on
+    return manifest
