@@ -1,0 +1,82 @@
+"""scripts/make_klein_folder.py and bench/time_to_style.py at small sizes, through the code paths the GPU run takes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from klein.generate import GenerateRequest, generate_image
+from klein.model import KleinVariant, check_klein_folder, load_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
+
+import make_klein_folder  # noqa: E402
+import time_to_style  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def test_folder(tmp_path_factory):
+    """`--size test` through the script's command line, sharded small so the index path is taken too."""
+    out = tmp_path_factory.mktemp("klein-random") / "klein-test"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_klein_folder.py"), str(out), "--size", "test",
+                           "--device", "cpu", "--max-shard-size", "1MB"],
+                          capture_output=True, text=True, timeout=300, env=time_to_style.child_env(REPO))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_test_folder_passes_the_check_loads_and_generates(test_folder):
+    check_klein_folder(test_folder)
+    info = json.loads((test_folder / "klein_random.json").read_text())
+    assert info["size"] == "test" and info["dtype"] == "bfloat16"
+    # sharded as diffusers saves: an index naming every shard, weights stored in bf16
+    index = json.loads((test_folder / "text_encoder" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    with safe_open(str(test_folder / "text_encoder" / shards[0]), "pt") as f:
+        name = next(iter(f.keys()))
+        assert str(f.get_tensor(name).dtype) == "torch.bfloat16"
+    text_config = json.loads((test_folder / "text_encoder" / "config.json").read_text())
+    assert text_config["vocab_size"] == make_klein_folder.QWEN3_VOCAB  # the real embedding size, whatever the tokenizer
+    pipe = load_pipeline(test_folder)
+    assert type(pipe.transformer).__name__ == "Flux2Transformer2DModel"
+    assert pipe.transformer.config.joint_attention_dim == 3 * pipe.text_encoder.config.hidden_size
+    image = generate_image(pipe, GenerateRequest(prompt="a lighthouse", steps=2, width=64, height=64))
+    assert image.size == (64, 64)
+    assert np.isfinite(np.asarray(image, dtype=np.float32)).all() and np.asarray(image).std() > 0
+
+
+@pytest.mark.parametrize("size,variant,hidden,text_hidden", [("9b", "klein-9b", 4096, 4096), ("4b", "klein-4b", 3072, 2560)])
+def test_full_size_configs_are_kleins(size, variant, hidden, text_hidden):
+    """The 9B/4B specs name Klein's transformer (KleinVariant recognises it) and Qwen3-8B/4B's encoder, whose
+    three stacked layers are the transformer's joint_attention_dim."""
+    spec = make_klein_folder.SIZES[size]
+
+    class Config:
+        pass
+
+    config = Config()
+    for k, v in spec["transformer"].items():
+        setattr(config, k, v)
+    assert KleinVariant.from_config(config).name == variant
+    assert config.num_attention_heads * config.attention_head_dim == hidden
+    assert spec["text_encoder"]["hidden_size"] == text_hidden
+    assert config.joint_attention_dim == 3 * text_hidden
+    assert spec["text_encoder"]["vocab_size"] == 151936 and spec["text_encoder"]["num_hidden_layers"] == 36
+    assert config.in_channels == 128 and config.guidance_embeds is False
+
+
+def test_existing_folder_is_refused_unless_overwrite(test_folder, tmp_path):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        make_klein_folder.make_klein_folder(test_folder, "test")
+    with pytest.raises(ValueError, match="unknown size"):
+        make_klein_folder.make_klein_folder(tmp_path / "x", "13b")
