@@ -56,6 +56,7 @@ from train.job import checkpoint_key, lora_prefix  # noqa: E402
 TRIGGER = "zxy_style"
 TENANT = "default"
 GEMINI_KEYS = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GEMINI_BASE_URL")
+NOISE = re.compile(r"^training:|-- (CALL|POST|GET) |Deregistering|Removing 1 replica|is stopped\.")
 PROMPTS = ["a lighthouse on a cliff at dawn", "a cat sitting on a chair", "a city street in the rain",
            "a boat on a calm sea", "a castle on a hill"]
 
@@ -218,7 +219,7 @@ class LineReader:
             self.lines.append((time.time(), line))
             self._log.write(f"{time.strftime('%H:%M:%S')} {line}\n")
             self._log.flush()
-            if not line.startswith("training:") and line.strip():  # tqdm's redraws stay in the log only
+            if line.strip() and not NOISE.search(line):  # tqdm redraws and Serve's access lines: log only
                 print(f"  {self.prefix}| {line}", flush=True)
         self._log.close()
 
@@ -462,6 +463,14 @@ def perturbed_copies(lora_bytes: bytes, n: int) -> list[bytes]:
 
 def run_serve(args, results: Results, gpu: GpuSampler, deadline: float, lora_id: str | None) -> dict:
     payload: dict = {"load": {}}
+    # Ray Serve's own dependencies are not in every image (the GPU image had none): say so at once, not after
+    # a cold start's worth of waiting on a server that cannot come up
+    check = subprocess.run([sys.executable, "-c", "import ray.serve, fastapi, starlette, uvicorn, prometheus_client, python_multipart"],
+                           capture_output=True, text=True, env=child_env(REPO), cwd=REPO, timeout=300)
+    if check.returncode != 0:
+        raise RuntimeError("klein-style serve cannot start here: Ray Serve's dependencies do not import "
+                           f"({check.stderr.strip().splitlines()[-1] if check.stderr.strip() else 'no detail'}); "
+                           "install ray[serve]'s packages (fastapi, starlette, uvicorn, prometheus_client, python-multipart)")
     storage = Storage.from_uri(args.storage)
     api_key = create_api_key(storage, TENANT)  # our own key: the server then prints none, and we need not parse it
     on_gpu = args.device == "cuda"
@@ -512,18 +521,19 @@ def run_serve(args, results: Results, gpu: GpuSampler, deadline: float, lora_id:
                     lora_sets[f"{args.n_loras}_loras"] = ids
                 except Exception as e:  # noqa: BLE001 - the 1-LoRA phases still run
                     results.error("serve.import", e)
-            for concurrency in args.concurrency:
-                for set_name, ids in lora_sets.items():
-                    name = f"c{concurrency}_{set_name}"
-                    budget = min(args.phase_budget_s, deadline - time.time() - 15)
-                    if budget < 5:
-                        results.error(f"serve.{name}", f"skipped: {max(0.0, deadline - time.time()):.0f} s of the budget left")
-                        continue
-                    try:
-                        payload["load"][name] = load_phase(client, args, ids, concurrency, budget, gpu)
-                    except Exception as e:  # noqa: BLE001
-                        results.error(f"serve.{name}", e)
-                    results.phase("serve", payload)
+            phases = [(c, set_name, ids) for c in args.concurrency for set_name, ids in lora_sets.items()]
+            for k, (concurrency, set_name, ids) in enumerate(phases):
+                name = f"c{concurrency}_{set_name}"
+                # what is left (less the shutdown's 40 s) shared by the phases still to run
+                budget = min(args.phase_budget_s, (deadline - time.time() - 40) / (len(phases) - k))
+                if budget < 5:
+                    results.error(f"serve.{name}", f"skipped: {max(0.0, deadline - time.time()):.0f} s of the budget left")
+                    continue
+                try:
+                    payload["load"][name] = load_phase(client, args, ids, concurrency, budget, gpu)
+                except Exception as e:  # noqa: BLE001
+                    results.error(f"serve.{name}", e)
+                results.phase("serve", payload)
     finally:
         t_stop = time.time()
         stop_process(proc, grace_s=30)

@@ -80,3 +80,39 @@ def test_existing_folder_is_refused_unless_overwrite(test_folder, tmp_path):
         make_klein_folder.make_klein_folder(test_folder, "test")
     with pytest.raises(ValueError, match="unknown size"):
         make_klein_folder.make_klein_folder(tmp_path / "x", "13b")
+
+
+@pytest.mark.slow  # ~160 s on two shared CPU cores: a real Ray Train job, cache task and contact sheet
+def test_time_to_style_runs_end_to_end_and_times_every_stage(test_folder, tmp_path):
+    """bench/time_to_style.py as the lead runs it, at toy sizes: board → `klein-style train` subprocess →
+    every stage timed from status.json, the checkpoints and the delivered files; the JSON and table written."""
+    out = tmp_path / "tts"
+    cmd = [sys.executable, str(REPO / "bench" / "time_to_style.py"), "--model", str(test_folder), "--out", str(out),
+           "--refs", "3", "--ref-size", "256", "--steps", "4", "--save-every", "2", "--resolution", "64",
+           "--sample-size", "64", "--sample-steps", "2", "--variant", "GEM+A", "--budget-s", "500"]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=time_to_style.child_env(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "time_to_style.json").read_text())
+    assert data["errors"] == []
+    assert data["phases"]["board"]["n"] == 3
+    train = data["phases"]["train"]
+    assert train["returncode"] == 0 and train["summary"]["state"] == "done" and not train["timed_out"]
+    stages = train["stages"]
+    for name in ("ray_start", "captions", "cache", "model_load_and_compile", "steps", "checkpoints", "samples", "finish"):
+        assert stages[name]["seconds"] is not None and stages[name]["seconds"] >= 0, (name, stages[name])
+    # the stages follow one another in the order the job runs them
+    order = ["captions", "cache", "model_load_and_compile", "steps", "samples", "finish"]
+    ends = [stages[n]["end_s"] for n in order]
+    assert ends == sorted(ends)
+    assert [c["step"] for c in stages["checkpoints"]["each"]] == [2, 4]
+    assert all(c["file_seen_s"] is not None for c in stages["checkpoints"]["each"])
+    s = train["summary"]
+    assert 0 < s["refs_to_lora_s"] <= s["refs_to_done_s"] <= s["process_s"] <= time.time() - started
+    assert s["steps_reached"] == 4 and s["s_per_step"] > 0
+    assert train["manifest"]["steps"] == 4 and train["manifest"]["steps_trained_once"] is True
+    assert train["manifest"]["rank"] == 32 and "samples/contact_sheet.png" in train["manifest"]["files"]
+    assert train["config"] == {"steps": 4, "save_every": 2, "resolution": 64, "sample_size": 64, "sample_steps": 2,
+                               "variant": "GEM+A"}
+    table = (out / "time_to_style.md").read_text()
+    assert "| model_load_and_compile |" in table and "refs_to_lora_s" in table
