@@ -26,6 +26,7 @@ run again with the same `--storage` and `--job-id` (the job resumes from its las
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import json
 import os
 import re
@@ -638,6 +639,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def environment() -> dict:
+    env = {"python": sys.version.split()[0], "gpus": None}
+    for dist in ("torch", "diffusers", "transformers", "peft", "ray"):
+        try:
+            env[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            env[dist] = None
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout
+            env["gpus"] = [line.strip() for line in out.splitlines() if line.strip()]
+        except subprocess.SubprocessError:
+            pass
+    return env
+
+
 def _has_gpu() -> bool:
     if shutil.which("nvidia-smi") is None:
         return False
@@ -655,6 +673,7 @@ def main(argv=None) -> int:
     results = Results(args.out, args)
     gpu = GpuSampler().start()
     results.data["gpu_sampler"] = gpu.unavailable or "nvidia-smi every 1 s"
+    results.data["environment"] = environment()
     refs = args.out / "refs"
     try:
         lora_id = args.lora_id

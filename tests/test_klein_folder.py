@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,10 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
+from cluster.ports import free_port
+from cluster.storage import Storage
 from klein.generate import GenerateRequest, generate_image
-from klein.model import KleinVariant, check_klein_folder, load_pipeline
+from klein.lora import LoraLayer, LoraWeights, lora_to_bytes, read_lora
+from klein.model import KleinVariant, check_klein_folder, load_pipeline, load_transformer
+from serve.testing import random_lora, store_lora
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -116,3 +122,41 @@ def test_time_to_style_runs_end_to_end_and_times_every_stage(test_folder, tmp_pa
                                "variant": "GEM+A"}
     table = (out / "time_to_style.md").read_text()
     assert "| model_load_and_compile |" in table and "refs_to_lora_s" in table
+
+
+def test_perturbed_copies_are_distinct_loras_of_the_same_shapes():
+    """The 10-LoRA serving phase needs 10 different LoRAs (different bytes, so no cache can fold them into one)."""
+    base = LoraWeights(layers={"transformer_blocks.0.attn.to_q": LoraLayer(down=torch.randn(4, 16), up=torch.randn(16, 4), alpha=4.0)},
+                       meta={"trigger": "zxy_style"})
+    copies = time_to_style.perturbed_copies(lora_to_bytes(base), 3)
+    assert len({hashlib.sha256(c).hexdigest() for c in copies}) == 3
+    for i, data in enumerate(copies):
+        layer = read_lora(data).layers["transformer_blocks.0.attn.to_q"]
+        assert layer.up.shape == (16, 4) and torch.equal(layer.down, base.layers["transformer_blocks.0.attn.to_q"].down)
+        assert torch.allclose(layer.up, base.layers["transformer_blocks.0.attn.to_q"].up * (1 + i / 100))
+
+
+@pytest.mark.slow  # ~2 min on two shared CPU cores: a whole Ray Serve application
+def test_time_to_style_serve_phase_measures_every_load_phase(test_folder, tmp_path):
+    """`--serve` against the `--size test` folder with a stored LoRA: cold start, first image, and each
+    (concurrency x LoRA set) phase with images, latencies and throughput, 3 imported copies round-robin."""
+    storage_dir = tmp_path / "storage"
+    store_lora(Storage.from_uri(str(storage_dir)), "default", "base-lora", random_lora(load_transformer(test_folder)),
+               trigger="zxy_style")
+    out = tmp_path / "serve"
+    cmd = [sys.executable, str(REPO / "bench" / "time_to_style.py"), "--model", str(test_folder), "--out", str(out),
+           "--storage", str(storage_dir), "--skip-train", "--lora-id", "base-lora", "--serve", "--serve-size", "64",
+           "--serve-steps", "2", "--phase-budget-s", "4", "--concurrency", "1,2", "--n-loras", "3", "--budget-s", "400",
+           "--port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=time_to_style.child_env(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "time_to_style.json").read_text())
+    assert data["errors"] == []
+    serve = data["phases"]["serve"]
+    assert serve["ready_s"] > 0 and serve["first_image_s"] > 0 and serve["healthz"]["status"] == "ok"
+    assert sorted(serve["load"]) == ["c1_1_lora", "c1_3_loras", "c2_1_lora", "c2_3_loras"]
+    for name, phase in serve["load"].items():
+        assert phase["ok"] >= 1 and phase["errors"] == 0, (name, phase)
+        assert 0 < phase["p50_s"] <= phase["p99_s"] and phase["images_per_hour"] > 0
+    assert serve["load"]["c2_3_loras"]["loras"] == 3 and serve["load"]["c1_1_lora"]["loras"] == 1
+    assert "| c2_3_loras | 2 | 3 |" in (out / "time_to_style.md").read_text()
