@@ -128,7 +128,10 @@ def _fmt(x, nd=1) -> str:
 
 
 def markdown(data: dict) -> str:
-    lines = [f"# Time to a style ({data['args'].get('model')}, {data['started_utc']})", ""]
+    env = data.get("environment") or {}
+    lines = [f"# Time to a style ({data['args'].get('model')}, {data['started_utc']})", "",
+             f"{', '.join(env.get('gpus') or ['no GPU'])}; torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
+             f"ray {env.get('ray')}", ""]
     train = data["phases"].get("train")
     if train:
         lines += ["## Training through `klein-style train`", "",
@@ -299,14 +302,19 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
     files_seen: dict[str, float] = {}
     watched = {**{f"checkpoint_{s}": checkpoint_key(args.job_id, s) for s in save_steps},
                "lora": delivered_key, "contact_sheet": sheet_key, "manifest": manifest_key}
+    # a resubmitted job id finds its previous run's status and files: those are not this run's transitions
+    stale_status = _read_status(storage, status_key)
+    existed = sorted(name for name, k in watched.items() if storage.exists(k))
     last = None
     timed_out = False
     while True:
         now = time.time()
-        try:
-            st = storage.read_json(status_key)
-        except StorageError:
-            st = None
+        st = _read_status(storage, status_key)
+        if st is not None and stale_status is not None:
+            if st == stale_status:
+                st = None
+            else:
+                stale_status = None
         if st is not None:
             key = (st.get("state"), st.get("step"), st.get("updated"))
             if key != last:
@@ -315,7 +323,7 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
                                     "s_per_step": st.get("s_per_step"), "updated": st.get("updated")})
                 statuses.append(st)
         for name, k in watched.items():
-            if name not in files_seen and storage.exists(k):
+            if name not in files_seen and name not in existed and storage.exists(k):
                 files_seen[name] = now
         if proc.poll() is not None:
             break
@@ -328,7 +336,7 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
     t_exit = time.time()
     reader.join()
     payload = analyse_training(t0, t_exit, transitions, files_seen, reader, save_steps, gpu, import_s, args)
-    payload.update(command=cmd, config=cfg, returncode=proc.returncode, timed_out=timed_out,
+    payload.update(command=cmd, config=cfg, returncode=proc.returncode, timed_out=timed_out, existed_before=existed,
                    last_status=statuses[-1] if statuses else None, output_tail=[l for _, l in reader.lines[-15:]])
     try:
         manifest = storage.read_json(manifest_key)
@@ -343,6 +351,13 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
         payload["manifest_error"] = str(e)
     payload["summary"].update(returncode=proc.returncode, state=transitions[-1]["state"] if transitions else None)
     return payload
+
+
+def _read_status(storage: Storage, key: str) -> dict | None:
+    try:
+        return storage.read_json(key)
+    except StorageError:
+        return None
 
 
 def _first(transitions: list[dict], pred) -> float | None:
@@ -527,7 +542,7 @@ def run_serve(args, results: Results, gpu: GpuSampler, deadline: float, lora_id:
                 name = f"c{concurrency}_{set_name}"
                 # what is left (less the shutdown's 40 s) shared by the phases still to run
                 budget = min(args.phase_budget_s, (deadline - time.time() - 40) / (len(phases) - k))
-                if budget < 5:
+                if budget < min(5.0, args.phase_budget_s):
                     results.error(f"serve.{name}", f"skipped: {max(0.0, deadline - time.time()):.0f} s of the budget left")
                     continue
                 try:
@@ -689,6 +704,10 @@ def main(argv=None) -> int:
                 train_deadline = deadline - (args.serve_reserve_s if args.serve else 0) - 5
                 payload = run_training(args, results, gpu, refs, train_deadline)
                 results.phase("train", payload)
+                if payload["timed_out"] or payload["returncode"] != 0:
+                    how = "ran out of the budget" if payload["timed_out"] else f"exited {payload['returncode']}"
+                    results.error("train", f"klein-style train {how} at state {payload['summary']['state']!r}, step "
+                                           f"{payload['summary']['steps_reached']}; last lines: {payload['output_tail'][-3:]}")
                 if payload.get("manifest"):
                     lora_id = lora_id or args.job_id
                 s = payload["summary"]
