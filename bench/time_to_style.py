@@ -254,7 +254,7 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30.0, first_signal=sig
 
 def measure_cli_import_s(env: dict) -> float | None:
     """The CLI's own Python imports (Ray, the CLI's modules), timed apart so Ray start is not charged with them."""
-    code = ("import time; t = time.perf_counter(); import cluster.cli as c; c.build_parser(); import ray, train.job; "
+    code = ("import time; t = time.perf_counter(); import cluster.cli as c; c.build_parser(); import ray, train.job, cluster.pools; "
             "print('IMPORT_S', time.perf_counter() - t)")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300).stdout
