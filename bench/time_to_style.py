@@ -326,11 +326,16 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
             if name not in files_seen and name not in existed and storage.exists(k):
                 files_seen[name] = now
 
+    written = t0
     while True:
         now = time.time()
         poll(now)
         if proc.poll() is not None:
             break
+        if now - written > 10:  # what is known so far, in case this run is killed from outside (a call's limit)
+            written = now
+            results.phase("train", {**analyse_training(t0, now, transitions, files_seen, reader, save_steps, gpu, None, args),
+                                    "in_progress": True, "command": cmd, "config": cfg})
         if now > deadline:
             timed_out = True
             log("train: the time budget is spent; stopping the job (rerun with the same --job-id to resume)")
