@@ -81,10 +81,48 @@ def test_dataset_size_policy(n, variant):
     assert choose_variant(n).variant == variant
 
 
-def test_two_refs_warn_and_one_is_refused():
-    assert "nothing works reliably" in choose_variant(2).warnings[0]
-    with pytest.raises(ConfigError, match="at least 2"):
-        choose_variant(1)
+def test_one_ref_is_allowed_with_a_warning_and_none_is_refused():
+    """The seeds' 1–3 band: B_r128; 1 and 2 refs train with a warning."""
+    for n in (1, 2):
+        decision = choose_variant(n)
+        assert decision.variant == "B_r128" and "nothing works reliably" in decision.warnings[0]
+    with pytest.raises(ConfigError, match="at least 1"):
+        choose_variant(0)
+
+
+def test_explicit_keys_win_over_the_variant_and_sources_are_recorded():
+    """The user's rank 16 + adamw under `variant: auto` on 12 refs (GEM+A: rank 32, adafactor) are obeyed."""
+    cfg, decision = TrainConfig.from_dict({"rank": 16, "optimizer": "adamw"}).resolved(12)
+    assert decision.variant == "GEM+A" and (cfg.rank, cfg.optimizer) == (16, "adamw")
+    assert decision.sources["rank"] == "user" and decision.sources["optimizer"] == "user"
+    assert decision.sources["use_gemini"] == "variant" and decision.sources["steps"] == "formula"
+    assert decision.sources["lr"] == "default" and set(decision.sources.values()) <= {
+        "user", "variant", "formula", "policy", "default"}
+    assert cfg.linear_alpha == 16 and decision.sources["linear_alpha"] == "formula"  # alpha follows the user's rank
+    # the same through YAML and CLI-style overrides, and after the trip to another process (explicit())
+    again, _ = TrainConfig.from_dict(TrainConfig(rank=16, optimizer="adamw").explicit()).resolved(12)
+    assert (again.rank, again.optimizer) == (16, "adamw")
+    # unset keys still take the variant's values
+    cfg, decision = TrainConfig().resolved(12)
+    assert (cfg.rank, cfg.optimizer) == (32, "adafactor") and decision.sources["rank"] == "variant"
+
+
+def test_explicit_key_against_the_seeds_advice_warns_and_is_obeyed(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("rank: 128\n")
+    cfg, decision = TrainConfig.from_yaml(path).resolved(20)
+    assert cfg.rank == 128 and decision.sources["rank"] == "user"
+    assert any(w.startswith("rank: 128 is set explicitly where GEM+A") and "advises 32" in w for w in decision.warnings)
+    assert cfg.steps == default_steps(128, 20)  # the formula follows the rank actually trained
+    _, quiet = TrainConfig.from_dict({"rank": 32}).resolved(20)
+    assert not any(w.startswith("rank:") for w in quiet.warnings)  # agreeing with the advice says nothing
+
+
+def test_a_policy_picked_adamw8bit_falls_back_on_cpu_but_an_explicit_one_does_not():
+    cfg, decision = TrainConfig().resolved(5, on_gpu=False)
+    assert cfg.optimizer == "adamw" and decision.sources["optimizer"] == "policy"
+    cfg, decision = TrainConfig(optimizer="adamw8bit").resolved(5, on_gpu=False)
+    assert cfg.optimizer == "adamw8bit" and decision.sources["optimizer"] == "user"
 
 
 def test_steps_formula_and_resolution():

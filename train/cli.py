@@ -125,12 +125,27 @@ def _print_summary(manifest: dict, cfg) -> None:
     print(f"  steps {m['steps']}, final loss {m['final_loss']:.4f}, val loss "
           + " → ".join(f"{v['val_loss']:.4f}@{v['step']}" for v in m["val_curve"]))
     print(f"  best step {manifest['best_step']}, delivered step {manifest['delivered_step']}, {manifest['elapsed_s']:.0f} s")
+    print("  config (source):")
+    print(format_sources(manifest["config"], manifest.get("config_sources", {})))
     for flag in manifest["midpoint_jumps"]:
         print(f"  check: val loss rose {flag['rise']:.0%} from step {flag['from_step']} to {flag['to_step']} (cosine midpoint)")
     for w in manifest["warnings"][:10]:
         print(f"  warning: {w}")
     for name in manifest["files"]:
         print(f"  {storage.uri_of(prefix + '/' + name)}")
+
+
+def format_sources(config: dict, sources: dict) -> str:
+    """The values that matter for a run, each with where it came from (user, variant, formula, policy,
+    default), user-set keys first."""
+    order = {"user": 0, "variant": 1, "policy": 2, "formula": 3, "default": 4}
+    shown = [k for k in config if sources.get(k, "default") != "default" or k in SHOWN_DEFAULTS]
+    shown.sort(key=lambda k: order.get(sources.get(k, "default"), 5))
+    return "\n".join(f"    {k}: {config[k]!r} ({sources.get(k, 'default')})" for k in shown)
+
+
+# defaults worth seeing beside the chosen values in `klein-style train`'s summary
+SHOWN_DEFAULTS = ("rank", "linear_alpha", "optimizer", "lr", "steps", "lr_scheduler", "resolution", "targets", "use_gemini")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

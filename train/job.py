@@ -20,6 +20,7 @@ from typing import Callable
 import ray
 
 from cluster.storage import Storage
+from train.captions import without_trigger
 from train.recipe import TrainConfig
 
 log = logging.getLogger("klein.train")
@@ -57,6 +58,7 @@ class PreparedDataset:
     caption_info: dict
     decision: dict
     warnings: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # config key -> user | variant | formula | policy | default
 
 
 def prepare_dataset(source, cfg: TrainConfig, on_gpu: bool) -> tuple[PreparedDataset, TrainConfig]:
@@ -81,7 +83,7 @@ def prepare_dataset(source, cfg: TrainConfig, on_gpu: bool) -> tuple[PreparedDat
     # caption_images already lints every caption and carries those warnings in result.warnings
     warnings = list(ref_set.warnings) + list(decision.warnings) + list(result.warnings)
     decision_info = {"variant": decision.variant, "reason": decision.reason, "text_stage": policy.model_dump(mode="json")}
-    return PreparedDataset(ref_set, captions, result.to_manifest(), decision_info, warnings), resolved
+    return PreparedDataset(ref_set, captions, result.to_manifest(), decision_info, warnings, decision.sources), resolved
 
 
 def _cache_task_options(cfg: TrainConfig) -> dict:
@@ -129,7 +131,8 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         log.warning("%s", w)
     stage = "caching"
     try:
-        status("caching", decision=prepared.decision, warnings=prepared.warnings)
+        status("caching", decision=prepared.decision, warnings=prepared.warnings, config=public_config(cfg),
+               config_sources=public_sources(prepared.sources))
         ref_set = prepared.ref_set
         cache_key = _build_cache(ref_set, prepared.captions, cfg)
         stage = "training"
@@ -137,13 +140,9 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         if cfg.consis_lora:
             # ConsisLoRA: a content LoRA on the trigger-less captions first; the style LoRA then trains on top
             # of it (frozen, active), so content that the content LoRA explains does not leak into the style.
-            from dataclasses import replace
-
-            from train.captions import without_trigger
-
-            content_cfg = replace(cfg, job_id=f"{cfg.job_id}-content", consis_lora=False, early_stopping=False, sample_every=None,
-                                  steps=cfg.content_steps or max(1, cfg.steps // 2))
-            content_cfg.save_every = content_cfg.steps
+            content_steps = cfg.content_steps or max(1, cfg.steps // 2)
+            content_cfg = cfg.model_copy(update=dict(job_id=f"{cfg.job_id}-content", consis_lora=False, early_stopping=False,
+                                                     sample_every=None, steps=content_steps, save_every=content_steps))
             content_captions = [without_trigger(c, cfg.trigger) for c in prepared.captions]
             content_cache = _build_cache(ref_set, content_captions, content_cfg)
             status("training content LoRA", step=0, steps=content_cfg.steps, decision=prepared.decision)
@@ -273,7 +272,8 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
         "tenant": cfg.tenant,
         "trigger": cfg.trigger,
         "base_model": model_id(cfg.model),
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("fail_at_step", "step_delay_s", "content_lora")},
+        "config": public_config(cfg),
+        "config_sources": public_sources(prepared.sources),
         "decision": prepared.decision,
         "warnings": prepared.warnings,
         "captions": prepared.caption_info,
@@ -312,6 +312,18 @@ def _style_profile(prepared: PreparedDataset) -> dict:
     client = GeminiClient(GeminiConfig.from_env()) if use else None
     images = [r.image for r in prepared.ref_set.refs]
     return extract_style_profile(images, client=client).to_manifest()
+
+
+PRIVATE_CONFIG_KEYS = ("fail_at_step", "step_delay_s", "content_lora")
+
+
+def public_config(cfg: TrainConfig) -> dict:
+    """The resolved config as the manifest and the job status show it (testing hooks left out)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in PRIVATE_CONFIG_KEYS}
+
+
+def public_sources(sources: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in sources.items() if k not in PRIVATE_CONFIG_KEYS}
 
 
 def _sample_size(cfg: TrainConfig) -> int:
