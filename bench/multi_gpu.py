@@ -28,6 +28,7 @@ Section "multi_gpu" of bench/results/<gpu>-<date>.json; the placement table is p
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -37,6 +38,20 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from _common import KLEIN9B, TINY, build_transformer, environment, log, print_table, save_section
+
+import klein.model
+from cluster.pools import init_local_ray
+from klein.accel import prepare_for_training
+from train.cache import CachedItem, TrainingData
+from train.loop import StepPlan, flow_matching_loss, lora_parameters, make_batch, make_lr_scheduler, setup_transformer
+from train.optim import make_optimizer
+from train.recipe import TrainConfig
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -65,19 +80,7 @@ def parse_args():
 # -- the worker ---------------------------------------------------------------------------------------------
 def bench_worker(config: dict) -> None:
     """One Ray Train worker: the product's training step on random weights, timed; reports its placement."""
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-
     sys.path[:0] = [p for p in config["paths"] if p not in sys.path]
-    import klein.model
-    from _common import KLEIN9B, TINY, build_transformer
-    from klein.accel import prepare_for_training
-    from train.cache import CachedItem, TrainingData
-    from train.loop import StepPlan, flow_matching_loss, lora_parameters, make_batch, make_lr_scheduler, setup_transformer
-    from train.optim import make_optimizer
-    from train.recipe import TrainConfig
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -211,16 +214,12 @@ def bench_worker(config: dict) -> None:
 
 # -- the driver ---------------------------------------------------------------------------------------------
 def make_barrier(name: str, parties: int):
-    import ray
-
     @ray.remote(num_cpus=0)
     class Barrier:
         def __init__(self, n):
             self.n, self.count = n, 0
 
         async def arrive(self, timeout_s: float = 900.0):
-            import asyncio
-
             self.count += 1
             deadline = time.monotonic() + timeout_s
             while self.count < self.n and time.monotonic() < deadline:  # a failed job must not hang the others
@@ -276,10 +275,6 @@ def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: di
 
 
 def run_phase(name: str, jobs: list[tuple[str, int]], args, out_dir: str) -> dict:
-    import ray
-
-    from _common import log
-
     barrier_name = f"barrier-{name}-{int(time.time())}"
     barrier = make_barrier(barrier_name, sum(w for _, w in jobs))
     errors: dict = {}
@@ -309,11 +304,6 @@ def main():
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import ray
-    import torch
-
-    from _common import environment, log, save_section
-    from cluster.pools import init_local_ray
 
     n = args.gpus or (2 if args.cpu else torch.cuda.device_count())
     if not args.cpu and n < 1:
@@ -360,8 +350,6 @@ def main():
 
 
 def finish(R, device, env, tiny, n, section="multi_gpu"):
-    from _common import print_table, save_section
-
     P = R["phases"]
     rate = lambda ph: [w["steps_per_s"] for w in P.get(ph, {}).get("workers", [])]
     single = (rate("single") or [None])[0]

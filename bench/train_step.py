@@ -31,9 +31,32 @@ import time
 import traceback
 
 import torch
+import torch._dynamo
+from _common import (
+    KLEIN9B,
+    STOCK_TARGETS,
+    TINY,
+    build_transformer,
+    environment,
+    free_memory,
+    log,
+    model_dtype,
+    pick_device,
+    print_table,
+    save_section,
+    stock_batch,
+    sync,
+    time_steps,
+)
+from peft import LoraConfig
+from transformers.optimization import Adafactor
 
-from _common import (KLEIN9B, STOCK_TARGETS, TINY, build_transformer, environment, free_memory, log, model_dtype,
-                     pick_device, print_table, save_section, stock_batch, sync, time_steps)
+import klein.model
+from klein.accel import InputPrefetcher, prepare_for_training
+from train.cache import CachedItem, TrainingData
+from train.loop import StepPlan, flow_matching_loss, lora_parameters, make_batch, make_lr_scheduler, setup_transformer
+from train.optim import make_optimizer
+from train.recipe import TrainConfig
 
 
 def parse_args():
@@ -60,9 +83,6 @@ def shapes(tiny: bool):
 # ---------------------------------------------------------------------------------------------------------
 def run_stock(args, device, results: dict):
     """The baseline's logic, verbatim apart from the timing helper."""
-    from peft import LoraConfig
-    from transformers.optimization import Adafactor
-
     cfg, res, txt = shapes(args.tiny)
     m = build_transformer(cfg, device, model_dtype(device))
     m.requires_grad_(False)
@@ -104,13 +124,6 @@ class Ours:
     """The product's model, optimizer, scheduler and data, and the loop's step over them."""
 
     def __init__(self, args, device):
-        import klein.model
-        from klein.accel import prepare_for_training
-        from train.cache import CachedItem, TrainingData
-        from train.loop import StepPlan, lora_parameters, make_lr_scheduler, setup_transformer
-        from train.optim import make_optimizer
-        from train.recipe import TrainConfig
-
         self.args, self.device = args, device
         cfg, res, txt = shapes(args.tiny)
 
@@ -147,10 +160,6 @@ class Ours:
 
     def fp8(self):
         """The same model, frozen base converted to float8 (the product call with fp8=True)."""
-        import torch._dynamo
-
-        from klein.accel import prepare_for_training
-
         torch._dynamo.reset()  # drop the bf16 graphs (and their references to the bf16 weights)
         self.accel = prepare_for_training(self.transformer, self.device, compile=False if self.args.no_compile else None, fp8=True)
         log("prepare_for_training(fp8=True)", self.accel)
@@ -172,8 +181,6 @@ class Ours:
 
     # the body of train.loop.train_loop_per_worker (no Ray, no fault injection, no status writes)
     def step_product(self):
-        from train.loop import flow_matching_loss, make_batch
-
         step = next(self.counter)
         accum = self.tc.gradient_accumulation_steps
         x0, embeds, sigmas, noise, _ = make_batch(self.plan, self.data, step, 0, self.tc.caption_dropout_rate)
@@ -184,9 +191,6 @@ class Ours:
 
     # the same body with klein.accel.InputPrefetcher making the next step's batch while this one runs
     def step_prefetch(self):
-        from klein.accel import InputPrefetcher
-        from train.loop import flow_matching_loss, make_batch
-
         if self.fetch is None:
             self.fetch = InputPrefetcher(lambda i: make_batch(self.plan, self.data, i, 0, self.tc.caption_dropout_rate), self.device)
         step = next(self.counter)
@@ -199,22 +203,16 @@ class Ours:
 
     # inputs already on the device, no per-step host sync: what the loop itself could still change
     def stage(self, n=8):
-        from train.loop import make_batch
-
         self.staged = [tuple(t.to(self.device) for t in make_batch(self.plan, self.data, s, 0, self.tc.caption_dropout_rate)[:4])
                        for s in range(1, n + 1)]
 
     def step_nosync(self):
-        from train.loop import flow_matching_loss
-
         x0, embeds, sigmas, noise = self.staged[next(self.counter) % len(self.staged)]
         flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast).backward()
         self._update()
 
     def fixed_batch_losses(self, steps: int) -> dict:
         """`steps` product steps on the one fixed (staged) batch from the initial LoRA; losses and step times."""
-        from train.loop import flow_matching_loss
-
         self.reset_lora()
         x0, embeds, sigmas, noise = self.staged[0]
         losses = torch.zeros(steps, device=self.device)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from cluster.storage import Storage
 from klein.lora import read_lora
-from train.board import make_board
+from evaluation.board import make_board
 from train.job import checkpoint_key, lora_prefix, run_training_job
 from train.recipe import TrainConfig
 

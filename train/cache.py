@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from cluster.storage import Storage
+from klein.model import load_pipeline, model_id
 from train.dataset import RefSet, bucket_size, prepare_image
 
 CACHE_VERSION = 1
@@ -71,8 +71,6 @@ def build_cache(
 
     Skips all work when the cache for these inputs already exists.
     """
-    from klein.model import load_pipeline, model_id
-
     storage = Storage.from_uri(storage_uri)
     key = cache_key(ref_set, captions, model_id(model_source), resolution)
     prefix = _cache_prefix(key)

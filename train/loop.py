@@ -28,9 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import ray.train
+import ray.train.torch
 import torch
+from diffusers.optimization import get_scheduler
+from ray.train import Checkpoint
 
-from train.cache import CachedItem, TrainingData
+from cluster.storage import Storage
+from contracts import checkpoint_key
+from klein.accel import InputPrefetcher, prepare_for_training
+from klein.lora import add_lora, extract_lora, lora_config, lora_to_bytes
+from klein.model import load_transformer
+from train.cache import CachedItem, TrainingData, load_cache
 from train.recipe import TrainConfig
 
 log = logging.getLogger("klein.train")
@@ -149,8 +158,6 @@ from train.optim import make_optimizer  # noqa: E402,F401
 
 
 def make_lr_scheduler(optimizer, cfg: TrainConfig):
-    from diffusers.optimization import get_scheduler
-
     kwargs = {"num_cycles": cfg.lr_restarts} if cfg.lr_scheduler == "cosine_with_restarts" else {}
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps, **kwargs)
 
@@ -226,9 +233,6 @@ def setup_transformer(cfg: TrainConfig, device: torch.device, content_lora=None,
     the trained one, so the trained adapter learns what the content LoRA does not already explain.
     `dtype` (default: bf16 on CUDA, fp32 elsewhere) lets ZeRO-3 load a GPU job's bf16 model in host memory.
     """
-    from klein.lora import add_lora, lora_config
-    from klein.model import load_transformer
-
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer = load_transformer(cfg.model, dtype=dtype, device=device)
@@ -254,15 +258,6 @@ def setup_transformer(cfg: TrainConfig, device: torch.device, content_lora=None,
 
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function. `config` holds `train` (TrainConfig as a dict) and `cache_key`."""
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-
-    from cluster.storage import Storage
-    from klein.lora import extract_lora, lora_to_bytes
-    from train.cache import load_cache
-    from train.job import checkpoint_key
-
     cfg = TrainConfig.from_dict(config["train"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -280,7 +275,6 @@ def train_loop_per_worker(config: dict) -> None:
     # ZeRO-3 shards the base from host memory, so no GPU ever holds the whole model
     transformer = setup_transformer(cfg, torch.device("cpu") if zero3 else device, content_lora,
                                     dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    from klein.accel import InputPrefetcher, prepare_for_training
 
     # GPU levers measured in bench/train_step.py: peft input upcast off, regional compile, optional fp8 base
     # (compile and fp8 are off under ZeRO: recipe.validate refuses them there)

@@ -254,7 +254,8 @@ class TrainConfig(BaseModel):
               "block needs gradient_checkpointing: true (without it diffusers calls each block with keyword "
               "arguments, whose gradients DeepSpeed cannot see); use linear or auto")
         if self.deepspeed_stage is not None:
-            check(self.optimizer in ZERO_OPTIMIZERS, "optimizer",
+            # an unset optimizer is resolved() to adamw under ZeRO; one the user chose must be one ZeRO can run
+            check(self.optimizer in ZERO_OPTIMIZERS or "optimizer" not in self.model_fields_set, "optimizer",
                   f"cannot run under deepspeed_stage {self.deepspeed_stage}: ZeRO hands the optimizer flat fp32 shards "
                   f"of the LoRA, where Adafactor's factored moments (they need each matrix's 2-D shape) do not exist "
                   f"and adamw8bit is untested. Set `optimizer: adamw`, or leave deepspeed_stage null")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from klein.lora import extract_lora
 from train.recipe import ConfigError, TrainConfig  # TrainConfig.validate says what ZeRO cannot combine with
 
 CHECKPOINT_TAG = "zero"  # one tag per checkpoint directory: Ray Train gives every save its own directory
@@ -196,8 +197,6 @@ class ZeroEngine:
         return {self.names[id(p)]: safe_get_full_fp32_param(p).detach().float().cpu().clone() for p in self.params}
 
     def full_lora(self, meta: dict):
-        from klein.lora import extract_lora
-
         return extract_lora(self.transformer, "default", meta=meta, state_dict=self.full_lora_state())
 
     def save(self, directory: Path) -> None:

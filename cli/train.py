@@ -8,6 +8,24 @@ import threading
 import time
 from pathlib import Path
 
+import ray
+from PIL import Image
+from tqdm import tqdm
+
+from cli.demo import demo_http_generate
+from cluster.pools import init_local_ray
+from cluster.storage import Storage, StorageError
+from evaluation.board import make_board
+from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.lora import read_lora
+from klein.model import load_pipeline
+from klein.style_score import style_distance
+from train.captions import TriggerError
+from train.dataset import DatasetError
+from train.job import JobError, lora_prefix, new_job_id, run_training_job
+from train.recipe import ConfigError, TrainConfig
+from train.report import image_grid
+
 # The tiny preset's base weights are random, so it needs a larger step than real Klein (lr 1e-4) to show
 # a style within a few hundred CPU steps. These settings are for the tiny demo only.
 TINY_DEMO = dict(resolution=64, steps=240, save_every=80, lr=2e-3, sample_steps=8,
@@ -36,10 +54,6 @@ def register(sub) -> None:
 
 
 def _start_ray(address: str | None) -> None:
-    import ray
-
-    from cluster.pools import init_local_ray
-
     if address:
         ray.init(address=address)
     else:
@@ -48,10 +62,6 @@ def _start_ray(address: str | None) -> None:
 
 def _watch_progress(cfg, stop: threading.Event) -> None:
     """A tqdm bar fed by the job's status.json (the workers write it; the driver only reads)."""
-    from tqdm import tqdm
-
-    from cluster.storage import Storage, StorageError
-
     storage = Storage.from_uri(cfg.storage)
     bar = None
     while not stop.wait(0.5):
@@ -73,8 +83,6 @@ def _watch_progress(cfg, stop: threading.Event) -> None:
 
 
 def run_with_progress(source, cfg):
-    from train.job import new_job_id, run_training_job
-
     cfg.job_id = cfg.job_id or new_job_id()
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_progress, args=(cfg, stop), daemon=True)
@@ -87,11 +95,6 @@ def run_with_progress(source, cfg):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from train.captions import TriggerError
-    from train.dataset import DatasetError
-    from train.job import JobError
-    from train.recipe import ConfigError, TrainConfig
-
     overrides = {"trigger": args.trigger, "model": args.model, "storage": args.storage, "tenant": args.tenant,
                  "job_id": args.job_id, "steps": args.steps, "num_workers": args.workers}
     try:
@@ -115,9 +118,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(manifest: dict, cfg) -> None:
-    from cluster.storage import Storage
-    from train.job import lora_prefix
-
     storage = Storage.from_uri(cfg.storage)
     prefix = lora_prefix(manifest["tenant"], manifest["id"])
     m = manifest["metrics"]
@@ -149,16 +149,6 @@ SHOWN_DEFAULTS = ("rank", "linear_alpha", "optimizer", "lr", "steps", "lr_schedu
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.storage import Storage
-    from klein.generate import GenerateRequest, generate_image, set_active_loras
-    from klein.lora import read_lora
-    from klein.model import load_pipeline
-    from klein.style_score import style_distance
-    from train.board import make_board
-    from train.job import lora_prefix
-    from train.recipe import TrainConfig
-    from train.report import image_grid
-
     started = time.time()
     out = Path(args.out).resolve()
     board = out / "board"
@@ -190,7 +180,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   contact sheet: {storage.uri_of(prefix + '/samples/contact_sheet.png')}")
     print(f"   loss plot:     {storage.uri_of(prefix + '/samples/loss.png')}")
     print(f"   LoRA:          {storage.uri_of(prefix + '/lora.safetensors')} (+ ComfyUI export, manifest.json)")
-    from serve.demo import demo_http_generate
 
     first = requests[0]
     print(demo_http_generate(cfg, manifest, out, first.prompt, first.seed, first.steps, first.width, expected=after[0]))
@@ -199,6 +188,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _open_rgb(path):
-    from PIL import Image
-
     return Image.open(path).convert("RGB")

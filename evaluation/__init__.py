@@ -1,0 +1,1 @@
+"""Evaluation: procedural worlds and boards, sweeps, judges, reports."""
