@@ -28,12 +28,12 @@ import transformers
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from klein.tiny import KLEIN_SCHEDULER
-from serve.testing import random_lora
-
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # the benchmarks run as scripts (`python bench/x.py`): the repo's packages below
     sys.path.insert(0, str(REPO))
+
+from klein.tiny import KLEIN_SCHEDULER  # noqa: E402 — after the path set-up above
+from serve.testing import random_lora  # noqa: E402
 
 # FLUX.2 Klein 9B transformer (DESIGN.md): hidden 4096 = 32 heads x 128, 8 double + 24 single blocks,
 # joint_attention_dim 12288 (three Qwen3-8B layers), in_channels 128, no guidance embedding.

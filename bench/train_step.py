@@ -4,7 +4,7 @@ In one process:
   stock   the baseline's step (shared/reference/baseline_klein9b.py): stock diffusers Flux2Transformer2DModel
           (random bf16 weights), stock peft LoRA r32 on every block Linear, bf16 autocast, MSE, transformers'
           Adafactor; with and without gradient checkpointing.
-  ours    the product's code path: `train.loop.setup_transformer` (with `klein.model.load_transformer` swapped
+  ours    the product's step, `train.step.Trainer` (setup with `klein.model.load_transformer` swapped
           for a random-weight Klein 9B built on the GPU), `klein.accel.prepare_for_training` (peft input upcast
           off, regional compile with the attention call eager), `train.optim.make_optimizer` (GroupedAdafactor
           on CUDA), `make_lr_scheduler`, and the body of `train_loop_per_worker`: `make_batch` from a CPU cache,
@@ -51,12 +51,12 @@ from _common import (
 from peft import LoraConfig
 from transformers.optimization import Adafactor
 
-import klein.model
 from klein.accel import InputPrefetcher, prepare_for_training
 from train.cache import CachedItem, TrainingData
-from train.loop import StepPlan, flow_matching_loss, lora_parameters, make_batch, make_lr_scheduler, setup_transformer
+from train.loop import StepPlan, make_batch, make_lr_scheduler
 from train.optim import make_optimizer
 from train.recipe import TrainConfig
+from train.step import Trainer
 
 
 def parse_args():
@@ -130,23 +130,14 @@ class Ours:
         def load_random_transformer(source="tiny", dtype=torch.float32, device="cpu", cache_dir=None):
             return build_transformer(cfg, device, dtype)  # instead of from_pretrained(folder)
 
-        original = klein.model.load_transformer
-        klein.model.load_transformer = load_random_transformer
-        try:
-            self.tc = TrainConfig(model="random-klein9b", steps=1000)  # product defaults otherwise
-            self.transformer = setup_transformer(self.tc, device)
-        finally:
-            klein.model.load_transformer = original
-        self.accel = prepare_for_training(self.transformer, device, compile=False if args.no_compile else None)
+        # product defaults otherwise
+        self.tc = TrainConfig(model="random-klein9b", steps=1000, compile=False if args.no_compile else None)
+        self.trainer, _ = Trainer.setup(self.tc, device, load_transformer=load_random_transformer,
+                                        autocast_dtype=torch.bfloat16 if (device.type == "cuda" or args.tiny) else None)
+        self.transformer, self.accel, self.params = self.trainer.transformer, self.trainer.accel, self.trainer.params
         log("prepare_for_training", self.accel)
-        self.params = list(lora_parameters(self.transformer).values())
         self.initial = [p.detach().clone() for p in self.params]
         self.lora_params_m = round(sum(p.numel() for p in self.params) / 1e6, 2)
-        self.make_optimizer = lambda: make_optimizer(self.params, self.tc, device)
-        self.make_scheduler = lambda opt: make_lr_scheduler(opt, self.tc)
-        self.optimizer = self.make_optimizer()
-        self.scheduler = self.make_scheduler(self.optimizer)
-        self.autocast = torch.bfloat16 if (device.type == "cuda" or args.tiny) else None
         g = res // 16
         gen = torch.Generator().manual_seed(0)
         items = [CachedItem(f"ref{i}", "zxy_style. a lighthouse", (res, res), torch.randn(128, g, g, generator=gen),
@@ -157,6 +148,10 @@ class Ours:
         self.staged = []
         self.last_loss = None
         self.fetch = None
+
+    @property
+    def optimizer(self):
+        return self.trainer.optimizer
 
     def fp8(self):
         """The same model, frozen base converted to float8 (the product call with fp8=True)."""
@@ -169,37 +164,20 @@ class Ours:
         with torch.no_grad():
             for p, p0 in zip(self.params, self.initial):
                 p.copy_(p0)
-        self.optimizer = self.make_optimizer()
-        self.scheduler = self.make_scheduler(self.optimizer)
+        self.trainer.optimizer = make_optimizer(self.params, self.tc, self.device)
+        self.trainer.scheduler = make_lr_scheduler(self.trainer.optimizer, self.tc)
 
-    def _update(self):
-        if self.tc.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    # the body of train.loop.train_loop_per_worker (no Ray, no fault injection, no status writes)
+    # the product's step (train.step.Trainer.step), as train.worker runs it (no Ray, no fault hook, no status)
     def step_product(self):
         step = next(self.counter)
-        accum = self.tc.gradient_accumulation_steps
-        x0, embeds, sigmas, noise, _ = make_batch(self.plan, self.data, step, 0, self.tc.caption_dropout_rate)
-        loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast) / accum
-        loss.backward()
-        self.last_loss = loss.item()
-        self._update()
+        self.last_loss = self.trainer.step(lambda micro: make_batch(self.plan, self.data, step, 0, self.tc.caption_dropout_rate))
 
-    # the same body with klein.accel.InputPrefetcher making the next step's batch while this one runs
+    # the same step with klein.accel.InputPrefetcher making the next step's batch while this one runs
     def step_prefetch(self):
         if self.fetch is None:
             self.fetch = InputPrefetcher(lambda i: make_batch(self.plan, self.data, i, 0, self.tc.caption_dropout_rate), self.device)
         step = next(self.counter)
-        accum = self.tc.gradient_accumulation_steps
-        x0, embeds, sigmas, noise, _ = self.fetch(step, next_index=step + 1)
-        loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast) / accum
-        loss.backward()
-        self.last_loss = loss.item()
-        self._update()
+        self.last_loss = self.trainer.step(lambda micro: self.fetch(step, next_index=step + 1))
 
     # inputs already on the device, no per-step host sync: what the loop itself could still change
     def stage(self, n=8):
@@ -207,23 +185,19 @@ class Ours:
                        for s in range(1, n + 1)]
 
     def step_nosync(self):
-        x0, embeds, sigmas, noise = self.staged[next(self.counter) % len(self.staged)]
-        flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast).backward()
-        self._update()
+        batch = self.staged[next(self.counter) % len(self.staged)]
+        self.trainer.step(lambda micro: batch, sync=False)
 
     def fixed_batch_losses(self, steps: int) -> dict:
         """`steps` product steps on the one fixed (staged) batch from the initial LoRA; losses and step times."""
         self.reset_lora()
-        x0, embeds, sigmas, noise = self.staged[0]
-        losses = torch.zeros(steps, device=self.device)
+        batch = self.staged[0]
+        losses = torch.zeros(steps, device=self.device, dtype=torch.float64)
         times = []
         for i in range(steps):
             sync(self.device)
             t0 = time.perf_counter()
-            loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast)
-            loss.backward()
-            losses[i] = loss.detach()
-            self._update()
+            losses[i] = self.trainer.step(lambda micro: batch, sync=False)
             sync(self.device)
             times.append(time.perf_counter() - t0)
         return {"losses": [round(x, 6) for x in losses.tolist()], "median_s": round(statistics.median(times[5:] or times), 4)}
@@ -253,7 +227,7 @@ def run_ours(args, device, results: dict):
         return r
 
     levers = results["ours_levers"]
-    measure("ours", ours.step_product, ["product step (train_loop_per_worker body)"] + levers)
+    measure("ours", ours.step_product, ["product step (train.step.Trainer.step)"] + levers)
     measure("ours_prefetch", ours.step_prefetch, ["product step + klein.accel.InputPrefetcher"] + levers)
     ours.stage()
     measure("ours_nosync", ours.step_nosync, ["inputs on the GPU, no loss.item()"] + levers)

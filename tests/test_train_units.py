@@ -12,7 +12,10 @@ from train.loop import (
     make_optimizer, sample_sigmas, save_checkpoint, setup_transformer, shift_mu,
 )
 from train.cache import CachedItem, TrainingData
+from train.job import midpoint_jumps
 from train.recipe import ConfigError, TrainConfig, choose_variant, default_steps
+from train.step import Trainer
+from train.worker import midpoint_steps
 
 
 def test_yaml_uses_ai_toolkit_keys(tmp_path):
@@ -251,3 +254,53 @@ def test_checkpoint_round_trip_restores_lora_optimizer_and_schedule(tmp_path, ti
     assert sched2.get_last_lr() == sched.get_last_lr()
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert math.isclose(opt2.param_groups[0]["lr"], opt.param_groups[0]["lr"])
+
+
+def test_the_midpoint_check_fires_at_the_defaults():
+    """1000 steps, saves every 250: no two checkpoints fall in the 40–65 % window, so the validation loss is also
+    measured at 500 and 600 (train.worker.midpoint_steps) and a jump between them is flagged."""
+    assert midpoint_steps(1000) == (500, 600) and midpoint_steps(20) == (10, 12)
+    val = [{"step": s, "val_loss": 1.0} for s in (250, 500, 750, 1000)]
+    probes = [{"step": 599, "loss": 0.9}, {"step": 600, "loss": 0.9, "val_loss": 1.3}]
+    assert midpoint_jumps(val, 1000) == []  # the checkpoints alone never see it
+    (flag,) = midpoint_jumps(val, 1000, probes=probes)
+    assert (flag["from_step"], flag["to_step"]) == (500, 600) and flag["rise"] == pytest.approx(0.3)
+
+
+def test_trainer_step_is_the_plain_training_step(tiny_dir):
+    """`train.step.Trainer.step` (the worker's and the benchmarks' step) does what one optimizer step by hand does:
+    the same losses and the same LoRA, with gradient accumulation."""
+    cfg = TrainConfig(steps=4, rank=4, linear_alpha=4, targets="single_blocks", lr=1e-3, optimizer="adamw",
+                      gradient_accumulation_steps=2, compile=False)
+    gen = torch.Generator().manual_seed(0)
+    items = [CachedItem(f"r{i}", "zxy. a", (64, 64), torch.randn(128, 4, 4, generator=gen), torch.randn(8, 48, generator=gen))
+             for i in range(3)]
+    data = TrainingData("k", items, torch.zeros(8, 48), "tiny", 64)
+    plan = StepPlan(data.items, 1, 1, 0)
+
+    def batch(step, micro):
+        return make_batch(plan, data, (step - 1) * 2 + micro + 1, 0, 0.0)
+
+    trainer, state = Trainer.setup(cfg, torch.device("cpu"))
+    assert state.step == 0 and trainer.zero is None and trainer.model is trainer.transformer
+    ours = [trainer.step(lambda micro, s=s: batch(s, micro)) for s in (1, 2)]
+
+    tr = setup_transformer(cfg, torch.device("cpu"))
+    params = list(lora_parameters(tr).values())
+    opt = make_optimizer(params, cfg, torch.device("cpu"))
+    sched = make_lr_scheduler(opt, cfg)
+    by_hand = []
+    for s in (1, 2):
+        total = 0.0
+        for micro in range(2):
+            x0, embeds, sigmas, noise, _ = batch(s, micro)
+            loss = flow_matching_loss(tr, x0, embeds, sigmas, noise) / 2
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        by_hand.append(total)
+    assert ours == pytest.approx(by_hand, rel=1e-6, abs=1e-7)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(trainer.params, params))

@@ -48,7 +48,7 @@ from klein.model import model_id
 from train.cache import build_cache
 from train.captions import check_trigger
 from train.dataset import load_refs
-from train.loop import train_loop_per_worker
+from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
 from train.report import image_grid, loss_plot_png
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
@@ -221,11 +221,14 @@ def sheet_steps(cfg: TrainConfig, saved_steps: list[int]) -> list[int]:
     return sorted(set(range(cfg.sample_every, cfg.steps + 1, cfg.sample_every)) | {saved_steps[-1]})
 
 
-def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10) -> list[dict]:
-    """Validation-loss rises of more than `rel` between saves near the cosine midpoint (40–65% of steps),
-    where the seeds saw the schedule jump; those checkpoints deserve a look."""
+def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10, probes: list[dict] = ()) -> list[dict]:
+    """Validation-loss rises of more than `rel` between measurements near the cosine midpoint (40–65% of steps),
+    where the seeds saw the schedule jump; those checkpoints deserve a look. `probes` are the step-log entries
+    with a `val_loss` measured between saves (train.worker.midpoint_steps: 50 % and 60 %)."""
+    points = sorted([*val, *({"step": p["step"], "val_loss": p["val_loss"]} for p in probes if "val_loss" in p)],
+                    key=lambda v: v["step"])
     flags = []
-    for prev, cur in zip(val, val[1:]):
+    for prev, cur in zip(points, points[1:]):
         if 0.4 * steps <= cur["step"] <= 0.65 * steps and cur["val_loss"] > prev["val_loss"] * (1 + rel):
             flags.append({"from_step": prev["step"], "to_step": cur["step"], "rise": cur["val_loss"] / prev["val_loss"] - 1})
     return flags
@@ -281,7 +284,7 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
         },
         "best_step": best["step"],
         "delivered_step": delivered_step,
-        "midpoint_jumps": midpoint_jumps(val, cfg.steps),
+        "midpoint_jumps": midpoint_jumps(val, cfg.steps, probes=state["log"]),
         "checkpoints": checkpoints,
         "sampled_steps": sampled,
         # ConsisLoRA: only the style LoRA is delivered; the content stage is recorded for the record
