@@ -90,7 +90,7 @@ from klein.style_score import StyleScorer
 from train.captions import TriggerError, check_trigger
 from train.dataset import DatasetError, load_refs
 from train.job import checkpoint_key, lora_prefix, run_training_job
-from train.recipe import ConfigError, TrainConfig, VARIANTS, choose_variant
+from train.recipe import VARIANTS, ConfigError, TrainConfig, choose_variant, unknown_keys_message
 from train.report import image_grid
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
 
@@ -170,10 +170,10 @@ class SweepSpec:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "sweep", base_dir: Path | None = None) -> "SweepSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SweepError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:  # the closest known key is offered, as for TrainConfig and ServeConfig
+            raise SweepError(unknown_keys_message(unknown, known, {}, source))
         data = dict(data)
 
         def check_overrides(where: str, overrides: Any) -> dict:

@@ -79,7 +79,7 @@ class PreparedDataset:
 def prepare_dataset(source, cfg: TrainConfig, on_gpu: bool) -> tuple[PreparedDataset, TrainConfig]:
     """Validate refs and trigger, resolve the variant, and caption (Gemini or its fallback)."""
     cfg.trigger = check_trigger(cfg.trigger)
-    ref_set = load_refs(source, max_refs=cfg.max_refs)
+    ref_set = load_refs(source, max_refs=cfg.max_refs, resolution=cfg.resolution)
     n = len(ref_set.refs)
     resolved, decision = cfg.resolved(n, on_gpu=on_gpu)
     policy = text_stage_policy(n)
