@@ -53,7 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name=APP_NAME, route_prefix="/")
 
-    storage = Storage.from_uri(ServeConfig.from_any({k: v for k, v in app_args.items() if k != "replica_cpus"}).storage)
+    config = ServeConfig.from_any({k: v for k, v in app_args.items() if k != "replica_cpus"})
+    storage = Storage.from_uri(config.storage)
+    chosen = [f"{k}={getattr(config, k)!r}" for k, source in config.sources().items() if source == "user"]
+    print("settings (user): " + (", ".join(chosen) if chosen else "none; every option at its default"))
     url = f"http://{args.host}:{args.port}"
     print(f"Klein Style is serving at {url}  (API docs: {url}/docs, storage: {storage.uri})")
     if not tenant_has_key(storage, "default"):

@@ -18,6 +18,7 @@ import time
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+import contracts
 from cluster.storage import Storage, StorageError, tenant_prefix
 from train.job import check_job_id, lora_prefix, new_job_id, run_training_job
 from train.recipe import VARIANTS, TrainConfig
@@ -34,21 +35,24 @@ PUBLIC_FILES = {
 }
 
 
+# the keys are contracts' (contracts.py); here each part is checked first
 def submission_key(tenant: str, job_id: str) -> str:
-    return f"{tenant_prefix(tenant, 'submissions')}/{check_job_id(job_id)}.json"
+    tenant_prefix(tenant, "submissions")  # checks the tenant name
+    return contracts.submission_key(tenant, check_job_id(job_id))
 
 
 def upload_key(tenant: str, job_id: str) -> str:
-    return f"uploads/{tenant}/{check_job_id(job_id)}/refs.zip"
+    tenant_prefix(tenant, "uploads")
+    return contracts.upload_key(tenant, check_job_id(job_id))
 
 
 def status_key(job_id: str) -> str:
-    return f"jobs/{check_job_id(job_id)}/status.json"
+    return contracts.status_key(check_job_id(job_id))
 
 
 def owns(storage: Storage, tenant: str, job_id: str) -> bool:
     """True when `job_id` belongs to `tenant` (submitted by it, or a LoRA stored under it)."""
-    return storage.exists(submission_key(tenant, job_id)) or storage.exists(f"{lora_prefix(tenant, job_id)}/manifest.json")
+    return storage.exists(submission_key(tenant, job_id)) or storage.exists(contracts.manifest_key(tenant, job_id))
 
 
 def list_jobs(storage: Storage, tenant: str) -> list[str]:
@@ -71,7 +75,7 @@ def read_status(storage: Storage, job_id: str) -> dict | None:
 
 
 def read_manifest(storage: Storage, tenant: str, job_id: str) -> dict | None:
-    key = f"{lora_prefix(tenant, job_id)}/manifest.json"
+    key = contracts.manifest_key(tenant, job_id)
     return storage.read_json(key) if storage.exists(key) else None
 
 
