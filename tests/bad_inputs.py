@@ -380,7 +380,7 @@ CASES: list[Case] = [
     Case("all_problems_reported_together", _build_all_at_once, "error", r"is empty \(0 bytes\)", "empty.jpg"),
     # -- counts --
     Case("one_ref", lambda d: folder_with(d, {}, n_good=1), "warning",
-         r"only 1 reference image\(s\): nothing works reliably with 1 or 2", None),
+         r"only 1 reference image\(s\): nothing works reliably with 2 or fewer", None),
     Case("empty_folder", _build_empty_folder, "error", r"has no images; at least 1 is needed", None),
     Case("fifty_one_refs", _build_too_many, "error", r"has 51 images, over the limit of 50.*raise max_refs", None),
     # -- zips --

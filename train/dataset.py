@@ -798,7 +798,7 @@ def _build_refset(listing: _Listing, *, max_refs: int, min_side: int, max_pixels
     if problems:
         raise DatasetError(problems, display)
     if len(refs) < FEW_REFS_WARN_BELOW:
-        warnings.insert(0, f"only {len(refs)} reference image(s): nothing works reliably with 1 or 2, and 3 is barely "
+        warnings.insert(0, f"only {len(refs)} reference image(s): nothing works reliably with 2 or fewer, and 3 is barely "
                            "better; add more in the same style (5 or more, 10-30 is best)")
     for ref in refs:
         warnings.extend(ref.warnings)
