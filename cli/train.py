@@ -15,6 +15,7 @@ from tqdm import tqdm
 from cli.demo import demo_http_generate
 from cluster.pools import init_local_ray
 from cluster.storage import Storage, StorageError
+from contracts import status_key, with_trigger
 from evaluation.board import make_board
 from klein.generate import GenerateRequest, generate_image, set_active_loras
 from klein.lora import read_lora
@@ -66,7 +67,7 @@ def _watch_progress(cfg, stop: threading.Event) -> None:
     bar = None
     while not stop.wait(0.5):
         try:
-            st = storage.read_json(f"jobs/{cfg.job_id}/status.json")
+            st = storage.read_json(status_key(cfg.job_id))
         except StorageError:
             continue
         if st.get("state") == "training" and st.get("steps"):
@@ -163,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
     lora = read_lora(storage.read_verified(f"{prefix}/lora.safetensors", manifest["files"]["lora.safetensors"]))
     pipe = load_pipeline("tiny")
-    prompts = [f"{cfg.trigger}. {p}" for p in cfg.sample_prompts]
+    prompts = [with_trigger(cfg.trigger, p) for p in cfg.sample_prompts]
     requests = [GenerateRequest(prompt=p, seed=i, steps=20, width=64, height=64) for i, p in enumerate(prompts)]
     set_active_loras(pipe, [])
     before = [generate_image(pipe, r) for r in requests]

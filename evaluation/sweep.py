@@ -82,6 +82,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from cluster.pools import INFER_RESOURCE, TRAIN_RESOURCE, cluster_has_gpus, init_local_ray
 from cluster.storage import Storage
+from contracts import checkpoint_key, manifest_key, with_trigger
 from evaluation.board import make_board
 from gemini.client import GeminiClient, GeminiConfig
 from gemini.judge import judge_pair
@@ -89,7 +90,7 @@ from klein.generate import GenerateRequest
 from klein.style_score import StyleScorer
 from train.captions import TriggerError, check_trigger
 from train.dataset import DatasetError, load_refs
-from train.job import checkpoint_key, lora_prefix, run_training_job
+from train.job import run_training_job
 from train.recipe import VARIANTS, ConfigError, TrainConfig, choose_variant, unknown_keys_message
 from train.report import image_grid
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
@@ -517,7 +518,7 @@ class SweepRun:
 
     def prompts_for(self, board: PreparedBoard) -> list[str]:
         trigger = self.spec.trigger(board.spec)
-        return [f"{trigger}. {p}" for p in self.spec.prompts]
+        return [with_trigger(trigger, p) for p in self.spec.prompts]
 
     def sample_fingerprint(self, board: PreparedBoard) -> dict:
         s = self.spec.sample
@@ -591,7 +592,7 @@ def _train_cell(run: SweepRun, cell: Cell) -> dict:
             run.log(f"  cell {cell.label} ({cell.job_id}): finished earlier, skipped")
             return {"state": "finished", "manifest": manifest}
         run.log(f"  cell {cell.label}: its manifest has other settings; redoing what changed")
-    lora_key = f"{lora_prefix(cfg.tenant, cfg.job_id)}/manifest.json"
+    lora_key = manifest_key(cfg.tenant, cfg.job_id)
     lora = run.storage.read_json(lora_key) if run.storage.exists(lora_key) else None
     if lora is not None:
         _check_same_training(cell, cfg, board, lora)
@@ -687,7 +688,7 @@ def _sample_cell(run: SweepRun, cell: Cell, outcome: dict) -> dict:
     manifest = {
         "sweep": run.spec.name, "board": cell.board.name, "variant": cell.variant.name, "job_id": cell.job_id,
         "n_refs": board.n_refs, "band": board.band, "dataset_hash": board.dataset_hash,
-        "decision": lora["decision"], "lora_manifest": f"tenants/{lora['tenant']}/loras/{lora['id']}/manifest.json",
+        "decision": lora["decision"], "lora_manifest": manifest_key(lora["tenant"], lora["id"]),
         "steps": lora["metrics"]["steps"], "checkpoints": checkpoints, "delivered_step": lora["delivered_step"],
         "best_step": lora["best_step"], "val_curve": lora["metrics"]["val_curve"],
         "midpoint_jumps": lora.get("midpoint_jumps", []), "base_style_distance": base_style,
