@@ -45,6 +45,7 @@ from _common import (
 
 from cluster.storage import Storage
 from klein.accel import set_inference_mode
+from klein.fp8 import quantize_rowwise
 from klein.generate import set_active_loras
 from klein.lora import lora_to_bytes, read_lora
 from serve.generator import KleinGenerator, adapter_set_id
@@ -199,8 +200,6 @@ def main():
         accel = set_inference_mode(pipe, "fast")
         O["to_fast_mode_s"] = round(stop(), 3)
         if device.type == "cuda":  # what prepare_for_inference does when it compiles (blocks skipped here)
-            from klein.fp8 import quantize_rowwise
-
             accel.loras.quantize = torch.compile(quantize_rowwise)
         stop = cuda_timer(device)
         set_active_loras(pipe, [(nb, None, 1.0)])  # first fast switch compiles the requantisation

@@ -42,10 +42,12 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.train import RunConfig
+from ray.train.torch import TorchTrainer
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from _common import KLEIN9B, TINY, build_transformer, environment, log, print_table, save_section
 
-from cluster.pools import init_local_ray
+from cluster.pools import init_local_ray, queued_train_loop, train_pool_turn, train_scaling_config
 from train.cache import CachedItem, TrainingData
 from train.loop import StepPlan, make_batch
 from train.recipe import TrainConfig
@@ -220,11 +222,6 @@ ZERO_PHASES = tuple(PHASE_OPTIONS)
 def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: dict) -> None:
     """One training job exactly as train.job._fit submits it (queue turn, queued loop, pool scaling config)."""
     try:
-        from ray.train import RunConfig
-        from ray.train.torch import TorchTrainer
-
-        from cluster.pools import queued_train_loop, train_pool_turn, train_scaling_config
-
         config = {"job": job, "config": args.config, "use_gpu": not args.cpu, "warmup": args.warmup, "steps": args.steps,
                   "out_dir": out_dir, "barrier": barrier, "no_compile": args.no_compile, "paths": [str(REPO), str(BENCH)],
                   "ddp_hook": "bf16" if job.startswith("ddpbf16") else None}

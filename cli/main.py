@@ -20,8 +20,10 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
+from cli.client import generate_remote
 from evaluation.board import BOARD_STYLES, make_board
 from klein.generate import GenerateError, GenerateRequest, generate_image, set_active_loras
 from klein.lora import LoraError, read_lora
@@ -41,8 +43,6 @@ def _parse_lora_arg(text: str) -> tuple[str, float]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.url:
-        from cli.client import generate_remote
-
         return generate_remote(args)
 
     request = GenerateRequest(
@@ -82,10 +82,8 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
 
 def _cuda() -> bool:
     try:
-        import torch
-
         return torch.cuda.is_available()
-    except Exception:
+    except Exception:  # a broken CUDA install must not break `--help`
         return False
 
 

@@ -83,7 +83,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from cluster.pools import INFER_RESOURCE, TRAIN_RESOURCE, cluster_has_gpus, init_local_ray
 from cluster.storage import Storage
 from contracts import checkpoint_key, manifest_key, with_trigger
-from evaluation.board import make_board
+from evaluation.board import BOARD_STYLES, make_board
 from gemini.client import GeminiClient, GeminiConfig
 from gemini.judge import judge_pair
 from klein.generate import GenerateRequest
@@ -211,8 +211,6 @@ class SweepSpec:
             if (board.refs is None) == (board.make is None):
                 raise SweepError(f"{source}: board {board.name!r} needs exactly one of `refs` (a folder, zip or URI) or `make`")
             if board.make is not None:
-                from evaluation.board import BOARD_STYLES
-
                 if not isinstance(board.make, dict) or board.make.get("style") not in BOARD_STYLES or int(board.make.get("n", 0)) < 2:
                     raise SweepError(f"{source}: board {board.name!r}: make needs style (one of {sorted(BOARD_STYLES)}) and n >= 2")
                 extra = sorted(set(board.make) - {"style", "n", "size", "seed"})
@@ -1188,6 +1186,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the importable module's code, not this __main__ copy: Ray pickles __main__ functions by value.
-    from train import sweep as _sweep
+    from evaluation import sweep as _sweep
 
     sys.exit(_sweep.main())

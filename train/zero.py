@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 
 from klein.lora import extract_lora
 from train.recipe import ConfigError, TrainConfig  # TrainConfig.validate says what ZeRO cannot combine with
@@ -140,8 +141,6 @@ def zero3_units(transformer, cfg: TrainConfig) -> str:
             raise ConfigError(f"deepspeed_gather: block found no transformer blocks in {type(transformer).__name__}; "
                               f"use deepspeed_gather: linear or module")
     else:
-        from peft.tuners.lora import Linear as LoraLinear
-
         leaf_types = [LoraLinear]
     set_z3_leaf_modules(transformer, leaf_types)
     transformer.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
