@@ -583,9 +583,9 @@ def _train_cell(run: SweepRun, cell: Cell) -> dict:
     cfg = run.spec.train_config(cell, run.storage.uri)
     cfg.use_gpu = run.use_gpu
     fingerprint = _cell_fingerprint(run, cell, board, cfg)
-    manifest_key = f"{run.cell_prefix(cell)}/manifest.json"
-    if run.storage.exists(manifest_key):
-        manifest = run.storage.read_json(manifest_key)
+    cell_manifest = f"{run.cell_prefix(cell)}/manifest.json"
+    if run.storage.exists(cell_manifest):
+        manifest = run.storage.read_json(cell_manifest)
         if manifest.get("fingerprint") == fingerprint:
             run.log(f"  cell {cell.label} ({cell.job_id}): finished earlier, skipped")
             return {"state": "finished", "manifest": manifest}
