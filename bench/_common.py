@@ -15,16 +15,25 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 import zlib
 from pathlib import Path
 
+import diffusers
+import peft
 import torch
+import transformers
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # the benchmarks run as scripts (`python bench/x.py`): the repo's packages below
     sys.path.insert(0, str(REPO))
+
+from klein.tiny import KLEIN_SCHEDULER  # noqa: E402 — after the path set-up above
+from serve.testing import random_lora  # noqa: E402
 
 # FLUX.2 Klein 9B transformer (DESIGN.md): hidden 4096 = 32 heads x 128, 8 double + 24 single blocks,
 # joint_attention_dim 12288 (three Qwen3-8B layers), in_channels 128, no guidance embedding.
@@ -60,8 +69,6 @@ def model_dtype(device: torch.device) -> torch.dtype:
 
 def build_transformer(cfg: dict, device, dtype):
     """A Flux2Transformer2DModel with random weights created directly on `device` in `dtype` (as the baseline)."""
-    from diffusers import Flux2Transformer2DModel
-
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -136,10 +143,6 @@ def slug(name: str) -> str:
 
 
 def environment(device) -> dict:
-    import diffusers
-    import peft
-    import transformers
-
     env = {
         "gpu": gpu_name(device),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -233,8 +236,6 @@ def random_lora_weights(transformer, rank: int = 32, scale: float = 0.02, seed: 
     With down, up ~ N(0, scale²) and alpha = rank, ΔW entries are ~ scale²·√r (~15% of a 4096-wide init weight
     at scale 0.02): large enough that fused-vs-unfused and fp8 differences mean something.
     """
-    from serve.testing import random_lora
-
     return random_lora(transformer, rank=rank, scale=scale, seed=seed, preset=preset)
 
 
@@ -242,10 +243,6 @@ def build_pipeline(cfg: dict, device, dtype, tiny_vae: bool = False, seed: int =
     """A Flux2KleinPipeline around a random-weight transformer of `cfg` and a random AutoencoderKLFlux2 (default =
     FLUX.2 config), with Klein's scheduler; no text encoder: `encode_prompt` answers fixed random Qwen3-like
     embeddings per prompt (the text stage runs once per image and is left out of every timing)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
-
-    from klein.tiny import KLEIN_SCHEDULER
-
     torch.manual_seed(seed)
     transformer = build_transformer(cfg, device, dtype).eval()
     transformer.requires_grad_(False)
@@ -317,8 +314,6 @@ ATTENTION_SHAPES = {"infer": (2, 16896, False), "train": (1, 4608, True)}  # (ba
 
 
 def _attention_child(which: str, tiny: bool = False):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     b, n, train = ATTENTION_SHAPES[which]
     h, d = 32, 128
     if tiny:
@@ -332,7 +327,7 @@ def _attention_child(which: str, tiny: bool = False):
     ref = None
     for name, be in (("default", None), ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
                      ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        def run():
+        def run(be=be):
             if be is None:
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
             else:
@@ -367,8 +362,6 @@ def _attention_child(which: str, tiny: bool = False):
 
 def attention_bench(which: str, tiny: bool = False) -> dict:
     """SDPA backends at the step's attention shape, in a child process; one row per backend that finished."""
-    import subprocess
-
     cmd = [sys.executable, str(Path(__file__).resolve()), "--attention", which] + (["--tiny"] if tiny else [])
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -23,8 +23,22 @@ import tempfile
 import traceback
 
 import torch
+from _common import (
+    KLEIN9B,
+    TINY,
+    build_transformer,
+    cuda_timer,
+    ensure_ray_serve_importable,
+    environment,
+    log,
+    pick_device,
+    print_table,
+    save_section,
+)
 
-from _common import KLEIN9B, TINY, ensure_ray_serve_importable, build_transformer, cuda_timer, environment, log, pick_device, print_table, save_section
+from cluster.storage import Storage
+from klein.lora import LoraLayer, LoraWeights, lora_to_bytes
+from serve.fusion import FusionService, KLoraSchedule, klora_k, klora_layer_scores
 
 
 def parse_args():
@@ -47,9 +61,6 @@ def main():
     env = environment(device)
     log("environment", env)
     env["ray_serve_stubbed"] = ensure_ray_serve_importable()
-    from cluster.storage import Storage
-    from klein.lora import LoraLayer, LoraWeights, lora_to_bytes
-    from serve.fusion import FusionService, KLoraSchedule, klora_k, klora_layer_scores
 
     cfg = TINY if args.tiny else KLEIN9B
     rank = 4 if args.tiny else 32

@@ -29,9 +29,26 @@ import traceback
 
 import numpy as np
 import torch
+from _common import (
+    KLEIN9B,
+    TINY,
+    build_pipeline,
+    cuda_timer,
+    environment,
+    free_memory,
+    log,
+    model_dtype,
+    peak_gib,
+    pick_device,
+    print_table,
+    random_lora_weights,
+    reset_peak,
+    save_section,
+)
 
-from _common import (KLEIN9B, TINY, build_pipeline, cuda_timer, environment, free_memory, log, model_dtype, peak_gib,
-                     pick_device, print_table, random_lora_weights, reset_peak, save_section)
+from klein.accel import prepare_for_inference, set_inference_mode
+from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.lora import add_lora
 
 
 def parse_args():
@@ -62,9 +79,6 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     env = environment(device)
     log("environment", env)
-    from klein.accel import prepare_for_inference, set_inference_mode
-    from klein.generate import GenerateRequest, generate_image, set_active_loras
-    from klein.lora import add_lora
 
     cfg = TINY if args.tiny else KLEIN9B
     size = 64 if args.tiny else args.size

@@ -26,9 +26,29 @@ import traceback
 from pathlib import Path
 
 import torch
+from _common import (
+    KLEIN9B,
+    TINY,
+    build_pipeline,
+    cuda_timer,
+    ensure_ray_serve_importable,
+    environment,
+    free_memory,
+    log,
+    model_dtype,
+    peak_gib,
+    pick_device,
+    print_table,
+    random_lora_weights,
+    save_section,
+)
 
-from _common import (KLEIN9B, ensure_ray_serve_importable, TINY, build_pipeline, cuda_timer, environment, free_memory, log, model_dtype, peak_gib,
-                     pick_device, print_table, random_lora_weights, save_section)
+from cluster.storage import Storage
+from klein.accel import set_inference_mode
+from klein.fp8 import quantize_rowwise
+from klein.generate import set_active_loras
+from klein.lora import lora_to_bytes, read_lora
+from serve.generator import KleinGenerator, adapter_set_id
 
 
 def parse_args():
@@ -57,11 +77,6 @@ def main():
     env = environment(device)
     log("environment", env)
     env["ray_serve_stubbed"] = ensure_ray_serve_importable()
-    from cluster.storage import Storage
-    from klein.accel import set_inference_mode
-    from klein.generate import set_active_loras
-    from klein.lora import lora_to_bytes, read_lora
-    from serve.generator import KleinGenerator, adapter_set_id
 
     cfg = TINY if args.tiny else KLEIN9B
     R = {"what": "switch between resident r32 LoRAs (every block Linear) and cold-load one from local disk, Klein 9B config",
@@ -159,14 +174,14 @@ def main():
                 stop = cuda_timer(device)
                 set_active_loras(pipe, [(other if i % 2 == 0 else current, None, 1.0)])
                 times["a<->b"].append(stop())
-            for i in range(args.repeats // 2):
+            for _ in range(args.repeats // 2):
                 stop = cuda_timer(device)
                 set_active_loras(pipe, [])
                 times["to_base_and_back"].append(stop())
                 stop = cuda_timer(device)
                 set_active_loras(pipe, [(na, None, 1.0)])
                 times["to_base_and_back"].append(stop())
-            for i in range(args.repeats // 2):
+            for _ in range(args.repeats // 2):
                 stop = cuda_timer(device)
                 set_active_loras(pipe, [(na, None, 0.7), (nb, None, 0.5)])
                 times["weighted_pair"].append(stop())
@@ -185,8 +200,6 @@ def main():
         accel = set_inference_mode(pipe, "fast")
         O["to_fast_mode_s"] = round(stop(), 3)
         if device.type == "cuda":  # what prepare_for_inference does when it compiles (blocks skipped here)
-            from klein.fp8 import quantize_rowwise
-
             accel.loras.quantize = torch.compile(quantize_rowwise)
         stop = cuda_timer(device)
         set_active_loras(pipe, [(nb, None, 1.0)])  # first fast switch compiles the requantisation

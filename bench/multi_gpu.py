@@ -3,10 +3,9 @@
 Each job is a real `ray.train.torch.TorchTrainer` submitted the way `train.job` submits one: the product's
 `cluster.pools.train_scaling_config` (one `train_gpu` + one GPU per worker, placement group per job), the
 training queue (`train_pool_turn` around `fit`, `queued_train_loop` around the worker function), and a worker
-that runs the product's training step: `train.loop.setup_transformer` (random weights of the chosen config
-instead of a model folder), `klein.accel.prepare_for_training`, `train.optim.make_optimizer`, DDP through
-`ray.train.torch.prepare_model` when the job has several workers, `make_batch` / `flow_matching_loss` /
-backward / `loss.item()` / clip / optimizer / scheduler.
+that runs the product's training step, `train.step.Trainer` (setup with random weights of the chosen config
+instead of a model folder; `step` as train.worker calls it: `make_batch` / `flow_matching_loss` / backward /
+the loss averaged over the workers / clip / optimizer / scheduler, or ZeRO's engine).
 
 Phases: (1) one job on one GPU; (2) N one-GPU jobs at once; (3) one job with N workers (data parallel, each
 worker its own batch). DeepSpeed ZeRO phases run the loop's ZeRO path (`train.zero`: `deepspeed_config`,
@@ -28,6 +27,7 @@ Section "multi_gpu" of bench/results/<gpu>-<date>.json; the placement table is p
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -37,6 +37,21 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import RunConfig
+from ray.train.torch import TorchTrainer
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from _common import KLEIN9B, TINY, build_transformer, environment, log, print_table, save_section
+
+from cluster.pools import init_local_ray, queued_train_loop, train_pool_turn, train_scaling_config
+from train.cache import CachedItem, TrainingData
+from train.loop import StepPlan, make_batch
+from train.recipe import TrainConfig
+from train.step import Trainer
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -65,19 +80,7 @@ def parse_args():
 # -- the worker ---------------------------------------------------------------------------------------------
 def bench_worker(config: dict) -> None:
     """One Ray Train worker: the product's training step on random weights, timed; reports its placement."""
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-
     sys.path[:0] = [p for p in config["paths"] if p not in sys.path]
-    import klein.model
-    from _common import KLEIN9B, TINY, build_transformer
-    from klein.accel import prepare_for_training
-    from train.cache import CachedItem, TrainingData
-    from train.loop import StepPlan, flow_matching_loss, lora_parameters, make_batch, make_lr_scheduler, setup_transformer
-    from train.optim import make_optimizer
-    from train.recipe import TrainConfig
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -101,63 +104,37 @@ def bench_worker(config: dict) -> None:
             return build_transformer(cfg, "cuda", dtype).to("cpu")  # random init on the GPU is minutes faster
         return build_transformer(cfg, device, dtype)
 
-    klein.model.load_transformer = load_random_transformer
     plain = bool(zero_stage) or config.get("plain")  # adamw, no compile, checkpointing: ZeRO's settings
-    tc = TrainConfig(model="random", steps=10_000, seed=0, **(dict(optimizer="adamw", gradient_checkpointing=True, variant="custom",
-                     deepspeed_stage=zero_stage, deepspeed_offload=bool(config.get("offload")),
-                     deepspeed_gather=config.get("gather", "auto")) if plain else {}))
-    zero3 = zero_stage == 3
-    transformer = setup_transformer(tc, torch.device("cpu") if zero3 else device, dtype=torch.bfloat16 if device.type == "cuda" else None)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        if config.get("cap_gib"):  # a smaller GPU: allocations beyond the cap fail as out-of-memory
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(config["cap_gib"] * 2**30 / total, device)
-    accel = prepare_for_training(transformer, device, compile=False if (config["no_compile"] or plain) else None)
-    engine = None
-    if zero_stage:
-        from train.zero import ZeroEngine, deepspeed_config, partition_for_zero3
+    no_compile = bool(config["no_compile"] or plain)
+    tc = TrainConfig(model="random", steps=10_000, seed=0, compile=False if no_compile else None,
+                     **(dict(optimizer="adamw", gradient_checkpointing=True, variant="custom", deepspeed_stage=zero_stage,
+                             deepspeed_offload=bool(config.get("offload")), deepspeed_gather=config.get("gather", "auto"))
+                        if plain else {}))
 
-        ds_config = deepspeed_config(tc, device)
-        ds_config["zero_optimization"].update(config.get("zero_options") or {})
-        if zero3:
-            partition_for_zero3(transformer, ds_config, device)
-    params = list(lora_parameters(transformer).values())
-    optimizer = make_optimizer(params, tc, device)
-    scheduler = make_lr_scheduler(optimizer, tc)
-    model = transformer
-    if zero_stage:
-        engine = ZeroEngine(transformer, params, optimizer, scheduler, tc, device, ds_config)
-        model = engine.model
-    elif world > 1:
-        model = ray.train.torch.prepare_model(transformer, move_to_device=False,
-                                              parallel_strategy_kwargs={"find_unused_parameters": False})
-        if config.get("ddp_hook") == "bf16" and device.type == "cuda":  # gradients all-reduced in bf16 (half the bytes), applied in fp32
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    def cap_memory(transformer) -> None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            if config.get("cap_gib"):  # a smaller GPU: allocations beyond the cap fail as out-of-memory
+                total = torch.cuda.get_device_properties(device).total_memory
+                torch.cuda.set_per_process_memory_fraction(config["cap_gib"] * 2**30 / total, device)
 
-            model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    # the product's setup: LoRA, levers, ZeRO (with the phase's zero_options), optimizer, schedule, DDP
+    trainer, _ = Trainer.setup(tc, device, world=world, zero_options=config.get("zero_options"), on_transformer=cap_memory,
+                               load_transformer=load_random_transformer)
+    accel, engine, optimizer, params = trainer.accel, trainer.zero, trainer.optimizer, trainer.params
+    if engine is None and world > 1 and config.get("ddp_hook") == "bf16" and device.type == "cuda":
+        # gradients all-reduced in bf16 (half the bytes), applied in fp32
+        trainer.model.register_comm_hook(None, default_hooks.bf16_compress_hook)
     g = res // 16
     gen = torch.Generator().manual_seed(0)
     items = [CachedItem(f"ref{i}", "zxy_style. a house", (res, res), torch.randn(128, g, g, generator=gen),
                         torch.randn(txt, cfg["joint_attention_dim"], generator=gen)) for i in range(8)]
     data = TrainingData("bench", items, torch.randn(txt, cfg["joint_attention_dim"], generator=gen), "random", res)
     plan = StepPlan(data.items, tc.batch_size, world, tc.seed)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
 
-    def step(s: int) -> float:
-        x0, embeds, sigmas, noise, _ = make_batch(plan, data, s, rank, tc.caption_dropout_rate)
-        loss = flow_matching_loss(model, x0, embeds, sigmas, noise, autocast)
-        if engine is not None:  # as train.loop does under ZeRO
-            engine.backward(loss)
-            return loss.item()
-        loss.backward()
-        value = loss.item()
-        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return value
+    def step(s: int) -> float:  # the product's step (train.step.Trainer.step), as train.worker runs it
+        return trainer.step(lambda micro: make_batch(plan, data, s, rank, tc.caption_dropout_rate))
 
     t0 = time.perf_counter()
     for s in range(1, config["warmup"] + 1):
@@ -211,16 +188,12 @@ def bench_worker(config: dict) -> None:
 
 # -- the driver ---------------------------------------------------------------------------------------------
 def make_barrier(name: str, parties: int):
-    import ray
-
     @ray.remote(num_cpus=0)
     class Barrier:
         def __init__(self, n):
             self.n, self.count = n, 0
 
         async def arrive(self, timeout_s: float = 900.0):
-            import asyncio
-
             self.count += 1
             deadline = time.monotonic() + timeout_s
             while self.count < self.n and time.monotonic() < deadline:  # a failed job must not hang the others
@@ -249,11 +222,6 @@ ZERO_PHASES = tuple(PHASE_OPTIONS)
 def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: dict) -> None:
     """One training job exactly as train.job._fit submits it (queue turn, queued loop, pool scaling config)."""
     try:
-        from ray.train import RunConfig
-        from ray.train.torch import TorchTrainer
-
-        from cluster.pools import queued_train_loop, train_pool_turn, train_scaling_config
-
         config = {"job": job, "config": args.config, "use_gpu": not args.cpu, "warmup": args.warmup, "steps": args.steps,
                   "out_dir": out_dir, "barrier": barrier, "no_compile": args.no_compile, "paths": [str(REPO), str(BENCH)],
                   "ddp_hook": "bf16" if job.startswith("ddpbf16") else None}
@@ -276,10 +244,6 @@ def run_job(job: str, workers: int, args, out_dir: str, barrier: str, errors: di
 
 
 def run_phase(name: str, jobs: list[tuple[str, int]], args, out_dir: str) -> dict:
-    import ray
-
-    from _common import log
-
     barrier_name = f"barrier-{name}-{int(time.time())}"
     barrier = make_barrier(barrier_name, sum(w for _, w in jobs))
     errors: dict = {}
@@ -309,11 +273,6 @@ def main():
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import ray
-    import torch
-
-    from _common import environment, log, save_section
-    from cluster.pools import init_local_ray
 
     n = args.gpus or (2 if args.cpu else torch.cuda.device_count())
     if not args.cpu and n < 1:
@@ -360,8 +319,6 @@ def main():
 
 
 def finish(R, device, env, tiny, n, section="multi_gpu"):
-    from _common import print_table, save_section
-
     P = R["phases"]
     rate = lambda ph: [w["steps_per_s"] for w in P.get(ph, {}).get("workers", [])]
     single = (rate("single") or [None])[0]

@@ -4,7 +4,7 @@ In one process:
   stock   the baseline's step (shared/reference/baseline_klein9b.py): stock diffusers Flux2Transformer2DModel
           (random bf16 weights), stock peft LoRA r32 on every block Linear, bf16 autocast, MSE, transformers'
           Adafactor; with and without gradient checkpointing.
-  ours    the product's code path: `train.loop.setup_transformer` (with `klein.model.load_transformer` swapped
+  ours    the product's step, `train.step.Trainer` (setup with `klein.model.load_transformer` swapped
           for a random-weight Klein 9B built on the GPU), `klein.accel.prepare_for_training` (peft input upcast
           off, regional compile with the attention call eager), `train.optim.make_optimizer` (GroupedAdafactor
           on CUDA), `make_lr_scheduler`, and the body of `train_loop_per_worker`: `make_batch` from a CPU cache,
@@ -31,9 +31,32 @@ import time
 import traceback
 
 import torch
+import torch._dynamo
+from _common import (
+    KLEIN9B,
+    STOCK_TARGETS,
+    TINY,
+    build_transformer,
+    environment,
+    free_memory,
+    log,
+    model_dtype,
+    pick_device,
+    print_table,
+    save_section,
+    stock_batch,
+    sync,
+    time_steps,
+)
+from peft import LoraConfig
+from transformers.optimization import Adafactor
 
-from _common import (KLEIN9B, STOCK_TARGETS, TINY, build_transformer, environment, free_memory, log, model_dtype,
-                     pick_device, print_table, save_section, stock_batch, sync, time_steps)
+from klein.accel import InputPrefetcher, prepare_for_training
+from train.cache import CachedItem, TrainingData
+from train.loop import StepPlan, make_batch, make_lr_scheduler
+from train.optim import make_optimizer
+from train.recipe import TrainConfig
+from train.step import Trainer
 
 
 def parse_args():
@@ -60,9 +83,6 @@ def shapes(tiny: bool):
 # ---------------------------------------------------------------------------------------------------------
 def run_stock(args, device, results: dict):
     """The baseline's logic, verbatim apart from the timing helper."""
-    from peft import LoraConfig
-    from transformers.optimization import Adafactor
-
     cfg, res, txt = shapes(args.tiny)
     m = build_transformer(cfg, device, model_dtype(device))
     m.requires_grad_(False)
@@ -104,36 +124,20 @@ class Ours:
     """The product's model, optimizer, scheduler and data, and the loop's step over them."""
 
     def __init__(self, args, device):
-        import klein.model
-        from klein.accel import prepare_for_training
-        from train.cache import CachedItem, TrainingData
-        from train.loop import StepPlan, lora_parameters, make_lr_scheduler, setup_transformer
-        from train.optim import make_optimizer
-        from train.recipe import TrainConfig
-
         self.args, self.device = args, device
         cfg, res, txt = shapes(args.tiny)
 
         def load_random_transformer(source="tiny", dtype=torch.float32, device="cpu", cache_dir=None):
             return build_transformer(cfg, device, dtype)  # instead of from_pretrained(folder)
 
-        original = klein.model.load_transformer
-        klein.model.load_transformer = load_random_transformer
-        try:
-            self.tc = TrainConfig(model="random-klein9b", steps=1000)  # product defaults otherwise
-            self.transformer = setup_transformer(self.tc, device)
-        finally:
-            klein.model.load_transformer = original
-        self.accel = prepare_for_training(self.transformer, device, compile=False if args.no_compile else None)
+        # product defaults otherwise
+        self.tc = TrainConfig(model="random-klein9b", steps=1000, compile=False if args.no_compile else None)
+        self.trainer, _ = Trainer.setup(self.tc, device, load_transformer=load_random_transformer,
+                                        autocast_dtype=torch.bfloat16 if (device.type == "cuda" or args.tiny) else None)
+        self.transformer, self.accel, self.params = self.trainer.transformer, self.trainer.accel, self.trainer.params
         log("prepare_for_training", self.accel)
-        self.params = list(lora_parameters(self.transformer).values())
         self.initial = [p.detach().clone() for p in self.params]
         self.lora_params_m = round(sum(p.numel() for p in self.params) / 1e6, 2)
-        self.make_optimizer = lambda: make_optimizer(self.params, self.tc, device)
-        self.make_scheduler = lambda opt: make_lr_scheduler(opt, self.tc)
-        self.optimizer = self.make_optimizer()
-        self.scheduler = self.make_scheduler(self.optimizer)
-        self.autocast = torch.bfloat16 if (device.type == "cuda" or args.tiny) else None
         g = res // 16
         gen = torch.Generator().manual_seed(0)
         items = [CachedItem(f"ref{i}", "zxy_style. a lighthouse", (res, res), torch.randn(128, g, g, generator=gen),
@@ -145,12 +149,12 @@ class Ours:
         self.last_loss = None
         self.fetch = None
 
+    @property
+    def optimizer(self):
+        return self.trainer.optimizer
+
     def fp8(self):
         """The same model, frozen base converted to float8 (the product call with fp8=True)."""
-        import torch._dynamo
-
-        from klein.accel import prepare_for_training
-
         torch._dynamo.reset()  # drop the bf16 graphs (and their references to the bf16 weights)
         self.accel = prepare_for_training(self.transformer, self.device, compile=False if self.args.no_compile else None, fp8=True)
         log("prepare_for_training(fp8=True)", self.accel)
@@ -160,72 +164,40 @@ class Ours:
         with torch.no_grad():
             for p, p0 in zip(self.params, self.initial):
                 p.copy_(p0)
-        self.optimizer = self.make_optimizer()
-        self.scheduler = self.make_scheduler(self.optimizer)
+        self.trainer.optimizer = make_optimizer(self.params, self.tc, self.device)
+        self.trainer.scheduler = make_lr_scheduler(self.trainer.optimizer, self.tc)
 
-    def _update(self):
-        if self.tc.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.tc.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    # the body of train.loop.train_loop_per_worker (no Ray, no fault injection, no status writes)
+    # the product's step (train.step.Trainer.step), as train.worker runs it (no Ray, no fault hook, no status)
     def step_product(self):
-        from train.loop import flow_matching_loss, make_batch
-
         step = next(self.counter)
-        accum = self.tc.gradient_accumulation_steps
-        x0, embeds, sigmas, noise, _ = make_batch(self.plan, self.data, step, 0, self.tc.caption_dropout_rate)
-        loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast) / accum
-        loss.backward()
-        self.last_loss = loss.item()
-        self._update()
+        self.last_loss = self.trainer.step(lambda micro: make_batch(self.plan, self.data, step, 0, self.tc.caption_dropout_rate))
 
-    # the same body with klein.accel.InputPrefetcher making the next step's batch while this one runs
+    # the same step with klein.accel.InputPrefetcher making the next step's batch while this one runs
     def step_prefetch(self):
-        from klein.accel import InputPrefetcher
-        from train.loop import flow_matching_loss, make_batch
-
         if self.fetch is None:
             self.fetch = InputPrefetcher(lambda i: make_batch(self.plan, self.data, i, 0, self.tc.caption_dropout_rate), self.device)
         step = next(self.counter)
-        accum = self.tc.gradient_accumulation_steps
-        x0, embeds, sigmas, noise, _ = self.fetch(step, next_index=step + 1)
-        loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast) / accum
-        loss.backward()
-        self.last_loss = loss.item()
-        self._update()
+        self.last_loss = self.trainer.step(lambda micro: self.fetch(step, next_index=step + 1))
 
     # inputs already on the device, no per-step host sync: what the loop itself could still change
     def stage(self, n=8):
-        from train.loop import make_batch
-
         self.staged = [tuple(t.to(self.device) for t in make_batch(self.plan, self.data, s, 0, self.tc.caption_dropout_rate)[:4])
                        for s in range(1, n + 1)]
 
     def step_nosync(self):
-        from train.loop import flow_matching_loss
-
-        x0, embeds, sigmas, noise = self.staged[next(self.counter) % len(self.staged)]
-        flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast).backward()
-        self._update()
+        batch = self.staged[next(self.counter) % len(self.staged)]
+        self.trainer.step(lambda micro: batch, sync=False)
 
     def fixed_batch_losses(self, steps: int) -> dict:
         """`steps` product steps on the one fixed (staged) batch from the initial LoRA; losses and step times."""
-        from train.loop import flow_matching_loss
-
         self.reset_lora()
-        x0, embeds, sigmas, noise = self.staged[0]
-        losses = torch.zeros(steps, device=self.device)
+        batch = self.staged[0]
+        losses = torch.zeros(steps, device=self.device, dtype=torch.float64)
         times = []
         for i in range(steps):
             sync(self.device)
             t0 = time.perf_counter()
-            loss = flow_matching_loss(self.transformer, x0, embeds, sigmas, noise, self.autocast)
-            loss.backward()
-            losses[i] = loss.detach()
-            self._update()
+            losses[i] = self.trainer.step(lambda micro: batch, sync=False)
             sync(self.device)
             times.append(time.perf_counter() - t0)
         return {"losses": [round(x, 6) for x in losses.tolist()], "median_s": round(statistics.median(times[5:] or times), 4)}
@@ -255,7 +227,7 @@ def run_ours(args, device, results: dict):
         return r
 
     levers = results["ours_levers"]
-    measure("ours", ours.step_product, ["product step (train_loop_per_worker body)"] + levers)
+    measure("ours", ours.step_product, ["product step (train.step.Trainer.step)"] + levers)
     measure("ours_prefetch", ours.step_prefetch, ["product step + klein.accel.InputPrefetcher"] + levers)
     ours.stage()
     measure("ours_nosync", ours.step_nosync, ["inputs on the GPU, no loss.item()"] + levers)

@@ -17,6 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
+import torch
+from _common import environment, log, save_section
+
+from cluster.pools import init_local_ray
+from cluster.storage import Storage
+from evaluation.board import make_board
+from klein.lora import read_lora
+from train.job import lora_prefix, run_training_job
+from train.recipe import TrainConfig
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 for p in (str(REPO), str(BENCH)):
@@ -27,16 +38,6 @@ for p in (str(REPO), str(BENCH)):
 def main():
     for k, v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
         os.environ.setdefault(k, v)
-    import ray
-    import torch
-
-    from _common import environment, log, save_section
-    from cluster.pools import init_local_ray
-    from cluster.storage import Storage
-    from klein.lora import read_lora
-    from train.board import make_board
-    from train.job import lora_prefix, run_training_job
-    from train.recipe import TrainConfig
 
     n = torch.cuda.device_count()
     if n < 2:

@@ -1,15 +1,15 @@
 """`klein-style submit`: run a command as a Ray job on a cluster, through the dashboard's job server.
 
-    klein-style submit --address http://HEAD:8265 --working-dir . -- python -m train.sweep sweep.yaml
+    klein-style submit --address http://HEAD:8265 --working-dir . -- python -m evaluation.sweep sweep.yaml
 
-is `ray job submit --address http://HEAD:8265 --working-dir . -- python -m train.sweep sweep.yaml` with
+is `ray job submit --address http://HEAD:8265 --working-dir . -- python -m evaluation.sweep sweep.yaml` with
 the platform's defaults: it waits for the job and streams its logs, prints the job's id and final status,
 and exits with a code that reflects that status (0 SUCCEEDED, the driver's exit code or 1 for FAILED,
 3 STOPPED, 124 when `--timeout` ran out and the job was stopped, 2 when the job could not be submitted).
 Ctrl-C stops waiting, not the job (stop it with `ray job stop ID`), unless `--stop-on-interrupt`.
 
 The job's entrypoint runs on the head with RAY_ADDRESS set to that cluster, so `ray.init()` (and
-`train.sweep`) join the cluster the job runs in. Clusters with Ray's token authentication (the default
+`evaluation.sweep`) join the cluster the job runs in. Clusters with Ray's token authentication (the default
 for a `ray start` head when `~/.ray/auth_token` exists) get the token from `RAY_AUTH_TOKEN`,
 `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`, as the `ray` CLI does with RAY_AUTH_MODE=token.
 """
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from ray.job_submission import JobSubmissionClient
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 EXIT_SUBMIT_ERROR = 2
@@ -98,8 +99,6 @@ def _enable_token_auth_if_available() -> None:
 
 def client(address: str | None = None):
     """A `JobSubmissionClient` for the cluster at `address` (see `resolve_address`)."""
-    from ray.job_submission import JobSubmissionClient
-
     url = resolve_address(address)
     _enable_token_auth_if_available()
     try:
@@ -116,7 +115,7 @@ def entrypoint_string(command: list[str] | str) -> str:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise SubmitError("no entrypoint: put the command after `--`, e.g. `-- python -m train.sweep sweep.yaml`")
+        raise SubmitError("no entrypoint: put the command after `--`, e.g. `-- python -m evaluation.sweep sweep.yaml`")
     return command[0] if len(command) == 1 else shlex.join(command)
 
 
@@ -260,7 +259,7 @@ def register(sub) -> None:
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     p.add_argument("--timeout", type=float, default=None, help="stop the job if it has not ended after this many seconds")
     p.add_argument("--stop-on-interrupt", action="store_true", help="Ctrl-C stops the job too")
-    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- the command to run, e.g. -- python -m train.sweep sweep.yaml")
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- the command to run, e.g. -- python -m evaluation.sweep sweep.yaml")
     p.set_defaults(func=cmd_submit)
 
 

@@ -48,11 +48,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
 import ray
+import ray.train
+import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import (
-    NodeAffinitySchedulingStrategy,
-    PlacementGroupSchedulingStrategy,
-)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -344,8 +343,6 @@ def serve_actor_options(
 
 def cluster_has_gpus(resources: dict | None = None) -> bool:
     """Whether work should go to GPUs: the cluster's (a driver on a CPU head still has GPU workers) or this host's."""
-    import torch
-
     resources = resources if resources is not None else ray.cluster_resources()
     return resources.get("GPU", 0) > 0 or torch.cuda.is_available()
 
@@ -556,8 +553,6 @@ def queued_train_loop(train_loop: Callable[..., Any], job_id: str) -> Callable[.
     takes_config = len(inspect.signature(train_loop).parameters) > 0
 
     def _signal_if_rank_zero() -> None:
-        import ray.train
-
         if ray.train.get_context().get_world_rank() == 0:
             signal_train_job_started(job_id)
 

@@ -1,11 +1,19 @@
-"""ServeConfig: every knob of the HTTP service in one object, built from the app's `args` (serve config YAML)."""
+"""ServeConfig: every knob of the HTTP service in one object, built from the app's `args` (serve config YAML).
+
+A pydantic dataclass: values are type-checked (an error names the key), an unknown key gets the closest known
+one, and `sources()` says which keys the operator set (user) and which are defaults.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, field, fields
 from typing import Any
+
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+
+from contracts import KLORA_ALPHA, KLORA_BETA, KLORA_GAMMA
+from train.recipe import default_storage, unknown_keys_message, validation_message
 
 
 class ServeConfigError(ValueError):
@@ -16,13 +24,9 @@ ACCEL_MODES = ("auto", "off", "exact", "fast")  # "exact"/"fast" are klein.accel
 KLORA_SCORES_ON = ("auto", "fusion", "generator")
 
 
-def _default_storage() -> str:
-    return os.environ.get("KLEIN_STORAGE", str(Path.home() / ".cache" / "klein-style" / "storage"))
-
-
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"))
 class ServeConfig:
-    storage: str = field(default_factory=_default_storage)
+    storage: str = field(default_factory=default_storage)
     model: str = "tiny"
     device: str = "cpu"
     # image limits and defaults (None: 64 on the tiny preset, 2048 on real weights)
@@ -66,9 +70,9 @@ class ServeConfig:
     # CORS: off unless origins are listed
     cors_origins: list = field(default_factory=list)
     # K-LoRA constants (the paper's alpha/beta; gamma balances content vs style)
-    klora_alpha: float = 1.5
-    klora_beta: float = 0.5
-    klora_gamma: float = 1.0
+    klora_alpha: float = KLORA_ALPHA
+    klora_beta: float = KLORA_BETA
+    klora_gamma: float = KLORA_GAMMA
     fusion_cache_size: int = 32
     # who computes K-LoRA's per-layer scores: "auto" = the Fusion replica if it holds a GPU or the generator
     # has none (`device` not cuda), else the generator on its GPU; "fusion" or "generator" force it
@@ -79,13 +83,23 @@ class ServeConfig:
         if isinstance(config, ServeConfig):
             return config
         data = dict(config or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ServeConfigError(f"unknown serve option(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**data)
+            raise ServeConfigError(unknown_keys_message(unknown, known, {}, "serve config").replace(
+                "unknown keys", "unknown serve option(s)"))
+        try:
+            cfg = cls(**data)
+        except ValidationError as e:
+            raise ServeConfigError(validation_message(e, {n: _Annotated(f.type) for n, f in known.items()})) from None
+        object.__setattr__(cfg, "_explicit", frozenset(data))
         cfg.check()
         return cfg
+
+    def sources(self) -> dict[str, str]:
+        """Each option's source: `user` (the config file's args or a CLI flag) or `default`."""
+        explicit = getattr(self, "_explicit", frozenset())
+        return {f.name: "user" if f.name in explicit else "default" for f in fields(self)}
 
     def check(self) -> None:
         if self.max_side < 64 or self.max_side % 16:
@@ -127,3 +141,10 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class _Annotated:
+    """A field's annotation, as `validation_message` reads it."""
+
+    def __init__(self, annotation: Any):
+        self.annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(str(annotation), annotation)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import fields
 
 import ray
+from pydantic import BaseModel, ConfigDict, Field
 
+import contracts
 from cluster.storage import Storage, StorageError, tenant_prefix
-from train.job import check_job_id, lora_prefix, new_job_id
+from train.job import check_job_id, lora_prefix, new_job_id, run_training_job
+from train.recipe import VARIANTS, TrainConfig
 
 log = logging.getLogger("klein.serve.jobs")
 
@@ -33,21 +35,24 @@ PUBLIC_FILES = {
 }
 
 
+# the keys are contracts' (contracts.py); here each part is checked first
 def submission_key(tenant: str, job_id: str) -> str:
-    return f"{tenant_prefix(tenant, 'submissions')}/{check_job_id(job_id)}.json"
+    tenant_prefix(tenant, "submissions")  # checks the tenant name
+    return contracts.submission_key(tenant, check_job_id(job_id))
 
 
 def upload_key(tenant: str, job_id: str) -> str:
-    return f"uploads/{tenant}/{check_job_id(job_id)}/refs.zip"
+    tenant_prefix(tenant, "uploads")
+    return contracts.upload_key(tenant, check_job_id(job_id))
 
 
 def status_key(job_id: str) -> str:
-    return f"jobs/{check_job_id(job_id)}/status.json"
+    return contracts.status_key(check_job_id(job_id))
 
 
 def owns(storage: Storage, tenant: str, job_id: str) -> bool:
     """True when `job_id` belongs to `tenant` (submitted by it, or a LoRA stored under it)."""
-    return storage.exists(submission_key(tenant, job_id)) or storage.exists(f"{lora_prefix(tenant, job_id)}/manifest.json")
+    return storage.exists(submission_key(tenant, job_id)) or storage.exists(contracts.manifest_key(tenant, job_id))
 
 
 def list_jobs(storage: Storage, tenant: str) -> list[str]:
@@ -70,28 +75,55 @@ def read_status(storage: Storage, job_id: str) -> dict | None:
 
 
 def read_manifest(storage: Storage, tenant: str, job_id: str) -> dict | None:
-    key = f"{lora_prefix(tenant, job_id)}/manifest.json"
+    key = contracts.manifest_key(tenant, job_id)
     return storage.read_json(key) if storage.exists(key) else None
 
 
-def train_config(config_overrides: dict, tenant: str, job_id: str, trigger: str, storage_uri: str, model: str,
-                 request_options: dict):
-    """The TrainConfig of a job: server overrides win over the request's options (the operator decides steps)."""
-    from train.recipe import TrainConfig
+# the TrainConfig keys a tenant may set over HTTP (everything else is the operator's)
+HTTP_TRAIN_KEYS = ("variant", "rank", "linear_alpha", "optimizer", "lr", "steps", "resolution", "targets", "seed")
 
-    allowed = {f.name for f in fields(TrainConfig)}
-    options = {k: v for k, v in request_options.items() if k in allowed and k in ("rank", "linear_alpha", "steps", "lr", "resolution", "variant", "targets", "seed")}
+
+class TrainSourceBody(BaseModel):
+    """JSON body of `POST /v1/loras` (training from a storage URI). Every option given is the tenant's explicit
+    choice and wins over the variant's defaults (`variant: auto` picks one by dataset size)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source_uri: str
+    trigger: str = "zxy_style"
+    variant: str | None = Field(None, description=f"auto, custom or one of {list(VARIANTS)}")
+    steps: int | None = Field(None, ge=1, le=100_000)
+    rank: int | None = Field(None, ge=1, le=512)
+    linear_alpha: float | None = Field(None, gt=0)
+    optimizer: str | None = None
+    lr: float | None = Field(None, gt=0, lt=1)
+    resolution: int | None = Field(None, ge=64, le=4096)
+    targets: str | None = None
+    seed: int | None = None
+
+
+def train_config(config_overrides: dict, tenant: str, job_id: str, trigger: str, storage_uri: str, model: str,
+                 request_options: dict) -> TrainConfig:
+    """The TrainConfig of a job: server overrides win over the request's options (the operator decides steps).
+    Raises ConfigError (naming the key) for a bad option."""
+    options = {k: v for k, v in request_options.items() if k in HTTP_TRAIN_KEYS and v is not None}
     options.update(config_overrides)
-    return TrainConfig(trigger=trigger, tenant=tenant, job_id=job_id, storage=storage_uri, model=model, **options)
+    return TrainConfig.from_dict({"trigger": trigger, "tenant": tenant, "job_id": job_id, "storage": storage_uri,
+                                  "model": model, **options}, source="request")
+
+
+def submission_answer(cfg: TrainConfig) -> dict:
+    """What `POST /v1/loras` answers: the keys this job set, with their sources. The rest (variant defaults,
+    the step formula) depends on the dataset size; the job's status carries the resolved config and every
+    value's source (`config`, `config_sources`) as soon as the references are read."""
+    explicit = cfg.explicit()
+    return {"id": cfg.job_id, "status": "queued", "variant": cfg.variant,
+            "config": explicit, "config_sources": {k: "user" for k in explicit}}
 
 
 def _run_job(source: str, cfg_dict: dict) -> dict:
-    """Body of the Ray task: run the whole job; failures are recorded in status.json by run_training_job."""
-    from train.job import run_training_job
-    from train.recipe import TrainConfig
-
-    cfg = TrainConfig.from_dict(cfg_dict) if hasattr(TrainConfig, "from_dict") else TrainConfig(**cfg_dict)
-    manifest = run_training_job(source, cfg)
+    """Body of the Ray task: run the whole job; failures are recorded in status.json by run_training_job.
+    `cfg_dict` holds only the explicit keys (TrainConfig.explicit), so they still win after the trip."""
+    manifest = run_training_job(source, TrainConfig.from_dict(cfg_dict))
     return {"id": manifest["id"], "best_step": manifest.get("best_step")}
 
 
@@ -103,13 +135,13 @@ class JobRunner:
         self.task_num_cpus = task_num_cpus
         self.running: dict[str, ray.ObjectRef] = {}
 
-    def submit(self, tenant: str, source: str, cfg) -> str:
+    def submit(self, tenant: str, source: str, cfg: TrainConfig) -> str:
         job_id = cfg.job_id
         self.storage.write_json(submission_key(tenant, job_id), {"id": job_id, "tenant": tenant, "created": time.time(),
-                                                                 "trigger": cfg.trigger})
+                                                                 "trigger": cfg.trigger, "config": cfg.explicit()})
         self.storage.write_json(status_key(job_id), {"state": "queued", "job_id": job_id, "tenant": tenant, "updated": time.time()})
         task = ray.remote(_run_job).options(num_cpus=self.task_num_cpus, max_retries=0, name=f"train-{job_id}")
-        self.running[job_id] = task.remote(source, cfg.to_dict())
+        self.running[job_id] = task.remote(source, cfg.explicit())
         return job_id
 
     def state_of(self, job_id: str) -> dict:

@@ -1,4 +1,4 @@
-"""train/board: procedural style boards (constant style, varied content, content-only captions)."""
+"""evaluation/board: procedural style boards (constant style, varied content, content-only captions)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.board import BOARD_STYLES, make_board, render_picture
+from evaluation.board import BOARD_STYLES, make_board, render_picture
 from train.captions import lint_caption
 from train.dataset import load_refs, near_duplicate_pairs
 

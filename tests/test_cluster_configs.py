@@ -314,7 +314,7 @@ def test_serve_config_is_a_valid_serve_app_on_the_inference_pool(manifests):
 
 def test_sweep_job_runs_train_sweep_with_its_file(manifests):
     job = manifests["RayJob"][0]["spec"]
-    assert "python -m train.sweep sweep.yaml" in job["entrypoint"]
+    assert "python -m evaluation.sweep sweep.yaml" in job["entrypoint"]
     yaml.safe_load(job["runtimeEnvYAML"])
     workdir = job["entrypoint"].split("cd ", 1)[1].split(" ", 1)[0]
     head_pod = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]

@@ -283,6 +283,14 @@ def test_prepare_image_for_every_ref_bucket(tmp_path):
 def test_small_image_warning_names_the_training_size(tmp_path):
     refset = load_refs(_folder(tmp_path, {f"{k}.png": png_bytes(good_image(600 + k, (800, 600))) for k in range(5)}))
     assert any(w.startswith("0.png: is 800×600, under 1024 px") and "trains at 768×592" in w for w in refset.warnings)
+    # the job's own resolution decides the bucket: at 512 an 800×600 image is big enough, at 960 it trains smaller
+    files = {f"{k}.png": png_bytes(good_image(600 + k, (800, 600))) for k in range(5)}
+    at_512 = load_refs(_folder(tmp_path / "a", files), resolution=512)
+    assert not any("under" in w for w in at_512.warnings)
+    at_960 = load_refs(_folder(tmp_path / "b", files), resolution=960)
+    used = bucket_size(800, 600, 960)
+    assert any(w.startswith("0.png: is 800×600, under 960 px") and f"trains at {used[0]}×{used[1]}" in w
+               for w in at_960.warnings)
 
 
 # -- captions ---------------------------------------------------------------------------------------------

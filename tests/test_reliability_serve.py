@@ -617,7 +617,7 @@ def test_only_safetensors_are_ever_loaded():
     found = []
     for package in ("cluster", "klein", "gemini", "train", "serve"):
         for path in (root / package).rglob("*.py"):
-            for number, line in enumerate(path.read_text().splitlines(), 1):
+            for line in path.read_text().splitlines():
                 if loaders.search(line) and not line.lstrip().startswith("#"):
                     found.append((path.relative_to(root).as_posix(), line.strip()))
     assert all(p == "train/loop.py" and "weights_only=True" in line for p, line in found), found

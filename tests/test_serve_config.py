@@ -76,3 +76,13 @@ def test_accel_modes_match_the_generator():
     from serve.config import ACCEL_MODES
 
     assert set(ACCEL_MODES) == {"auto", "off", *INFERENCE_MODES}
+
+
+def test_serve_options_are_typed_named_and_sourced():
+    with pytest.raises(ServeConfigError, match=r"unknown serve option\(s\) \['max_sid'\] \(did you mean 'max_sid' → 'max_side'\?\)"):
+        ServeConfig.from_any({"max_sid": 1024})
+    with pytest.raises(ServeConfigError, match=r"max_side: expected an integer \(got 'big', of type str\)"):
+        ServeConfig.from_any({"max_side": "big"})
+    cfg = ServeConfig.from_any({"max_side": 1024, "model": "tiny"})
+    sources = cfg.sources()
+    assert sources["max_side"] == "user" and sources["model"] == "user" and sources["accel"] == "default"

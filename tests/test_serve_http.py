@@ -92,7 +92,7 @@ def synthetic(service, transformer):
 @pytest.fixture(scope="module")
 def training_job(service, tmp_path_factory):
     """Submit the training job over HTTP (multipart zip) as soon as the service is up."""
-    from train.board import make_board
+    from evaluation.board import make_board
 
     board = tmp_path_factory.mktemp("board")
     make_board("neon", 6, board, size=256, seed=0)
@@ -348,7 +348,7 @@ def test_delete_removes_the_lora(http, service, trained):
 def test_cli_client_generates_and_reports_errors(http, service, tmp_path, capsys):
     from types import SimpleNamespace
 
-    from serve.client import generate_remote
+    from cli.client import generate_remote
 
     args = SimpleNamespace(prompt="a house", lora=["syn-a1"], seed=1, steps=3, width=64, height=64, guidance=4.0,
                            negative_prompt="", output=str(tmp_path / "out.png"), url=f"http://127.0.0.1:{PORT}",

@@ -126,7 +126,7 @@ def ray_head(tiny_dir):
             except Exception:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the head's job server did not answer in {HEAD_START_TIMEOUT_S} s:\n"
-                                       f"{log_path.read_text()[-4000:]}")
+                                       f"{log_path.read_text()[-4000:]}") from None
                 time.sleep(2)
         yield address
     finally:
@@ -235,8 +235,8 @@ def test_example_sweep_runs_as_a_ray_job_and_resumes(ray_head, tmp_path):
         assert lora["id"] == cell["job_id"] and lora["decision"]["variant"] == cell["variant"]
         assert lora["metrics"]["steps"] == 30 and [v["step"] for v in lora["metrics"]["val_curve"]] == [15, 30]
 
-    # A re-run (the README's form, `python -m train.sweep FILE`) skips every finished cell and rebuilds the tables.
-    code, again = _submit(ray_head, "python", "-m", "train.sweep", "train/sweeps/example.yaml", "--storage",
+    # A re-run (the README's form, `python -m evaluation.sweep FILE`) skips every finished cell and rebuilds the tables.
+    code, again = _submit(ray_head, "python", "-m", "evaluation.sweep", "evaluation/sweeps/example.yaml", "--storage",
                           str(storage_dir), extra=("--working-dir", ".", "--timeout", str(SWEEP_TIMEOUT_S)))
     assert code == 0, again[-6000:]
     assert again.count("finished earlier, skipped") == 4 and "trained in" not in again

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from cluster.storage import Storage
-from train.board import render_picture
+from evaluation.board import render_picture
 from train.job import check_job_id
 from train.recipe import choose_variant
-from train.sweep import (
+from evaluation.sweep import (
     BANDS,
     EXAMPLE_SWEEP,
     CONTENT_KEPT_AT,
@@ -280,7 +280,7 @@ def test_the_rayjob_sweep_file_is_a_valid_sweep():
 
 
 def test_sweep_command_line_errors(tmp_path, capsys):
-    from cluster.cli import main
+    from cli.main import main
 
     assert main(["sweep"]) == 2
     assert "give a sweep YAML or --example" in capsys.readouterr().err
@@ -295,7 +295,7 @@ def test_pairs_are_judged_by_gemini_with_a_key_and_by_the_style_score_without(tm
         from tests.gemini_server import TEST_API_KEY, GeminiProtocolServer
     except ImportError:  # tests/ is not a package: pytest put it on sys.path
         from gemini_server import TEST_API_KEY, GeminiProtocolServer
-    from train.sweep import judge_cells
+    from evaluation.sweep import judge_cells
 
     spec = _spec(storage=str(tmp_path / "st"), prompts=["a house by the sea"], seeds=[0, 1])
     storage = Storage.from_uri(spec.storage)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from cluster.storage import Storage
 from klein.lora import read_lora
-from train.board import make_board
+from evaluation.board import make_board
 from train.job import checkpoint_key, lora_prefix, run_training_job
 from train.recipe import TrainConfig
 
@@ -66,8 +66,9 @@ def store(tmp_path_factory):
 
 
 def _cfg(storage, job_id, **kw):
+    # rank 16 + adamw set explicitly: under `variant: auto` (GEM+A for 8 refs: rank 32, adafactor) they must win
     base = dict(trigger="zxy_neon", storage=str(storage), resolution=64, steps=20, save_every=5, job_id=job_id,
-                lr=2e-3, sample_prompts=["a house"], sample_steps=4, seed=0)
+                lr=2e-3, sample_prompts=["a house"], sample_steps=4, seed=0, rank=16, optimizer="adamw")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -109,7 +110,7 @@ def test_job_writes_a_complete_verified_lora(clean, store):
     for name, sha in manifest["files"].items():
         storage.read_verified(f"{prefix}/{name}", sha)  # every file present and matching its sha256
     lora = read_lora(storage.read_bytes(f"{prefix}/lora.safetensors"))
-    assert lora.meta["trigger"] == "zxy_neon" and lora.rank == 32 and lora.meta["base_model"].startswith("tiny")
+    assert lora.meta["trigger"] == "zxy_neon" and lora.rank == 16 and lora.meta["base_model"].startswith("tiny")
     comfy = read_lora(storage.read_bytes(f"{prefix}/lora_comfyui.safetensors"))
     assert comfy.meta["source_format"] == "comfyui" and set(comfy.layers) == set(lora.layers)
     sheet = Image.open(io.BytesIO(storage.read_bytes(f"{prefix}/samples/contact_sheet.png")))
@@ -120,6 +121,12 @@ def test_job_writes_a_complete_verified_lora(clean, store):
     assert [v["step"] for v in m["val_curve"]] == [5, 10, 15, 20]
     assert manifest["checkpoints"] == [5, 10, 15, 20] and manifest["best_step"] in manifest["checkpoints"]
     assert manifest["decision"]["variant"] == "GEM+A"  # 8 refs
+    # the user's keys won over GEM+A's and the manifest says where every value came from
+    assert (manifest["config"]["rank"], manifest["config"]["optimizer"]) == (16, "adamw")
+    sources = manifest["config_sources"]
+    assert sources["rank"] == sources["optimizer"] == "user" and sources["use_gemini"] == "variant"
+    assert sources["steps"] == "user" and sources["linear_alpha"] == "formula" and sources["targets"] == "default"
+    assert any(w.startswith("rank: 16 is set explicitly where GEM+A") for w in manifest["warnings"])
     assert manifest["style_profile"]["source"] == "offline"
     assert manifest["captions"] and all(not k.startswith("/") for k in manifest["dataset"]["refs"][0])
     assert statuses[0] == "preparing" and statuses[-1] == "done"
@@ -193,7 +200,7 @@ DRIVER = textwrap.dedent("""
 
     address, board, cfg = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     ray.init(address=address)
-    run_training_job(board, TrainConfig(**cfg))
+    run_training_job(board, TrainConfig.from_dict(cfg))  # the explicit keys only: they still win
 """)
 
 
@@ -205,7 +212,7 @@ def test_resubmitting_a_job_after_its_driver_died_resumes_it(clean, board, store
     storage = Storage.from_uri(store)
     cfg = _cfg(store, "job-driver", step_delay_s=0.4, **FAULT_RUN)  # slow steps: a wide window to kill the driver in
     address = ray.get_runtime_context().gcs_address
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(board), json.dumps(cfg.to_dict())],
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(board), json.dumps(cfg.explicit())],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
     try:
         deadline = time.monotonic() + 300

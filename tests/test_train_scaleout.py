@@ -11,7 +11,7 @@ from PIL import Image
 
 from cluster.storage import Storage
 from klein.lora import extract_lora, read_lora
-from train.board import make_board
+from evaluation.board import make_board
 from train.job import checkpoint_key, lora_prefix, run_training_job
 from train.recipe import ConfigError, TrainConfig
 from replay import replay_data_parallel  # tests/ is on sys.path
@@ -120,12 +120,12 @@ def test_consis_options_are_checked(tmp_path, monkeypatch, capsys):
     with pytest.raises(JobError, match="not both"):
         run_training_job("unused", TrainConfig(consis_lora=True, content_lora="jobs/x/checkpoints/step_000001.safetensors", job_id="job-x"))
     # the CLI says so in one line and exits 1 (no traceback)
-    import train.cli
-    from cluster.cli import main
+    import cli.train
+    from cli.main import main
 
     config = tmp_path / "both.yaml"
     config.write_text("consis_lora: true\ncontent_lora: jobs/x/checkpoints/step_000001.safetensors\n")
-    monkeypatch.setattr(train.cli, "_start_ray", lambda address: None)
+    monkeypatch.setattr(cli.train, "_start_ray", lambda address: None)
     assert main(["train", "unused", "--trigger", "zxy_neon", "--config", str(config), "--job-id", "job-x",
                  "--storage", str(tmp_path / "store")]) == 1
     err = capsys.readouterr().err

@@ -21,7 +21,7 @@ from cluster.ports import free_port
 from cluster.storage import Storage
 from klein.lora import read_lora
 from replay import replay_data_parallel  # tests/ is on sys.path
-from train.board import make_board
+from evaluation.board import make_board
 from train.job import lora_prefix, run_training_job
 from train.recipe import ConfigError, TrainConfig
 
@@ -132,8 +132,8 @@ def test_zero_options_are_checked():
         TrainConfig(deepspeed_stage=3, optimizer="adamw", deepspeed_gather="block").validate()
     TrainConfig(deepspeed_stage=3, optimizer="adamw", deepspeed_gather="block", gradient_checkpointing=True).validate()
     # the policy's own choice of optimizer gives way to adamw under ZeRO, and says so
-    resolved, decision = TrainConfig(deepspeed_stage=3, optimizer="adamw").resolved(12)
-    assert decision.variant == "GEM+A" and resolved.optimizer == "adamw"
+    resolved, decision = TrainConfig(deepspeed_stage=3).resolved(12)
+    assert decision.variant == "GEM+A" and resolved.optimizer == "adamw" and decision.sources["optimizer"] == "policy"
     assert any("adamw under deepspeed_stage 3" in w for w in decision.warnings)
     assert any("without gradient_checkpointing gathers one Linear" in w for w in decision.warnings)
     _, decision = TrainConfig(deepspeed_stage=3, optimizer="adamw", gradient_checkpointing=True).resolved(12)

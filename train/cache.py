@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load as st_load, save as st_save
 
 from cluster.storage import Storage
+from contracts import cache_prefix
+from klein.model import load_pipeline, model_id
 from train.dataset import RefSet, bucket_size, prepare_image
 
 CACHE_VERSION = 1
@@ -49,10 +50,6 @@ def cache_key(ref_set: RefSet, captions: list[str], model_id: str, resolution: i
     return h.hexdigest()[:24]
 
 
-def _cache_prefix(key: str) -> str:
-    return f"cache/{key}"
-
-
 def image_to_tensor(image) -> torch.Tensor:
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
@@ -71,11 +68,9 @@ def build_cache(
 
     Skips all work when the cache for these inputs already exists.
     """
-    from klein.model import load_pipeline, model_id
-
     storage = Storage.from_uri(storage_uri)
     key = cache_key(ref_set, captions, model_id(model_source), resolution)
-    prefix = _cache_prefix(key)
+    prefix = cache_prefix(key)
     if storage.exists(f"{prefix}/index.json"):
         return key
     pipe = load_pipeline(model_source, device=device, components=("vae", "text_encoder", "tokenizer", "scheduler"))
@@ -108,7 +103,7 @@ def build_cache(
 
 def load_cache(storage_uri: str, key: str) -> TrainingData:
     storage = Storage.from_uri(storage_uri)
-    prefix = _cache_prefix(key)
+    prefix = cache_prefix(key)
     index = storage.read_json(f"{prefix}/index.json")
     latents = st_load(storage.read_bytes(f"{prefix}/latents.safetensors"))
     embeds = st_load(storage.read_bytes(f"{prefix}/embeds.safetensors"))

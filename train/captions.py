@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from contracts import with_trigger, without_trigger  # noqa: F401 — the trigger format lives in contracts
 from gemini.style_words import STYLE_WORDS, find_style_words
 
 
@@ -107,33 +108,3 @@ def lint_caption(caption: str) -> list[str]:
     return warnings
 
 
-def _leading_trigger(trigger: str, caption: str) -> re.Match | None:
-    # "zxy_ink. a cat" and "ZXY_INK, a cat" start with the trigger; "zxy_inked cat" does not.
-    return re.match(re.escape(trigger) + r"(?![A-Za-z0-9_-])", caption, flags=re.IGNORECASE)
-
-
-def with_trigger(trigger: str, caption: str | None) -> str:
-    """`"<trigger>. <caption>"`, unless the caption already starts with the trigger; the trigger alone if empty.
-
-    A leading trigger in another case is rewritten to the trigger's own spelling: the tokenizer is
-    case-sensitive, so "ZXY_INK" would be a different token.
-    """
-    text = " ".join((caption or "").split())
-    if not text:
-        return trigger
-    leading = _leading_trigger(trigger, text)
-    if leading:
-        return trigger + text[leading.end():]
-    return f"{trigger}. {text}"
-
-
-def without_trigger(caption: str, trigger: str) -> str:
-    """The caption with a leading trigger (and its '.' or ',') removed: ConsisLoRA's content captions.
-
-    A trigger-only caption becomes "" (the empty prompt), so the content stage learns the picture, not the word.
-    """
-    text = " ".join((caption or "").split())
-    leading = _leading_trigger(trigger, text)
-    if leading:
-        text = text[leading.end():].lstrip(" .,;:")
-    return text

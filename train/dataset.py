@@ -68,8 +68,8 @@ MAX_ZIP_ENTRIES = 1000
 MAX_ZIP_RATIO = 100
 ZIP_RATIO_MIN_BYTES = 1 * MiB  # small entries (captions) may compress well and cannot hurt
 MAX_CAPTION_BYTES = 64 * 1024
-MIN_REFS = 2
-FEW_REFS_WARN_BELOW = 4  # 2-3 refs: DESIGN.md, "2 refs: nothing works reliably"
+MIN_REFS = 1  # the seeds' 1–3 band trains B_r128 (with a warning)
+FEW_REFS_WARN_BELOW = 4  # 1-3 refs: DESIGN.md, "2 refs: nothing works reliably"
 TARGET_SIDE = 1024  # the training resolution the "small image" warning compares against
 MAX_ASPECT = 4.0  # buckets stop at 4:1; wider images are center-cropped to it
 BUCKET_WIDTH_STEP = 64  # coarse bucket grid so similar shapes share a bucket (and a batch)
@@ -741,12 +741,13 @@ def _kind_of(name: str) -> str:
     return "other"
 
 
-def _small_image_warning(ref_name: str, width: int, height: int) -> str | None:
-    ideal = full_bucket(width, height, TARGET_SIDE)
-    actual = bucket_size(width, height, TARGET_SIDE)
+def _small_image_warning(ref_name: str, width: int, height: int, resolution: int = TARGET_SIDE) -> str | None:
+    """Names the bucket the image actually trains at, for the job's own `resolution`."""
+    ideal = full_bucket(width, height, resolution)
+    actual = bucket_size(width, height, resolution)
     if actual == ideal:
         return None
-    return (f"{ref_name}: is {width}×{height}, under {TARGET_SIDE} px for its shape; it trains at "
+    return (f"{ref_name}: is {width}×{height}, under {resolution} px for its shape; it trains at "
             f"{actual[0]}×{actual[1]} (never upscaled) instead of {ideal[0]}×{ideal[1]}; "
             f"a version {ideal[0]}×{ideal[1]} or larger is better")
 
@@ -759,6 +760,7 @@ def load_refs(
     max_pixels: int = 64_000_000,
     max_upload_bytes: int = 2 * GiB,
     storage: Any = None,
+    resolution: int = TARGET_SIDE,
 ) -> RefSet:
     """Load and check the reference images in `source` (a folder, a .zip, s3://..., gs://...).
 
@@ -768,10 +770,11 @@ def load_refs(
     with contextlib.ExitStack() as stack:
         listing = _open_source(source, storage, max_upload_bytes, stack)
         return _build_refset(listing, max_refs=max_refs, min_side=min_side, max_pixels=max_pixels,
-                             max_upload_bytes=max_upload_bytes)
+                             max_upload_bytes=max_upload_bytes, resolution=resolution)
 
 
-def _build_refset(listing: _Listing, *, max_refs: int, min_side: int, max_pixels: int, max_upload_bytes: int) -> RefSet:
+def _build_refset(listing: _Listing, *, max_refs: int, min_side: int, max_pixels: int, max_upload_bytes: int,
+                  resolution: int = TARGET_SIDE) -> RefSet:
     problems = list(listing.problems)
     warnings = list(listing.warnings)
     display = listing.display
@@ -783,7 +786,8 @@ def _build_refset(listing: _Listing, *, max_refs: int, min_side: int, max_pixels
         )], display)
     reader = _BoundedReader(display, max_upload_bytes)
     sidecars = _read_captions(captions, reader, problems)
-    decoded = _decode_refs(images, reader, sidecars, problems, min_side=min_side, max_pixels=max_pixels)
+    decoded = _decode_refs(images, reader, sidecars, problems, min_side=min_side, max_pixels=max_pixels,
+                           resolution=resolution)
     image_keys = {_caption_key(f.name) for f in images}
     warnings += [f"{sidecar.file}: ignored: no image with the same name beside it"
                  for key, sidecar in sidecars.items() if key not in image_keys]
@@ -794,7 +798,7 @@ def _build_refset(listing: _Listing, *, max_refs: int, min_side: int, max_pixels
     if problems:
         raise DatasetError(problems, display)
     if len(refs) < FEW_REFS_WARN_BELOW:
-        warnings.insert(0, f"only {len(refs)} reference images: nothing works reliably with 2, and 3 is barely "
+        warnings.insert(0, f"only {len(refs)} reference image(s): nothing works reliably with 2 or fewer, and 3 is barely "
                            "better; add more in the same style (5 or more, 10-30 is best)")
     for ref in refs:
         warnings.extend(ref.warnings)
@@ -857,7 +861,7 @@ def _read_captions(captions: list[_SourceFile], reader: _BoundedReader, problems
 
 
 def _decode_refs(images: list[_SourceFile], reader: _BoundedReader, sidecars: dict[str, _Sidecar],
-                 problems: list[FileProblem], *, min_side: int, max_pixels: int) -> list[Ref]:
+                 problems: list[FileProblem], *, min_side: int, max_pixels: int, resolution: int) -> list[Ref]:
     refs = []
     for f in images:
         data = reader.read(f)
@@ -876,7 +880,7 @@ def _decode_refs(images: list[_SourceFile], reader: _BoundedReader, sidecars: di
                   width=width, height=height, warnings=list(result.warnings), format=result.format,
                   original_mode=result.original_mode)
         _attach_caption(ref, sidecars.get(_caption_key(f.name)))
-        small = _small_image_warning(ref.name, width, height)
+        small = _small_image_warning(ref.name, width, height, resolution)
         if small:
             ref.warnings.append(small)
         refs.append(ref)
@@ -905,7 +909,7 @@ def _too_few_refs(display: str, count: int, any_problems: bool) -> FileProblem:
         have = f"only {count} usable image{'s' if count != 1 else ''}"
     else:
         have = "no images"
-    return FileProblem(display, f"has {have}; at least {MIN_REFS} are needed",
+    return FileProblem(display, f"has {have}; at least {MIN_REFS} {'is' if MIN_REFS == 1 else 'are'} needed",
                        "add more reference images in the same style (5-50 works best)")
 
 

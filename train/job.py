@@ -10,44 +10,60 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import ray
+from ray.exceptions import RayTaskError
+from ray.train.torch import TorchTrainer
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
 
+from cluster.pools import TRAIN_RESOURCE, cluster_has_gpus, queued_train_loop, train_pool_turn, train_scaling_config
 from cluster.storage import Storage
+from contracts import (
+    COMFYUI_FILE,
+    CONTACT_SHEET,
+    JOB_ID_RULE,
+    LORA_FILE,
+    LOSS_PLOT,
+    Manifest,
+    checkpoint_key,
+    is_job_id,
+    lora_prefix,
+    manifest_key,
+    new_job_id,
+    status_key,
+    with_trigger,
+    without_trigger,
+)
+from gemini.captions import caption_images
+from gemini.client import GeminiClient, GeminiConfig
+from gemini.policy import text_stage_policy
+from gemini.profile import extract_style_profile
+from klein.generate import GenerateRequest
+from klein.lora import export_lora, lora_to_bytes, read_lora
+from klein.model import model_id
+from train.cache import build_cache
+from train.captions import check_trigger
+from train.dataset import load_refs
+from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
+from train.report import image_grid, loss_plot_png
+from train.samples import cached_pipeline, render_with_lora, sample_task_options
 
 log = logging.getLogger("klein.train")
-
-JOB_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{2,63}$")
 
 
 class JobError(RuntimeError):
     """The job could not run or finish; the message says at which stage and why."""
 
 
-def new_job_id() -> str:
-    return f"lora-{uuid.uuid4().hex[:12]}"
-
-
 def check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
-        raise JobError(f"invalid job id {job_id!r}: use 3–64 lowercase letters, digits, '-' or '_'")
+    if not is_job_id(job_id):
+        raise JobError(f"invalid job id {job_id!r}: use {JOB_ID_RULE}")
     return job_id
-
-
-def lora_prefix(tenant: str, job_id: str) -> str:
-    return f"tenants/{tenant}/loras/{job_id}"
-
-
-def checkpoint_key(job_id: str, step: int) -> str:
-    """Where the training loop stores each checkpoint's LoRA (for sheets and the best-step choice)."""
-    return f"jobs/{job_id}/checkpoints/step_{step:06d}.safetensors"
 
 
 @dataclass
@@ -57,18 +73,13 @@ class PreparedDataset:
     caption_info: dict
     decision: dict
     warnings: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # config key -> user | variant | formula | policy | default
 
 
 def prepare_dataset(source, cfg: TrainConfig, on_gpu: bool) -> tuple[PreparedDataset, TrainConfig]:
     """Validate refs and trigger, resolve the variant, and caption (Gemini or its fallback)."""
-    from gemini.captions import caption_images
-    from gemini.client import GeminiClient, GeminiConfig
-    from gemini.policy import text_stage_policy
-    from train.captions import check_trigger
-    from train.dataset import load_refs
-
     cfg.trigger = check_trigger(cfg.trigger)
-    ref_set = load_refs(source, max_refs=cfg.max_refs)
+    ref_set = load_refs(source, max_refs=cfg.max_refs, resolution=cfg.resolution)
     n = len(ref_set.refs)
     resolved, decision = cfg.resolved(n, on_gpu=on_gpu)
     policy = text_stage_policy(n)
@@ -81,12 +92,10 @@ def prepare_dataset(source, cfg: TrainConfig, on_gpu: bool) -> tuple[PreparedDat
     # caption_images already lints every caption and carries those warnings in result.warnings
     warnings = list(ref_set.warnings) + list(decision.warnings) + list(result.warnings)
     decision_info = {"variant": decision.variant, "reason": decision.reason, "text_stage": policy.model_dump(mode="json")}
-    return PreparedDataset(ref_set, captions, result.to_manifest(), decision_info, warnings), resolved
+    return PreparedDataset(ref_set, captions, result.to_manifest(), decision_info, warnings, decision.sources), resolved
 
 
 def _cache_task_options(cfg: TrainConfig) -> dict:
-    from cluster.pools import TRAIN_RESOURCE
-
     # the cache runs in the training pool (it feeds that pool's job) and, on GPUs, on one GPU
     return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, "resources": {TRAIN_RESOURCE: 1}}
 
@@ -101,8 +110,6 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     Submitting again with the same `job_id` after the driver died resumes from the last checkpoint
     (Ray Train restores a run with the same name and storage path).
     """
-    from cluster.pools import cluster_has_gpus
-
     cfg.job_id = check_job_id(cfg.job_id or new_job_id())
     if cfg.consis_lora and cfg.content_lora:
         raise JobError("content_lora is what consis_lora's first stage trains: give consis_lora or content_lora, not both")
@@ -110,12 +117,11 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         cfg.use_gpu = cluster_has_gpus()
     storage = Storage.from_uri(cfg.storage)
     cfg.storage = storage.uri
-    status_key = f"jobs/{cfg.job_id}/status.json"
     started = time.time()
 
     def status(state: str, **extra):
         info = {"state": state, "job_id": cfg.job_id, "tenant": cfg.tenant, "updated": time.time(), **extra}
-        storage.write_json(status_key, info)
+        storage.write_json(status_key(cfg.job_id), info)
         if progress:
             progress(info)
 
@@ -129,7 +135,8 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         log.warning("%s", w)
     stage = "caching"
     try:
-        status("caching", decision=prepared.decision, warnings=prepared.warnings)
+        status("caching", decision=prepared.decision, warnings=prepared.warnings, config=public_config(cfg),
+               config_sources=public_sources(prepared.sources))
         ref_set = prepared.ref_set
         cache_key = _build_cache(ref_set, prepared.captions, cfg)
         stage = "training"
@@ -137,13 +144,9 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         if cfg.consis_lora:
             # ConsisLoRA: a content LoRA on the trigger-less captions first; the style LoRA then trains on top
             # of it (frozen, active), so content that the content LoRA explains does not leak into the style.
-            from dataclasses import replace
-
-            from train.captions import without_trigger
-
-            content_cfg = replace(cfg, job_id=f"{cfg.job_id}-content", consis_lora=False, early_stopping=False, sample_every=None,
-                                  steps=cfg.content_steps or max(1, cfg.steps // 2))
-            content_cfg.save_every = content_cfg.steps
+            content_steps = cfg.content_steps or max(1, cfg.steps // 2)
+            content_cfg = cfg.model_copy(update=dict(job_id=f"{cfg.job_id}-content", consis_lora=False, early_stopping=False,
+                                                     sample_every=None, steps=content_steps, save_every=content_steps))
             content_captions = [without_trigger(c, cfg.trigger) for c in prepared.captions]
             content_cache = _build_cache(ref_set, content_captions, content_cfg)
             status("training content LoRA", step=0, steps=content_cfg.steps, decision=prepared.decision)
@@ -163,26 +166,18 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         if isinstance(e, JobError):
             raise
         raise JobError(reason) from e
-    status("done", manifest=f"{lora_prefix(cfg.tenant, cfg.job_id)}/manifest.json", best_step=manifest["best_step"])
+    status("done", manifest=manifest_key(cfg.tenant, cfg.job_id), best_step=manifest["best_step"])
     return manifest
 
 
 def _build_cache(ref_set, captions: list[str], cfg: TrainConfig) -> str:
     """Latents and embeddings as one Ray task on the training pool (workers never load the VAE or Qwen3)."""
-    from train.cache import build_cache
-
     return ray.get(ray.remote(build_cache).options(**_cache_task_options(cfg)).remote(
         ref_set, captions, cfg.model, cfg.storage, cfg.resolution, "cuda" if cfg.use_gpu else "cpu"))
 
 
 def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
     """One TorchTrainer run (resumed if a run of this job id exists); returns the final state.json."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
-
-    from cluster.pools import queued_train_loop, train_pool_turn, train_scaling_config
-    from train.loop import train_loop_per_worker
-
     trainer = TorchTrainer(
         queued_train_loop(train_loop_per_worker, cfg.job_id),
         train_loop_config={"train": cfg.to_dict(), "cache_key": cache_key},
@@ -213,7 +208,6 @@ def failure_reason(error: BaseException) -> str:
     if failures:
         rank, failure = sorted(failures.items())[0]
         return f"rank {rank}: {failure_reason(failure)}"
-    from ray.exceptions import RayTaskError
 
     if isinstance(error, RayTaskError) and error.cause is not None:
         return failure_reason(error.cause)
@@ -227,11 +221,14 @@ def sheet_steps(cfg: TrainConfig, saved_steps: list[int]) -> list[int]:
     return sorted(set(range(cfg.sample_every, cfg.steps + 1, cfg.sample_every)) | {saved_steps[-1]})
 
 
-def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10) -> list[dict]:
-    """Validation-loss rises of more than `rel` between saves near the cosine midpoint (40–65% of steps),
-    where the seeds saw the schedule jump; those checkpoints deserve a look."""
+def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10, probes: list[dict] = ()) -> list[dict]:
+    """Validation-loss rises of more than `rel` between measurements near the cosine midpoint (40–65% of steps),
+    where the seeds saw the schedule jump; those checkpoints deserve a look. `probes` are the step-log entries
+    with a `val_loss` measured between saves (train.worker.midpoint_steps: 50 % and 60 %)."""
+    points = sorted([*val, *({"step": p["step"], "val_loss": p["val_loss"]} for p in probes if "val_loss" in p)],
+                    key=lambda v: v["step"])
     flags = []
-    for prev, cur in zip(val, val[1:]):
+    for prev, cur in zip(points, points[1:]):
         if 0.4 * steps <= cur["step"] <= 0.65 * steps and cur["val_loss"] > prev["val_loss"] * (1 + rel):
             flags.append({"from_step": prev["step"], "to_step": cur["step"], "rise": cur["val_loss"] / prev["val_loss"] - 1})
     return flags
@@ -240,10 +237,6 @@ def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10) -> list[dict]
 def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_key: str, storage: Storage, started: float,
                consis: dict | None = None) -> dict:
     """Pick the delivered checkpoint, render sheets and plots, write everything, manifest last."""
-    from klein.lora import export_lora, lora_to_bytes, read_lora
-    from klein.model import model_id
-    from train.report import loss_plot_png
-
     val = state["val"]
     best = min(val, key=lambda v: v["val_loss"])
     final_step = state["step"]
@@ -260,10 +253,10 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
     loss_png = loss_plot_png(state["log"], val, best_step=best["step"])
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
     files = {
-        "lora.safetensors": lora_bytes,
-        "lora_comfyui.safetensors": comfy_bytes,
-        "samples/contact_sheet.png": sheet_png,
-        "samples/loss.png": loss_png,
+        LORA_FILE: lora_bytes,
+        COMFYUI_FILE: comfy_bytes,
+        CONTACT_SHEET: sheet_png,
+        LOSS_PLOT: loss_png,
     }
     hashes = {name: storage.write_bytes(f"{prefix}/{name}", data) for name, data in files.items()}
     profile = _style_profile(prepared)
@@ -273,7 +266,8 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
         "tenant": cfg.tenant,
         "trigger": cfg.trigger,
         "base_model": model_id(cfg.model),
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("fail_at_step", "step_delay_s", "content_lora")},
+        "config": public_config(cfg),
+        "config_sources": public_sources(prepared.sources),
         "decision": prepared.decision,
         "warnings": prepared.warnings,
         "captions": prepared.caption_info,
@@ -290,7 +284,7 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
         },
         "best_step": best["step"],
         "delivered_step": delivered_step,
-        "midpoint_jumps": midpoint_jumps(val, cfg.steps),
+        "midpoint_jumps": midpoint_jumps(val, cfg.steps, probes=state["log"]),
         "checkpoints": checkpoints,
         "sampled_steps": sampled,
         # ConsisLoRA: only the style LoRA is delivered; the content stage is recorded for the record
@@ -299,19 +293,29 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
         "files": hashes,
         "elapsed_s": time.time() - started,
     }
-    storage.write_json(f"{prefix}/manifest.json", manifest)
+    Manifest.model_validate(manifest)  # the readers' contract (contracts.Manifest) holds before anything reads it
+    storage.write_json(manifest_key(cfg.tenant, cfg.job_id), manifest)
     return manifest
 
 
 def _style_profile(prepared: PreparedDataset) -> dict:
     """L1 STYLE_PROFILE, computed once per LoRA (Gemini when the policy allows it, else offline)."""
-    from gemini.client import GeminiClient, GeminiConfig
-    from gemini.profile import extract_style_profile
-
     use = prepared.decision["text_stage"]["use_gemini"]
     client = GeminiClient(GeminiConfig.from_env()) if use else None
     images = [r.image for r in prepared.ref_set.refs]
     return extract_style_profile(images, client=client).to_manifest()
+
+
+PRIVATE_CONFIG_KEYS = ("fail_at_step", "step_delay_s", "content_lora")
+
+
+def public_config(cfg: TrainConfig) -> dict:
+    """The resolved config as the manifest and the job status show it (testing hooks left out)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in PRIVATE_CONFIG_KEYS}
+
+
+def public_sources(sources: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in sources.items() if k not in PRIVATE_CONFIG_KEYS}
 
 
 def _sample_size(cfg: TrainConfig) -> int:
@@ -320,20 +324,14 @@ def _sample_size(cfg: TrainConfig) -> int:
 
 def render_contact_sheet_task(use_gpu: bool):
     """The contact sheet runs on the inference pool: sampling must not compete with training GPUs."""
-    from train.samples import sample_task_options
-
     return ray.remote(render_contact_sheet).options(**sample_task_options(use_gpu))
 
 
 def render_contact_sheet(model: str, lora_files: list[bytes], steps_of: list[int], prompts: list[str], trigger: str,
                          size: int, sample_steps: int, seed: int, use_gpu: bool) -> bytes:
     """A grid: one row per prompt, the base model in the first column, then one column per checkpoint."""
-    from klein.generate import GenerateRequest
-    from train.report import image_grid
-    from train.samples import cached_pipeline, render_with_lora
-
     pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
-    requests = [GenerateRequest(prompt=f"{trigger}. {prompt}", seed=seed + p_idx, steps=sample_steps, width=size, height=size)
+    requests = [GenerateRequest(prompt=with_trigger(trigger, prompt), seed=seed + p_idx, steps=sample_steps, width=size, height=size)
                 for p_idx, prompt in enumerate(prompts)]
     columns = [render_with_lora(pipe, data, requests) for data in [None, *lora_files]]
     rows = [list(row) for row in zip(*columns)]

@@ -1,4 +1,4 @@
-"""The training loop: what each Ray Train worker runs, built from small pieces that run without Ray.
+"""The pieces of the training loop, each runnable without Ray.
 
 Read top to bottom:
   1. `flow_matching_batch`  — FLUX.2's objective: x_t = (1-σ)·x0 + σ·noise, target noise - x0, σ from a
@@ -8,7 +8,8 @@ Read top to bottom:
   3. `make_optimizer` / `make_lr_scheduler`
   4. `validation_loss`      — fixed noise and fixed σ over the refs, comparable across checkpoints
   5. `TrainState` save/load — LoRA, optimizer, scheduler, RNG states, step and the step log
-  6. `train_loop_per_worker`— the Ray Train function tying them together
+The step that uses them is `train.step.Trainer` (setup / step / save), and the Ray Train function that runs
+it step after step is `train.worker.train_loop_per_worker`.
 
 Exactness of resume: all randomness of step s comes from generators seeded by (seed, s, rank) and the data
 order from (seed, epoch); the optimizer and scheduler state come from the checkpoint. A run killed after
@@ -20,16 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from diffusers.optimization import get_scheduler
 
+from klein.lora import add_lora, lora_config
+from klein.model import load_transformer
 from train.cache import CachedItem, TrainingData
 from train.recipe import TrainConfig
 
@@ -149,8 +150,6 @@ from train.optim import make_optimizer  # noqa: E402,F401
 
 
 def make_lr_scheduler(optimizer, cfg: TrainConfig):
-    from diffusers.optimization import get_scheduler
-
     kwargs = {"num_cycles": cfg.lr_restarts} if cfg.lr_scheduler == "cosine_with_restarts" else {}
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps, **kwargs)
 
@@ -219,19 +218,18 @@ def load_checkpoint(directory: Path, transformer, optimizer, scheduler, zero=Non
 CONTENT_ADAPTER = "content"
 
 
-def setup_transformer(cfg: TrainConfig, device: torch.device, content_lora=None, dtype: torch.dtype | None = None):
+def setup_transformer(cfg: TrainConfig, device: torch.device, content_lora=None, dtype: torch.dtype | None = None,
+                      load: Callable[..., torch.nn.Module] = load_transformer):
     """The frozen base transformer with a fresh LoRA adapter on `cfg.targets` (seeded).
 
     `content_lora` (ConsisLoRA's second stage): a LoRA loaded as a frozen adapter that stays active under
     the trained one, so the trained adapter learns what the content LoRA does not already explain.
     `dtype` (default: bf16 on CUDA, fp32 elsewhere) lets ZeRO-3 load a GPU job's bf16 model in host memory.
+    `load` (klein.model.load_transformer's signature) builds the base: benchmarks pass random weights.
     """
-    from klein.lora import add_lora, lora_config
-    from klein.model import load_transformer
-
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer = load_transformer(cfg.model, dtype=dtype, device=device)
+    transformer = load(cfg.model, dtype=dtype, device=device)
     transformer.requires_grad_(False)
     if content_lora is not None:
         add_lora(transformer, content_lora, adapter_name=CONTENT_ADAPTER)
@@ -248,139 +246,3 @@ def setup_transformer(cfg: TrainConfig, device: torch.device, content_lora=None,
         transformer.enable_gradient_checkpointing()
     transformer.train()
     return transformer
-
-
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train worker function. `config` holds `train` (TrainConfig as a dict) and `cache_key`."""
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
-
-    from cluster.storage import Storage
-    from klein.lora import extract_lora, lora_to_bytes
-    from train.cache import load_cache
-    from train.job import checkpoint_key
-
-    cfg = TrainConfig.from_dict(config["train"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    storage = Storage.from_uri(cfg.storage)
-
-    data = load_cache(cfg.storage, config["cache_key"])
-    content_lora = None
-    if cfg.content_lora:
-        from klein.lora import read_lora
-
-        content_lora = read_lora(storage.read_bytes(cfg.content_lora))
-    zero3 = cfg.deepspeed_stage == 3
-    # ZeRO-3 shards the base from host memory, so no GPU ever holds the whole model
-    transformer = setup_transformer(cfg, torch.device("cpu") if zero3 else device, content_lora,
-                                    dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    from klein.accel import InputPrefetcher, prepare_for_training
-
-    # GPU levers measured in bench/train_step.py: peft input upcast off, regional compile, optional fp8 base
-    # (compile and fp8 are off under ZeRO: recipe.validate refuses them there)
-    prepare_for_training(transformer, device, compile=False if cfg.deepspeed_stage else cfg.compile, fp8=cfg.fp8)
-    zero = None
-    if cfg.deepspeed_stage:
-        from train.zero import ZeroEngine, deepspeed_config, partition_for_zero3
-
-        ds_config = deepspeed_config(cfg, device)
-        if zero3:
-            partition_for_zero3(transformer, ds_config, device)
-    params = list(lora_parameters(transformer).values())
-    optimizer = make_optimizer(params, cfg, device)
-    scheduler = make_lr_scheduler(optimizer, cfg)
-    if cfg.deepspeed_stage:
-        zero = ZeroEngine(transformer, params, optimizer, scheduler, cfg, device, ds_config)
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d), transformer, optimizer, scheduler, zero)
-        log.info("worker %d resumed at step %d (attempt %d)", rank, state.step, state.attempt)
-    model = transformer
-    if zero is not None:
-        model = zero.model  # DeepSpeed reduces the gradients itself
-    elif world > 1:
-        model = ray.train.torch.prepare_model(transformer, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": False})
-
-    def current_lora(step: int):
-        """The LoRA as trained so far. Under ZeRO a collective that every rank joins."""
-        if zero is not None:
-            return zero.full_lora(meta={"step": step})
-        return extract_lora(transformer, "default", meta={"step": step})
-    plan = StepPlan(data.items, cfg.batch_size, world, cfg.seed)
-    accum = cfg.gradient_accumulation_steps
-    # the next step's inputs are made while this one runs (make_batch is a pure function of the index)
-    fetch = InputPrefetcher(lambda i: make_batch(plan, data, i, rank, cfg.caption_dropout_rate), device)
-    last_index = cfg.steps * accum
-    started = time.perf_counter()
-    first_step = state.step + 1
-    for step in range(first_step, cfg.steps + 1):
-        loss_total = 0.0
-        for micro in range(accum):
-            index = (step - 1) * accum + micro + 1
-            x0, embeds, sigmas, noise, dropped = fetch(index, next_index=index + 1 if index < last_index else None)
-            loss = flow_matching_loss(model, x0, embeds, sigmas, noise, autocast_dtype) / accum
-            if zero is not None:
-                zero.backward(loss)  # DeepSpeed reduces, clips and steps at the accumulation boundary
-            else:
-                loss.backward()
-            loss_total += loss.item()
-            if cfg.fail_at_step == step and rank == 0 and micro == 0:
-                marker = f"jobs/{cfg.job_id}/fault_injected_{step}"
-                if not storage.exists(marker):  # once per job: the resumed attempt must get past it
-                    storage.write_bytes(marker, b"killed mid-step by fail_at_step")
-                    os.kill(os.getpid(), signal.SIGKILL)
-        if world > 1:  # the logged loss is the mean over every worker's batch, like the gradient
-            mean_loss = torch.tensor([loss_total], device=device)
-            torch.distributed.all_reduce(mean_loss)
-            loss_total = mean_loss.item() / world
-        if zero is None:
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if cfg.step_delay_s:
-            time.sleep(cfg.step_delay_s)
-        state.step = step
-        state.log.append({"step": step, "loss": loss_total, "lr": scheduler.get_last_lr()[0], "attempt": state.attempt})
-        is_save = step % cfg.save_every == 0 or step == cfg.steps
-        metrics = {"step": step, "loss": loss_total, "lr": scheduler.get_last_lr()[0]}
-        if not is_save and cfg.sample_every and step % cfg.sample_every == 0 and (rank == 0 or zero is not None):
-            # a sample step between saves: keep its LoRA for the contact sheet (no trainer state needed)
-            lora = current_lora(step)
-            if rank == 0:
-                storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_to_bytes(lora))
-        if is_save:
-            val_model = model if zero is not None else transformer  # ZeRO-3 gathers weights in the engine
-            val_model.eval()
-            metrics["val_loss"] = validation_loss(val_model, data, cfg.seed, autocast_dtype)
-            val_model.train()
-            state.val.append({"step": step, "val_loss": metrics["val_loss"]})
-            lora = current_lora(step) if rank == 0 or zero is not None else None
-            with tempfile.TemporaryDirectory() as tmp:
-                if zero is not None:
-                    zero.save(Path(tmp))  # every rank writes its own shards; Ray Train merges the directories
-                if rank == 0:
-                    lora_bytes = lora_to_bytes(lora)
-                    # every checkpoint's LoRA is kept in our storage for contact sheets and best-checkpoint choice
-                    storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_bytes)
-                    save_checkpoint(Path(tmp), transformer, optimizer, scheduler, state, lora_bytes, trainer_state=zero is None)
-                reports_files = rank == 0 or zero is not None
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if reports_files else None)
-        if rank == 0 and (is_save or step % 10 == 0 or step == first_step):
-            elapsed = time.perf_counter() - started
-            per_step = elapsed / (step - first_step + 1)
-            storage.write_json(f"jobs/{cfg.job_id}/status.json", {
-                "state": "training", "step": step, "steps": cfg.steps, "loss": loss_total, "s_per_step": per_step,
-                "eta_s": per_step * (cfg.steps - step), "val": state.val, "attempt": state.attempt,
-                "effective_batch": cfg.batch_size * accum * world,
-            })
-    fetch.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers.optimization import Adafactor
 
 from train.recipe import ConfigError
 
@@ -123,8 +124,6 @@ def make_optimizer(params, cfg, device, grouped: bool | None = None):
             grouped = device.type == "cuda"
         if grouped:
             return GroupedAdafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **ADAFACTOR_KWARGS)
-        from transformers.optimization import Adafactor
-
         return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **ADAFACTOR_KWARGS)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -7,25 +7,29 @@ steps max(500, refs×30) at rank 32 and max(500, refs×20) at rank 128; the vari
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 OPTIMIZERS = ("adafactor", "adamw", "adamw8bit")
 ZERO3_GATHER = ("auto", "block", "linear", "module")
 ZERO_OPTIMIZERS = ("adamw",)  # element-wise: ZeRO's flat fp32 shards of the LoRA change nothing for them
 LR_SCHEDULERS = ("cosine", "cosine_with_restarts", "constant_with_warmup")
 TARGET_PRESETS = ("all", "attention", "single_blocks", "double_blocks")
+DEFAULT_SAMPLE_PROMPTS = ("a lighthouse on a cliff", "a cat sitting on a chair", "a city street")
 
-# variant name -> what it changes (the seeds' table)
+# variant name -> the defaults it supplies (the seeds' table); a key the user sets explicitly wins over them
 VARIANTS: dict[str, dict[str, Any]] = {
     "GEM+A": dict(use_gemini=True, rank=32, linear_alpha=32, optimizer="adafactor"),
     "GEM+B": dict(use_gemini=True, rank=128, linear_alpha=128, optimizer="adamw8bit", early_stopping=True),
     "B_r128": dict(use_gemini=False, rank=128, linear_alpha=128, optimizer="adamw8bit", early_stopping=True),
-    # small datasets: Gemini captions, rank 32, SplitFlux single blocks (style without content leakage)
+    # Our own variant, not one of the seeds' (they define GEM+A, GEM+B and B_r128 only): Gemini captions, rank 32,
+    # SplitFlux single blocks (style without content leakage). The `auto` policy never picks it.
     "GEM+D": dict(use_gemini=True, rank=32, linear_alpha=32, optimizer="adafactor", targets="single_blocks"),
 }
 
@@ -39,15 +43,17 @@ class PolicyDecision:
     variant: str
     reason: str
     warnings: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # key -> one of SOURCES (filled by TrainConfig.resolved)
 
 
 def choose_variant(n_refs: int) -> PolicyDecision:
     """The seeds' dataset-size policy (`variant: auto`)."""
-    if n_refs < 2:
-        raise ConfigError(f"{n_refs} reference image(s): at least 2 are needed to learn a style")
-    if n_refs == 2:
-        return PolicyDecision("B_r128", "2 refs: rank 128 without Gemini; nothing works reliably with 2 refs",
-                              ["nothing works reliably with 2 reference images: add more (10+ is best)"])
+    if n_refs < 1:
+        raise ConfigError(f"{n_refs} reference images: at least 1 is needed to learn a style")
+    if n_refs <= 2:
+        return PolicyDecision("B_r128", f"{n_refs} ref(s) (1–3 band): rank 128 without Gemini; nothing works reliably "
+                              f"with so few refs",
+                              [f"nothing works reliably with {n_refs} reference image(s): add more (10+ is best)"])
     if n_refs <= 3:
         return PolicyDecision("B_r128", f"{n_refs} refs (1–3): rank 128 alone, no Gemini — Gemini text hurts tiny datasets")
     if n_refs <= 7:
@@ -61,14 +67,71 @@ def default_steps(rank: int, n_refs: int) -> int:
     return max(500, n_refs * (20 if rank >= 128 else 30))
 
 
-@dataclass
-class TrainConfig:
+def default_storage() -> str:
+    return os.environ.get("KLEIN_STORAGE", str(Path.home() / ".cache" / "klein-style" / "storage"))
+
+
+# -- messages shared by the typed configs (TrainConfig, serve's ServeConfig, evaluation's sweep file) ---------
+def read_yaml_mapping(path: str | os.PathLike, what: str, error: type[Exception] = None) -> dict:
+    """The mapping in a YAML file, or `error` (ConfigError) naming the file and what went wrong."""
+    error = error or ConfigError
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise error(f"{path}: cannot read the config file ({e.strerror or e}); pass the path of {what}") from e
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def unknown_keys_message(unknown: list[str], fields: dict, aliases: dict, source: str,
+                         hidden: frozenset = frozenset()) -> str:
+    """`unknown keys [...] (did you mean 'x' → 'y'?); known keys are [...]`."""
+    known = set(fields)
+    hints = [f"{key!r} → {close[0]!r}" for key in unknown
+             if (close := difflib.get_close_matches(key, sorted(known | set(aliases)), n=1, cutoff=0.75))]
+    return (f"{source}: unknown keys {unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+            + f"; known keys are {sorted(known - hidden)}")
+
+
+def _expected(annotation: Any) -> tuple[str, bool]:
+    """How a value of this annotation is described to a user, and whether null is allowed."""
+    text = str(annotation).replace("typing.", "")
+    optional = "None" in text
+    base = text.replace("| None", "").replace("Optional[", "").rstrip("]").strip() if optional else text
+    names = {"<class 'bool'>": "true or false", "<class 'int'>": "an integer", "<class 'float'>": "a number",
+             "<class 'str'>": "a string", "list[str]": "a list of strings", "dict": "a mapping",
+             "bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+    return names.get(base, base), optional
+
+
+def validation_message(error: ValidationError, fields: dict) -> str:
+    """The first problem of a pydantic error as `key: expected X (got V, of type T)`."""
+    first = error.errors()[0]
+    key = str(first["loc"][0]) if first["loc"] else "config"
+    value = first.get("input")
+    if key in fields:
+        expected, optional = _expected(fields[key].annotation)
+        return f"{key}: expected {expected}{' or null' if optional else ''} (got {value!r}, of type {type(value).__name__})"
+    return f"{key}: {first['msg']} (got {value!r})"
+
+
+class TrainConfig(BaseModel):
+    """One training job. Unset keys take the variant's (or the policy's) values in `resolved()`; every key the
+    user set explicitly (`model_fields_set`, through YAML, CLI flags and HTTP) wins there."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=False)
+
     # what and where
     trigger: str = "zxy_style"
     model: str = "tiny"
     tenant: str = "default"
     job_id: str | None = None
-    storage: str = field(default_factory=lambda: os.environ.get("KLEIN_STORAGE", str(Path.home() / ".cache" / "klein-style" / "storage")))
+    storage: str = Field(default_factory=default_storage)
     variant: str = "auto"  # auto | GEM+A | GEM+B | B_r128 | GEM+D | custom
     # LoRA (ai-toolkit names)
     rank: int = 32
@@ -92,7 +155,7 @@ class TrainConfig:
     # checkpoints, samples, validation
     save_every: int = 250
     sample_every: int | None = None  # None: at every save
-    sample_prompts: list[str] = field(default_factory=lambda: ["a lighthouse on a cliff", "a cat sitting on a chair", "a city street"])
+    sample_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_steps: int = 20
     sample_size: int | None = None  # None: 64 for tiny, 1024 otherwise
     early_stopping: bool = False
@@ -119,67 +182,63 @@ class TrainConfig:
     step_delay_s: float = 0.0
 
     # -- construction ------------------------------------------------------------------------------------
+    def __init__(self, **data: Any) -> None:
+        unknown = sorted(set(data) - set(type(self).model_fields))
+        if unknown:
+            raise ConfigError(unknown_keys_message(unknown, type(self).model_fields, ALIASES, "config", hidden=TESTING_KEYS))
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(validation_message(e, type(self).model_fields)) from None
+        self.validate()
+
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e}); pass the path of a TrainConfig "
-                              f"YAML file") from e
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys to values, got {type(data).__name__}")
+        """The file's keys, then the non-None `overrides` (CLI flags) on top: both count as the user's."""
+        data = read_yaml_mapping(path, what="a TrainConfig YAML file")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        aliases = {"alpha": "linear_alpha", "learning_rate": "lr", "max_train_steps": "steps", "network_dim": "rank",
-                   "network_alpha": "linear_alpha", "train_batch_size": "batch_size"}
-        data = {aliases.get(k, k): v for k, v in data.items()}
-        unknown = sorted(set(data) - known)
+        """Only the keys in `data` count as set by the user (ai-toolkit aliases accepted)."""
+        data = {ALIASES.get(k, k): v for k, v in data.items()}
+        unknown = sorted(set(data) - set(cls.model_fields))
         if unknown:
-            import difflib
-
-            hints = [f"{key!r} → {close[0]!r}" for key in unknown
-                     if (close := difflib.get_close_matches(key, sorted(known | set(aliases)), n=1, cutoff=0.75))]
-            listed = sorted(known - TESTING_KEYS)
-            raise ConfigError(f"{source}: unknown keys {unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
-                              + f"; known keys are {listed}")
+            raise ConfigError(unknown_keys_message(unknown, cls.model_fields, ALIASES, source, hidden=TESTING_KEYS))
         # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; YAML 1.2 and ai-toolkit's configs mean a float
         for key in FLOAT_KEYS & set(data):
             if isinstance(data[key], str):
                 try:
                     data[key] = float(data[key])
                 except ValueError:
-                    pass  # validate() names the key and the expected type
-        config = cls(**data)
-        config.validate()
-        return config
+                    pass  # the type check names the key and the expected type
+        return cls(**data)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every value (the manifest's `config`)."""
+        return self.model_dump()
 
-    def validate(self) -> None:
+    def explicit(self) -> dict:
+        """Only the keys the user set: what travels between processes before `resolved()`, so that the
+        receiving side still knows which keys the user chose."""
+        return self.model_dump(include=set(self.model_fields_set))
+
+    def validate(self) -> None:  # noqa: D102 — the cross-key checks (types are pydantic's, in strict mode)
         def check(cond: bool, key: str, msg: str):
             if not cond:
                 raise ConfigError(f"{key}: {msg} (got {getattr(self, key)!r})")
 
-        self._check_types()
         check(self.optimizer in OPTIMIZERS, "optimizer", f"choose one of {OPTIMIZERS}")
         check(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"choose one of {LR_SCHEDULERS}")
         check(self.targets in TARGET_PRESETS, "targets", f"choose one of {TARGET_PRESETS}")
         check(self.variant in ("auto", "custom", *VARIANTS), "variant", f"choose auto, custom or one of {list(VARIANTS)}")
-        check(isinstance(self.rank, int) and 1 <= self.rank <= 512, "rank", "an integer in [1, 512]")
+        check(1 <= self.rank <= 512, "rank", "an integer in [1, 512]")
         check(self.linear_alpha > 0, "linear_alpha", "must be positive")
         check(0 < self.lr < 1, "lr", "must be in (0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        check(self.steps is None or (isinstance(self.steps, int) and self.steps >= 1), "steps", "a positive integer or null")
-        check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "a positive integer")
+        check(self.steps is None or self.steps >= 1, "steps", "a positive integer or null")
+        check(self.batch_size >= 1, "batch_size", "a positive integer")
         check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "a positive integer")
         check(0 <= self.caption_dropout_rate < 1, "caption_dropout_rate", "must be in [0, 1)")
         check(self.resolution % 16 == 0 and 64 <= self.resolution <= 2048, "resolution", "a multiple of 16 in [64, 2048]")
@@ -195,84 +254,73 @@ class TrainConfig:
               "block needs gradient_checkpointing: true (without it diffusers calls each block with keyword "
               "arguments, whose gradients DeepSpeed cannot see); use linear or auto")
         if self.deepspeed_stage is not None:
-            check(self.optimizer in ZERO_OPTIMIZERS, "optimizer",
+            # an unset optimizer is resolved() to adamw under ZeRO; one the user chose must be one ZeRO can run
+            check(self.optimizer in ZERO_OPTIMIZERS or "optimizer" not in self.model_fields_set, "optimizer",
                   f"cannot run under deepspeed_stage {self.deepspeed_stage}: ZeRO hands the optimizer flat fp32 shards "
                   f"of the LoRA, where Adafactor's factored moments (they need each matrix's 2-D shape) do not exist "
-                  f"and adamw8bit is untested. Set `optimizer: adamw` with `variant: custom`, or leave deepspeed_stage null")
+                  f"and adamw8bit is untested. Set `optimizer: adamw`, or leave deepspeed_stage null")
             check(not self.fp8, "fp8", "the float8 base cannot be sharded by ZeRO: use fp8 or deepspeed_stage, not both")
             check(not self.compile, "compile", "ZeRO gathers and frees weights in hooks around every block, which "
                   "compiled blocks do not see; leave compile null (it is off under deepspeed_stage)")
-        check(self.content_steps is None or (isinstance(self.content_steps, int) and self.content_steps >= 1),
-              "content_steps", "a positive integer or null")
-        check(self.sample_every is None or (isinstance(self.sample_every, int) and self.sample_every >= 1),
-              "sample_every", "a positive integer or null")
-        check(self.max_refs >= 2, "max_refs", "at least 2")
-
-    def _check_types(self) -> None:
-        """Each key against its annotation: `rank: true` or `sample_prompts: a house` must not slip through as
-        an int (bool is one in Python) or as a list of characters."""
-        for f in fields(self):
-            value, annotation = getattr(self, f.name), str(f.type)
-            optional = annotation.endswith("| None")
-            base = annotation.removesuffix("| None").strip()
-            if value is None:
-                ok, expected = optional, base
-            elif base == "bool":
-                ok, expected = isinstance(value, bool), "true or false"
-            elif base == "int":
-                ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
-            elif base == "float":
-                ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-            elif base == "str":
-                ok, expected = isinstance(value, str), "a string"
-            elif base == "list[str]":
-                ok, expected = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
-            else:
-                continue
-            if not ok:
-                raise ConfigError(f"{f.name}: expected {expected}{' or null' if optional else ''} "
-                                  f"(got {value!r}, of type {type(value).__name__})")
+        check(self.content_steps is None or self.content_steps >= 1, "content_steps", "a positive integer or null")
+        check(self.sample_every is None or self.sample_every >= 1, "sample_every", "a positive integer or null")
+        check(self.max_refs >= 1, "max_refs", "at least 1")
 
     # -- resolution of 'auto' ----------------------------------------------------------------------------
     def resolved(self, n_refs: int, on_gpu: bool = True) -> tuple["TrainConfig", PolicyDecision]:
         """The config with the variant's settings and the step formula applied for `n_refs` refs.
 
-        A variant's adamw8bit needs a GPU (bitsandbytes); where the policy, not the user, picked it on a
-        CPU-only run, plain adamw takes its place and the decision says so. An explicit
+        Every key the user set explicitly wins; where one goes against the variant the seeds advise, the
+        decision warns and the key is obeyed. `decision.sources` says where each value came from
+        (`SOURCES`). A variant's adamw8bit needs a GPU (bitsandbytes); where the variant, not the user,
+        picked it on a CPU-only run, plain adamw takes its place and the decision says so. An explicit
         `optimizer: adamw8bit` on CPU still fails in the training loop with a clear error.
         """
+        explicit = set(self.model_fields_set)
         if self.variant == "auto":
             decision = choose_variant(n_refs)
         elif self.variant == "custom":
             decision = PolicyDecision("custom", "variant 'custom': the config's own settings")
         else:
             decision = PolicyDecision(self.variant, f"variant {self.variant} chosen in the config")
-        cfg = replace(self)
-        if decision.variant in VARIANTS:
-            for key, value in VARIANTS[decision.variant].items():
-                if key == "use_gemini" and self.use_gemini is not None:
-                    continue
-                setattr(cfg, key, value)
-            if cfg.optimizer == "adamw8bit" and not on_gpu:
-                cfg.optimizer = "adamw"
-                decision.warnings.append("adamw8bit needs a GPU: using adamw on this CPU-only run")
-            if cfg.deepspeed_stage is not None and cfg.optimizer not in ZERO_OPTIMIZERS:
-                decision.warnings.append(f"{decision.variant}'s {cfg.optimizer} cannot run on ZeRO's flat shards: "
-                                         f"using adamw under deepspeed_stage {cfg.deepspeed_stage}")
-                cfg.optimizer = "adamw"
-        if cfg.use_gemini is None:
-            cfg.use_gemini = n_refs > 3
-        if cfg.steps is None:
-            cfg.steps = default_steps(cfg.rank, n_refs)
-        if cfg.deepspeed_stage == 3 and cfg.deepspeed_gather == "auto" and not cfg.gradient_checkpointing:
+        values = self.to_dict()
+        sources = {key: "user" if key in explicit else "default" for key in values}
+        advice = VARIANTS.get(decision.variant, {})
+        for key, value in advice.items():
+            if key in explicit:
+                if values[key] != value:
+                    decision.warnings.append(
+                        f"{key}: {values[key]!r} is set explicitly where {decision.variant} ({decision.reason}) "
+                        f"advises {value!r}; using {values[key]!r} as set")
+                continue
+            values[key], sources[key] = value, "variant"
+        if "linear_alpha" in advice and "rank" in explicit and "linear_alpha" not in explicit:
+            values["linear_alpha"], sources["linear_alpha"] = values["rank"], "formula"  # alpha = rank, as the seeds train
+        if values["optimizer"] == "adamw8bit" and not on_gpu and "optimizer" not in explicit:
+            values["optimizer"], sources["optimizer"] = "adamw", "policy"
+            decision.warnings.append("adamw8bit needs a GPU: using adamw on this CPU-only run")
+        if values["deepspeed_stage"] is not None and values["optimizer"] not in ZERO_OPTIMIZERS and "optimizer" not in explicit:
+            decision.warnings.append(f"{decision.variant}'s {values['optimizer']} cannot run on ZeRO's flat shards: "
+                                     f"using adamw under deepspeed_stage {values['deepspeed_stage']}")
+            values["optimizer"], sources["optimizer"] = "adamw", "policy"
+        if values["use_gemini"] is None:
+            values["use_gemini"], sources["use_gemini"] = n_refs > 3, "policy"
+        if values["steps"] is None:
+            values["steps"], sources["steps"] = default_steps(values["rank"], n_refs), "formula"
+        if (values["deepspeed_stage"] == 3 and values["deepspeed_gather"] == "auto"
+                and not values["gradient_checkpointing"]):
             decision.warnings.append("deepspeed_stage 3 without gradient_checkpointing gathers one Linear at a time "
                                      "(1.6 s/step on 2×H200 against 0.96 s gathering whole blocks): set "
                                      "gradient_checkpointing: true, which also needs less memory")
-        cfg.validate()
-        return cfg, decision
+        decision.sources = sources
+        return TrainConfig(**values), decision
 
 
+SOURCES = ("user", "variant", "formula", "policy", "default")
+# ai-toolkit / kohya spellings of our keys
+ALIASES = {"alpha": "linear_alpha", "learning_rate": "lr", "max_train_steps": "steps", "network_dim": "rank",
+           "network_alpha": "linear_alpha", "train_batch_size": "batch_size"}
 # testing hooks: accepted, but not offered in the known-keys list of an error
 TESTING_KEYS = frozenset({"fail_at_step", "step_delay_s"})
 # the keys a YAML file may spell as `1e-4` (see TrainConfig.from_dict)
-FLOAT_KEYS = frozenset(f.name for f in fields(TrainConfig) if str(f.type).removesuffix("| None").strip() == "float")
+FLOAT_KEYS = frozenset(name for name, f in TrainConfig.model_fields.items() if f.annotation in (float, float | None))

@@ -12,14 +12,17 @@ import hashlib
 import threading
 from typing import Any
 
+from cluster.pools import infer_task_options
+from klein.generate import generate_image, set_active_loras
+from klein.lora import read_lora
+from klein.model import load_pipeline
+
 _PIPELINES: dict[tuple[str, str], Any] = {}
 _PIPELINE_LOCK = threading.RLock()
 
 
 def cached_pipeline(model: str, device: str):
     """This process's pipeline for (model, device), loaded on first use."""
-    from klein.model import load_pipeline
-
     with _PIPELINE_LOCK:
         key = (model, device)
         if key not in _PIPELINES:
@@ -29,9 +32,6 @@ def cached_pipeline(model: str, device: str):
 
 def render_with_lora(pipe, lora_bytes: bytes | None, requests: list) -> list:
     """One image per `GenerateRequest`, with the LoRA in `lora_bytes` active at weight 1 (None: the base model)."""
-    from klein.generate import generate_image, set_active_loras
-    from klein.lora import read_lora
-
     adapter = None if lora_bytes is None else "sample_" + hashlib.sha256(lora_bytes).hexdigest()[:16]
     with _PIPELINE_LOCK:  # adapters are per pipeline: one render at a time in this process
         try:
@@ -46,6 +46,4 @@ def render_with_lora(pipe, lora_bytes: bytes | None, requests: list) -> list:
 def sample_task_options(use_gpu: bool) -> dict[str, Any]:
     """A sampling task on the inference pool: it reserves the GPU it renders on (never one a Serve replica
     holds without Ray knowing), and on a CPU-only cluster a CPU."""
-    from cluster.pools import infer_task_options
-
     return infer_task_options(num_gpus=1 if use_gpu else 0, num_cpus=1)

@@ -24,7 +24,9 @@ import os
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 
+from klein.lora import extract_lora
 from train.recipe import ConfigError, TrainConfig  # TrainConfig.validate says what ZeRO cannot combine with
 
 CHECKPOINT_TAG = "zero"  # one tag per checkpoint directory: Ray Train gives every save its own directory
@@ -139,8 +141,6 @@ def zero3_units(transformer, cfg: TrainConfig) -> str:
             raise ConfigError(f"deepspeed_gather: block found no transformer blocks in {type(transformer).__name__}; "
                               f"use deepspeed_gather: linear or module")
     else:
-        from peft.tuners.lora import Linear as LoraLinear
-
         leaf_types = [LoraLinear]
     set_z3_leaf_modules(transformer, leaf_types)
     transformer.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)
@@ -196,8 +196,6 @@ class ZeroEngine:
         return {self.names[id(p)]: safe_get_full_fp32_param(p).detach().float().cpu().clone() for p in self.params}
 
     def full_lora(self, meta: dict):
-        from klein.lora import extract_lora
-
         return extract_lora(self.transformer, "default", meta=meta, state_dict=self.full_lora_state())
 
     def save(self, directory: Path) -> None:

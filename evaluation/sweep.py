@@ -1,6 +1,6 @@
 """Evaluation sweeps: boards × variants → one Ray Train job per cell → samples on the inference pool → tables.
 
-    python -m train.sweep sweep.yaml              # inside `ray job submit --working-dir . -- ...`, or locally
+    python -m evaluation.sweep sweep.yaml              # inside `ray job submit --working-dir . -- ...`, or locally
     klein-style sweep sweep.yaml                  # the same
     klein-style sweep --example                   # the built-in sweep: 2 procedural boards × 2 variants, tiny model
 
@@ -41,7 +41,7 @@ Sweep YAML (every key but `boards` and `variants` optional):
     steps: 600                 # steps of every cell (overrides base.steps); null: the seeds' formula
     boards:
       - {name: ink, refs: s3://bucket/refs/ink.zip, trigger: zxy_ink, steps: 400}
-      - {name: neon3, make: {style: neon, n: 3}}        # a procedural board (train.board.make_board)
+      - {name: neon3, make: {style: neon, n: 3}}        # a procedural board (evaluation.board.make_board)
     variants:
       - GEM+A                                           # a recipe variant by name
       - {name: r128-long, variant: B_r128, steps: 900}  # a name plus TrainConfig overrides
@@ -75,7 +75,25 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import ray
 import yaml
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from cluster.pools import INFER_RESOURCE, TRAIN_RESOURCE, cluster_has_gpus, init_local_ray
+from cluster.storage import Storage
+from contracts import checkpoint_key, manifest_key, with_trigger
+from evaluation.board import BOARD_STYLES, make_board
+from gemini.client import GeminiClient, GeminiConfig
+from gemini.judge import judge_pair
+from klein.generate import GenerateRequest
+from klein.style_score import StyleScorer
+from train.captions import TriggerError, check_trigger
+from train.dataset import DatasetError, load_refs
+from train.job import run_training_job
+from train.recipe import VARIANTS, ConfigError, TrainConfig, choose_variant, unknown_keys_message
+from train.report import image_grid
+from train.samples import cached_pipeline, render_with_lora, sample_task_options
 
 log = logging.getLogger("klein.sweep")
 
@@ -153,12 +171,10 @@ class SweepSpec:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "sweep", base_dir: Path | None = None) -> "SweepSpec":
-        from train.recipe import VARIANTS, ConfigError, TrainConfig
-
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SweepError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:  # the closest known key is offered, as for TrainConfig and ServeConfig
+            raise SweepError(unknown_keys_message(unknown, known, {}, source))
         data = dict(data)
 
         def check_overrides(where: str, overrides: Any) -> dict:
@@ -195,8 +211,6 @@ class SweepSpec:
             if (board.refs is None) == (board.make is None):
                 raise SweepError(f"{source}: board {board.name!r} needs exactly one of `refs` (a folder, zip or URI) or `make`")
             if board.make is not None:
-                from train.board import BOARD_STYLES
-
                 if not isinstance(board.make, dict) or board.make.get("style") not in BOARD_STYLES or int(board.make.get("n", 0)) < 2:
                     raise SweepError(f"{source}: board {board.name!r}: make needs style (one of {sorted(BOARD_STYLES)}) and n >= 2")
                 extra = sorted(set(board.make) - {"style", "n", "size", "seed"})
@@ -253,7 +267,6 @@ class SweepSpec:
             raise SweepError(f"{source}: sample.steps must be in [1, 200], got {s.steps!r}")
         if s.size is not None and (not isinstance(s.size, int) or s.size % 16 or not 64 <= s.size <= 2048):
             raise SweepError(f"{source}: sample.size must be a multiple of 16 in [64, 2048] or null, got {s.size!r}")
-        from train.captions import TriggerError, check_trigger
 
         for board in self.boards:
             try:
@@ -279,8 +292,6 @@ class SweepSpec:
 
     def train_config(self, cell: "Cell", storage_uri: str | None = None):
         """The cell's `TrainConfig` (not yet resolved against its dataset size)."""
-        from train.recipe import ConfigError, TrainConfig
-
         data = {**self.base, **cell.board.config, **cell.variant.config}
         steps = next((s for s in (cell.variant.steps, cell.board.steps, self.steps) if s is not None), data.get("steps"))
         data.update(
@@ -349,15 +360,12 @@ def connect_ray(address: str | None = None, *, train_slots: int = 1) -> str:
     either, `cluster.pools.init_local_ray` starts a private instance (address="local", never a stray
     `ray start` head) with `train_slots` training slots.
     """
-    import ray
-
     if ray.is_initialized():
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address)
         return address
-    from cluster.pools import init_local_ray
 
     init_local_ray(num_cpus=max(2, os.cpu_count() or 2), object_store_memory=300 * 1024 * 1024,
                    train_slots=train_slots, log_to_driver=False)
@@ -370,10 +378,6 @@ def training_concurrency(spec: SweepSpec, resources: dict | None = None) -> tupl
     Raises SweepError when the cluster advertises no training or inference pool and the YAML does not
     say how many jobs to run (a pool that autoscales from zero advertises nothing until it grows).
     """
-    import ray
-
-    from cluster.pools import INFER_RESOURCE, TRAIN_RESOURCE
-
     resources = resources if resources is not None else ray.cluster_resources()
     per_job = max(spec.train_config(c).num_workers for c in spec.cells())
     missing = [r for r in (TRAIN_RESOURCE, INFER_RESOURCE) if resources.get(r, 0) <= 0]
@@ -404,10 +408,6 @@ def render_samples(model: str, storage_uri: str, lora_keys: dict[int, str] | Non
     `lora_keys` maps a checkpoint's step to its LoRA's key in the storage (read here, on the inference node).
     `prompts` are full prompts (trigger included). Keys of the result are `sample_name(step, i, seed)`.
     """
-    from cluster.storage import Storage
-    from klein.generate import GenerateRequest
-    from train.samples import cached_pipeline, render_with_lora
-
     pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
     storage = Storage.from_uri(storage_uri)
     cells = [(p_idx, prompt, seed) for p_idx, prompt in enumerate(prompts) for seed in seeds]
@@ -425,18 +425,11 @@ def render_samples(model: str, storage_uri: str, lora_keys: dict[int, str] | Non
 
 
 def _render_task(use_gpu: bool):
-    import ray
-
-    from train.samples import sample_task_options
-
     return ray.remote(render_samples).options(**sample_task_options(use_gpu))
 
 
 # -- scores ------------------------------------------------------------------------------------------------
 def _edge_map(image, side: int = 32):
-    import numpy as np
-    from PIL import ImageFilter
-
     grey = image.convert("L").filter(ImageFilter.GaussianBlur(max(0.5, image.width / 64))).resize((side, side))
     g = np.asarray(grey, dtype=np.float64)
     gx, gy = np.zeros_like(g), np.zeros_like(g)
@@ -458,8 +451,6 @@ def content_proxy(sample, base) -> float:
 
 
 def _png(data: bytes):
-    from PIL import Image
-
     image = Image.open(io.BytesIO(data))
     image.load()
     return image.convert("RGB")
@@ -488,10 +479,6 @@ class PreparedBoard:
 
 def prepare_board(board: BoardSpec, workdir: Path) -> PreparedBoard:
     """Materialise a procedural board (deterministic) and load the refs the scores compare against."""
-    from klein.style_score import StyleScorer
-    from train.board import make_board
-    from train.dataset import load_refs
-
     source = board.refs
     if board.make is not None:
         folder = workdir / "boards" / _slug(board.name, 40)
@@ -529,7 +516,7 @@ class SweepRun:
 
     def prompts_for(self, board: PreparedBoard) -> list[str]:
         trigger = self.spec.trigger(board.spec)
-        return [f"{trigger}. {p}" for p in self.spec.prompts]
+        return [with_trigger(trigger, p) for p in self.spec.prompts]
 
     def sample_fingerprint(self, board: PreparedBoard) -> dict:
         s = self.spec.sample
@@ -542,14 +529,8 @@ def run_sweep(spec: SweepSpec, storage_uri: str | None = None, *, log: Callable[
 
     Cells that fail are listed in the report's `failed` and do not stop the others.
     """
-    import ray
-
-    from cluster.pools import cluster_has_gpus
-    from cluster.storage import Storage
-    from train.recipe import TrainConfig
-
     if not ray.is_initialized():
-        raise SweepError("connect to Ray first (train.sweep.connect_ray)")
+        raise SweepError("connect to Ray first (evaluation.sweep.connect_ray)")
     storage_uri = storage_uri or spec.storage or TrainConfig().storage
     storage = Storage.from_uri(storage_uri)
     resources = ray.cluster_resources()
@@ -598,20 +579,18 @@ def run_sweep(spec: SweepSpec, storage_uri: str | None = None, *, log: Callable[
 
 def _train_cell(run: SweepRun, cell: Cell) -> dict:
     """Training part of a cell (in one of the `concurrency` driver threads). Skips what is already done."""
-    from train.job import lora_prefix, run_training_job
-
     board = run.boards[cell.board.name]
     cfg = run.spec.train_config(cell, run.storage.uri)
     cfg.use_gpu = run.use_gpu
     fingerprint = _cell_fingerprint(run, cell, board, cfg)
-    manifest_key = f"{run.cell_prefix(cell)}/manifest.json"
-    if run.storage.exists(manifest_key):
-        manifest = run.storage.read_json(manifest_key)
+    cell_manifest = f"{run.cell_prefix(cell)}/manifest.json"
+    if run.storage.exists(cell_manifest):
+        manifest = run.storage.read_json(cell_manifest)
         if manifest.get("fingerprint") == fingerprint:
             run.log(f"  cell {cell.label} ({cell.job_id}): finished earlier, skipped")
             return {"state": "finished", "manifest": manifest}
         run.log(f"  cell {cell.label}: its manifest has other settings; redoing what changed")
-    lora_key = f"{lora_prefix(cfg.tenant, cfg.job_id)}/manifest.json"
+    lora_key = manifest_key(cfg.tenant, cfg.job_id)
     lora = run.storage.read_json(lora_key) if run.storage.exists(lora_key) else None
     if lora is not None:
         _check_same_training(cell, cfg, board, lora)
@@ -664,8 +643,6 @@ def _submit_base(run: SweepRun, board: PreparedBoard):
 
 def _base_images(run: SweepRun, board: PreparedBoard) -> dict[str, Any]:
     """{sample name: PIL image} of the base model for `board`, waiting for (and storing) the render if needed."""
-    import ray
-
     ref = _submit_base(run, board)
     prefix = run.base_prefix(board.spec.name)
     with run.base_locks[board.spec.name]:
@@ -681,10 +658,6 @@ def _base_images(run: SweepRun, board: PreparedBoard) -> dict[str, Any]:
 
 def _sample_cell(run: SweepRun, cell: Cell, outcome: dict) -> dict:
     """Samples of every checkpoint on the inference pool, their scores, and the cell manifest (written last)."""
-    import ray
-
-    from train.job import checkpoint_key
-
     lora, board = outcome["lora"], run.boards[cell.board.name]
     s = run.spec.sample
     checkpoints = list(lora["checkpoints"])
@@ -713,7 +686,7 @@ def _sample_cell(run: SweepRun, cell: Cell, outcome: dict) -> dict:
     manifest = {
         "sweep": run.spec.name, "board": cell.board.name, "variant": cell.variant.name, "job_id": cell.job_id,
         "n_refs": board.n_refs, "band": board.band, "dataset_hash": board.dataset_hash,
-        "decision": lora["decision"], "lora_manifest": f"tenants/{lora['tenant']}/loras/{lora['id']}/manifest.json",
+        "decision": lora["decision"], "lora_manifest": manifest_key(lora["tenant"], lora["id"]),
         "steps": lora["metrics"]["steps"], "checkpoints": checkpoints, "delivered_step": lora["delivered_step"],
         "best_step": lora["best_step"], "val_curve": lora["metrics"]["val_curve"],
         "midpoint_jumps": lora.get("midpoint_jumps", []), "base_style_distance": base_style,
@@ -729,7 +702,6 @@ def _judge_client(mode: str):
     """The Gemini client for the pairwise judge, or None for the style-score judge."""
     if mode == "offline":
         return None
-    from gemini.client import GeminiClient, GeminiConfig
 
     client = GeminiClient(GeminiConfig.from_env())
     if not client.available:
@@ -741,8 +713,6 @@ def _judge_client(mode: str):
 
 def judge_cells(run: SweepRun, manifests: list[dict]) -> list[dict]:
     """Every pair of variants on the same (board, prompt, seed), at their delivered checkpoints."""
-    from gemini.judge import judge_pair
-
     client = _judge_client(run.spec.judge)
     cache_key = f"{run.prefix}/judgements.json"
     cache = run.storage.read_json(cache_key) if run.storage.exists(cache_key) else {}
@@ -803,8 +773,6 @@ def _pct(value) -> str:
 
 def compute_tables(spec: SweepSpec, manifests: list[dict], pairs: list[dict]) -> dict[str, dict]:
     """The report's tables as {name: {"title", "columns", "rows"}}; rows are lists of display strings."""
-    from train.recipe import choose_variant
-
     variants = [v.name for v in spec.variants if any(m["variant"] == v.name for m in manifests)]
     boards = [b.name for b in spec.boards if any(m["board"] == b.name for m in manifests)]
     cell = {(m["board"], m["variant"]): m for m in manifests}
@@ -982,8 +950,6 @@ def _ascii(text: str) -> str:
 
 def table_png(table: dict, max_col_chars: int = 48) -> bytes:
     """A table drawn as a grid (Pillow only), for the places Markdown does not render."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=12)
     title_font = ImageFont.load_default(size=14)
     rows = [table["columns"]] + table["rows"]
@@ -1009,8 +975,6 @@ def table_png(table: dict, max_col_chars: int = 48) -> bytes:
 
 def win_rate_png(table: dict) -> bytes:
     """Bars of each variant's overall win rate."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=12)
     rows = table["rows"]
     w, bar_h, left = 520, 22, 120
@@ -1028,8 +992,6 @@ def win_rate_png(table: dict) -> bytes:
 
 def curves_png(manifests: list[dict]) -> bytes:
     """Style distance (left) and validation loss (right) against step, one line per cell."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=11)
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -1055,7 +1017,7 @@ def curves_png(manifests: list[dict]) -> bytes:
         vmin, vmax = min(p[1] for p in points), max(p[1] for p in points)
         smax, vmax = (smax if smax > smin else smin + 1), (vmax if vmax > vmin else vmin + 1e-6)
 
-        def xy(step, value):
+        def xy(step, value, x0=x0, smin=smin, smax=smax, vmin=vmin, vmax=vmax):
             return (x0 + pad + (step - smin) / (smax - smin) * (pw - pad - 10),
                     20 + (1 - (value - vmin) / (vmax - vmin)) * (ph - 40))
 
@@ -1076,8 +1038,6 @@ def curves_png(manifests: list[dict]) -> bytes:
 
 def board_contact_sheet(run: SweepRun, board: PreparedBoard, manifests: list[dict]) -> bytes:
     """Refs on top; then one row per (prompt, seed): the base model, then every variant at every checkpoint."""
-    from train.report import image_grid
-
     base = _base_images(run, board)
     size = run.spec.sample_size()
     columns = [("base", None, None)] + [(f"{m['variant']}@{step}{'*' if step == m['delivered_step'] else ''}", m, step)
@@ -1182,8 +1142,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from train.recipe import ConfigError
-
     if bool(args.sweep) == bool(args.example):
         print("error: give a sweep YAML or --example (not both)", file=sys.stderr)
         return 2
@@ -1196,7 +1154,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # a private local cluster (no address): two training slots, or what the file says
     where = connect_ray(args.address, train_slots=spec.concurrency or min(2, os.cpu_count() or 1))
     print(f"Ray: {where}", flush=True)
-    from train.dataset import DatasetError
 
     try:
         report = run_sweep(spec, log=lambda line: print(line, flush=True))
@@ -1219,7 +1176,7 @@ def register(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluation.sweep", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -1229,6 +1186,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the importable module's code, not this __main__ copy: Ray pickles __main__ functions by value.
-    from train import sweep as _sweep
+    from evaluation import sweep as _sweep
 
     sys.exit(_sweep.main())

@@ -8,6 +8,25 @@ import threading
 import time
 from pathlib import Path
 
+import ray
+from PIL import Image
+from tqdm import tqdm
+
+from cli.demo import demo_http_generate
+from cluster.pools import init_local_ray
+from cluster.storage import Storage, StorageError
+from contracts import status_key, with_trigger
+from evaluation.board import make_board
+from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.lora import read_lora
+from klein.model import load_pipeline
+from klein.style_score import style_distance
+from train.captions import TriggerError
+from train.dataset import DatasetError
+from train.job import JobError, lora_prefix, new_job_id, run_training_job
+from train.recipe import ConfigError, TrainConfig
+from train.report import image_grid
+
 # The tiny preset's base weights are random, so it needs a larger step than real Klein (lr 1e-4) to show
 # a style within a few hundred CPU steps. These settings are for the tiny demo only.
 TINY_DEMO = dict(resolution=64, steps=240, save_every=80, lr=2e-3, sample_steps=8,
@@ -36,10 +55,6 @@ def register(sub) -> None:
 
 
 def _start_ray(address: str | None) -> None:
-    import ray
-
-    from cluster.pools import init_local_ray
-
     if address:
         ray.init(address=address)
     else:
@@ -48,15 +63,11 @@ def _start_ray(address: str | None) -> None:
 
 def _watch_progress(cfg, stop: threading.Event) -> None:
     """A tqdm bar fed by the job's status.json (the workers write it; the driver only reads)."""
-    from tqdm import tqdm
-
-    from cluster.storage import Storage, StorageError
-
     storage = Storage.from_uri(cfg.storage)
     bar = None
     while not stop.wait(0.5):
         try:
-            st = storage.read_json(f"jobs/{cfg.job_id}/status.json")
+            st = storage.read_json(status_key(cfg.job_id))
         except StorageError:
             continue
         if st.get("state") == "training" and st.get("steps"):
@@ -73,8 +84,6 @@ def _watch_progress(cfg, stop: threading.Event) -> None:
 
 
 def run_with_progress(source, cfg):
-    from train.job import new_job_id, run_training_job
-
     cfg.job_id = cfg.job_id or new_job_id()
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_progress, args=(cfg, stop), daemon=True)
@@ -87,11 +96,6 @@ def run_with_progress(source, cfg):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from train.captions import TriggerError
-    from train.dataset import DatasetError
-    from train.job import JobError
-    from train.recipe import ConfigError, TrainConfig
-
     overrides = {"trigger": args.trigger, "model": args.model, "storage": args.storage, "tenant": args.tenant,
                  "job_id": args.job_id, "steps": args.steps, "num_workers": args.workers}
     try:
@@ -115,9 +119,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(manifest: dict, cfg) -> None:
-    from cluster.storage import Storage
-    from train.job import lora_prefix
-
     storage = Storage.from_uri(cfg.storage)
     prefix = lora_prefix(manifest["tenant"], manifest["id"])
     m = manifest["metrics"]
@@ -125,6 +126,8 @@ def _print_summary(manifest: dict, cfg) -> None:
     print(f"  steps {m['steps']}, final loss {m['final_loss']:.4f}, val loss "
           + " → ".join(f"{v['val_loss']:.4f}@{v['step']}" for v in m["val_curve"]))
     print(f"  best step {manifest['best_step']}, delivered step {manifest['delivered_step']}, {manifest['elapsed_s']:.0f} s")
+    print("  config (source):")
+    print(format_sources(manifest["config"], manifest.get("config_sources", {})))
     for flag in manifest["midpoint_jumps"]:
         print(f"  check: val loss rose {flag['rise']:.0%} from step {flag['from_step']} to {flag['to_step']} (cosine midpoint)")
     for w in manifest["warnings"][:10]:
@@ -133,17 +136,20 @@ def _print_summary(manifest: dict, cfg) -> None:
         print(f"  {storage.uri_of(prefix + '/' + name)}")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from cluster.storage import Storage
-    from klein.generate import GenerateRequest, generate_image, set_active_loras
-    from klein.lora import read_lora
-    from klein.model import load_pipeline
-    from klein.style_score import style_distance
-    from train.board import make_board
-    from train.job import lora_prefix
-    from train.recipe import TrainConfig
-    from train.report import image_grid
+def format_sources(config: dict, sources: dict) -> str:
+    """The values that matter for a run, each with where it came from (user, variant, formula, policy,
+    default), user-set keys first."""
+    order = {"user": 0, "variant": 1, "policy": 2, "formula": 3, "default": 4}
+    shown = [k for k in config if sources.get(k, "default") != "default" or k in SHOWN_DEFAULTS]
+    shown.sort(key=lambda k: order.get(sources.get(k, "default"), 5))
+    return "\n".join(f"    {k}: {config[k]!r} ({sources.get(k, 'default')})" for k in shown)
 
+
+# defaults worth seeing beside the chosen values in `klein-style train`'s summary
+SHOWN_DEFAULTS = ("rank", "linear_alpha", "optimizer", "lr", "steps", "lr_scheduler", "resolution", "targets", "use_gemini")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     started = time.time()
     out = Path(args.out).resolve()
     board = out / "board"
@@ -158,7 +164,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
     lora = read_lora(storage.read_verified(f"{prefix}/lora.safetensors", manifest["files"]["lora.safetensors"]))
     pipe = load_pipeline("tiny")
-    prompts = [f"{cfg.trigger}. {p}" for p in cfg.sample_prompts]
+    prompts = [with_trigger(cfg.trigger, p) for p in cfg.sample_prompts]
     requests = [GenerateRequest(prompt=p, seed=i, steps=20, width=64, height=64) for i, p in enumerate(prompts)]
     set_active_loras(pipe, [])
     before = [generate_image(pipe, r) for r in requests]
@@ -175,7 +181,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   contact sheet: {storage.uri_of(prefix + '/samples/contact_sheet.png')}")
     print(f"   loss plot:     {storage.uri_of(prefix + '/samples/loss.png')}")
     print(f"   LoRA:          {storage.uri_of(prefix + '/lora.safetensors')} (+ ComfyUI export, manifest.json)")
-    from serve.demo import demo_http_generate
 
     first = requests[0]
     print(demo_http_generate(cfg, manifest, out, first.prompt, first.seed, first.steps, first.width, expected=after[0]))
@@ -184,6 +189,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _open_rgb(path):
-    from PIL import Image
-
     return Image.open(path).convert("RGB")

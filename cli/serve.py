@@ -6,6 +6,16 @@ import argparse
 import sys
 import time
 
+import ray
+import yaml
+from ray import serve
+
+from cluster.pools import init_local_ray
+from cluster.storage import Storage
+from serve.app import APP_NAME, app_builder
+from serve.config import ServeConfig
+from serve.tenants import create_api_key, tenant_has_key
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the HTTP API on Ray Serve (local Ray)")
@@ -22,7 +32,6 @@ def _app_args(path: str | None) -> tuple[dict, dict]:
     """(app args, deployment overrides by name) from a Serve config file."""
     if not path:
         return {}, {}
-    import yaml
 
     with open(path) as f:
         data = yaml.safe_load(f) or {}
@@ -32,14 +41,6 @@ def _app_args(path: str | None) -> tuple[dict, dict]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
-
-    from cluster.pools import init_local_ray
-    from cluster.storage import Storage
-    from serve.app import APP_NAME, app_builder
-    from serve.tenants import create_api_key, tenant_has_key
-
     app_args, overrides = _app_args(args.config)
     if args.storage:
         app_args["storage"] = args.storage
@@ -51,9 +52,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     init_local_ray(num_cpus=args.num_cpus)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name=APP_NAME, route_prefix="/")
-    from serve.config import ServeConfig
 
-    storage = Storage.from_uri(ServeConfig.from_any({k: v for k, v in app_args.items() if k != "replica_cpus"}).storage)
+    config = ServeConfig.from_any({k: v for k, v in app_args.items() if k != "replica_cpus"})
+    storage = Storage.from_uri(config.storage)
+    chosen = [f"{k}={getattr(config, k)!r}" for k, source in config.sources().items() if source == "user"]
+    print("settings (user): " + (", ".join(chosen) if chosen else "none; every option at its default"))
     url = f"http://{args.host}:{args.port}"
     print(f"Klein Style is serving at {url}  (API docs: {url}/docs, storage: {storage.uri})")
     if not tenant_has_key(storage, "default"):

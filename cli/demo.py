@@ -10,21 +10,19 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import httpx
 import numpy as np
+from PIL import Image
+from ray import serve
 
 from cluster.ports import free_port
+from cluster.storage import Storage
+from serve.app import APP_NAME, build_app
+from serve.tenants import create_api_key
 
 
 def demo_http_generate(cfg, manifest: dict, out: Path, prompt: str, seed: int, steps: int, side: int, expected=None) -> str:
     """Run the Serve app, generate through HTTP with the trained LoRA, and describe the result in a line."""
-    import httpx
-    from PIL import Image
-    from ray import serve
-
-    from cluster.storage import Storage
-    from serve.app import APP_NAME, build_app
-    from serve.tenants import create_api_key
-
     storage = Storage.from_uri(cfg.storage)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -6,7 +6,7 @@
     klein-style train REFS --trigger zxy_style        a style LoRA through Ray Train
     klein-style serve [--config serve.yaml]           the HTTP API on Ray Serve
     klein-style sweep SWEEP.yaml | --example          boards × variants on Ray Train → samples → scores → tables
-    klein-style submit --address URL --working-dir . -- python -m train.sweep sweep.yaml
+    klein-style submit --address URL --working-dir . -- python -m evaluation.sweep sweep.yaml
                                                       a command as a Ray job on a cluster (waits, streams logs)
 """
 
@@ -19,6 +19,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cli.client import generate_remote
+from evaluation.board import BOARD_STYLES, make_board
+from klein.generate import GenerateError, GenerateRequest, generate_image, set_active_loras
+from klein.lora import LoraError, read_lora
+from klein.model import ModelLoadError, load_pipeline
 
 
 def _parse_lora_arg(text: str) -> tuple[str, float]:
@@ -34,14 +43,7 @@ def _parse_lora_arg(text: str) -> tuple[str, float]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.url:
-        from serve.client import generate_remote
-
         return generate_remote(args)
-    from tqdm import tqdm
-
-    from klein.generate import GenerateError, GenerateRequest, generate_image, set_active_loras
-    from klein.lora import LoraError, read_lora
-    from klein.model import ModelLoadError, load_pipeline
 
     request = GenerateRequest(
         prompt=args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
@@ -65,8 +67,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_board(args: argparse.Namespace) -> int:
-    from train.board import BOARD_STYLES, make_board
-
     if args.style not in BOARD_STYLES:
         print(f"error: unknown style {args.style!r}; choose one of {', '.join(sorted(BOARD_STYLES))}", file=sys.stderr)
         return 2
@@ -82,10 +82,8 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
 
 def _cuda() -> bool:
     try:
-        import torch
-
         return torch.cuda.is_available()
-    except Exception:
+    except Exception:  # a broken CUDA install must not break `--help`
         return False
 
 
@@ -130,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_later_commands(sub) -> None:
     """Commands whose modules pull in Ray Train / Serve register themselves."""
-    for module in ("train.cli", "serve.cli", "train.sweep", "cluster.jobs"):
+    for module in ("cli.train", "cli.serve", "evaluation.sweep", "cluster.jobs"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register(sub)
 

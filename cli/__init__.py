@@ -1,0 +1,1 @@
+"""`klein-style`: the command line, the top layer (nothing imports it)."""

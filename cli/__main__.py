@@ -1,0 +1,7 @@
+"""`python -m cli ...` is `klein-style ...`."""
+
+import sys
+
+from cli.main import main
+
+sys.exit(main())

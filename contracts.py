@@ -1,0 +1,150 @@
+"""The contracts between our packages, in one place: ids, every storage key and layout, the typed manifest, the
+trigger format, K-LoRA's defaults.
+
+This is the ground floor: it imports nothing of ours, and every package may import it. A value that two
+packages must agree on (a key one writes and another reads, a prompt format the trainer teaches and the
+server sends) lives here, once.
+
+Storage layout (relative to a `Storage` root):
+
+    cache/<cache_key>/...                                   latents + embeddings of one (refs, captions, model)
+    jobs/<job_id>/status.json                               a job's live state (written by the job's driver)
+    jobs/<job_id>/checkpoints/step_<NNNNNN>.safetensors     each checkpoint's LoRA
+    tenants/<tenant>/loras/<job_id>/manifest.json           written last: the LoRA exists from here on
+    tenants/<tenant>/loras/<job_id>/lora.safetensors        ... and the other files the manifest names
+    tenants/<tenant>/submissions/<job_id>.json              who asked for a job over HTTP, and when
+    uploads/<tenant>/<job_id>/refs.zip                      references uploaded over HTTP
+    sweeps/<name>/...                                       an evaluation sweep (evaluation/sweep.py)
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# -- ids ------------------------------------------------------------------------------------------------------
+JOB_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{2,63}$")
+JOB_ID_RULE = "3–64 lowercase letters, digits, '-' or '_'"
+
+
+def new_job_id() -> str:
+    return f"lora-{uuid.uuid4().hex[:12]}"
+
+
+def is_job_id(value: object) -> bool:
+    return isinstance(value, str) and bool(JOB_ID_RE.match(value))
+
+
+# -- storage keys ---------------------------------------------------------------------------------------------
+TENANTS_ROOT = "tenants"
+MANIFEST = "manifest.json"
+LORA_FILE = "lora.safetensors"
+COMFYUI_FILE = "lora_comfyui.safetensors"
+CONTACT_SHEET = "samples/contact_sheet.png"
+LOSS_PLOT = "samples/loss.png"
+
+
+def lora_prefix(tenant: str, job_id: str) -> str:
+    return f"{TENANTS_ROOT}/{tenant}/loras/{job_id}"
+
+
+def manifest_key(tenant: str, job_id: str) -> str:
+    return f"{lora_prefix(tenant, job_id)}/{MANIFEST}"
+
+
+def status_key(job_id: str) -> str:
+    return f"jobs/{job_id}/status.json"
+
+
+def checkpoint_key(job_id: str, step: int) -> str:
+    """Where the training loop stores each checkpoint's LoRA (for sheets and the best-step choice)."""
+    return f"jobs/{job_id}/checkpoints/step_{step:06d}.safetensors"
+
+
+def cache_prefix(cache_key: str) -> str:
+    return f"cache/{cache_key}"
+
+
+def submission_key(tenant: str, job_id: str) -> str:
+    return f"{TENANTS_ROOT}/{tenant}/submissions/{job_id}.json"
+
+
+def upload_key(tenant: str, job_id: str) -> str:
+    return f"uploads/{tenant}/{job_id}/refs.zip"
+
+
+# -- the trigger format ---------------------------------------------------------------------------------------
+def _leading_trigger(trigger: str, text: str) -> re.Match | None:
+    # "zxy_ink. a cat" and "ZXY_INK, a cat" start with the trigger; "zxy_inked cat" does not.
+    return re.match(re.escape(trigger) + r"(?![A-Za-z0-9_-])", text, flags=re.IGNORECASE)
+
+
+def with_trigger(trigger: str, text: str | None) -> str:
+    """`"<trigger>. <text>"`: how a trigger calls up a style, in training captions and in prompts alike.
+
+    Unless the text already starts with the trigger; the trigger alone if the text is empty. A leading
+    trigger in another case is rewritten to the trigger's own spelling: the tokenizer is case-sensitive,
+    so "ZXY_INK" would be a different token.
+    """
+    text = " ".join((text or "").split())
+    if not text:
+        return trigger
+    leading = _leading_trigger(trigger, text)
+    if leading:
+        return trigger + text[leading.end():]
+    return f"{trigger}. {text}"
+
+
+def without_trigger(text: str, trigger: str) -> str:
+    """The text with a leading trigger (and its '.' or ',') removed: ConsisLoRA's content captions.
+
+    A trigger-only caption becomes "" (the empty prompt), so the content stage learns the picture, not the word.
+    """
+    text = " ".join((text or "").split())
+    leading = _leading_trigger(trigger, text)
+    if leading:
+        text = text[leading.end():].lstrip(" .,;:")
+    return text
+
+
+# -- K-LoRA ---------------------------------------------------------------------------------------------------
+# the paper's alpha and beta; gamma balances content against style
+KLORA_ALPHA = 1.5
+KLORA_BETA = 0.5
+KLORA_GAMMA = 1.0
+KLORA_DEFAULTS = (KLORA_ALPHA, KLORA_BETA, KLORA_GAMMA)
+
+
+# -- the manifest of a LoRA -----------------------------------------------------------------------------------
+CONFIG_SOURCES = ("user", "variant", "formula", "policy", "default")
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    variant: str
+    reason: str = ""
+    text_stage: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    """`tenants/<t>/loras/<id>/manifest.json`, written last by a training job (train/job.py) or an import.
+
+    Readers use these fields; writers may add more (extra keys are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    tenant: str
+    trigger: str | None = None
+    base_model: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    # where each config value came from: one of CONFIG_SOURCES per key
+    config_sources: dict[str, str] = Field(default_factory=dict)
+    decision: Decision
+    warnings: list[str] = Field(default_factory=list)
+    files: dict[str, str] = Field(default_factory=dict)  # file name (relative to the LoRA's prefix) -> sha256
+    best_step: int | None = None
+    delivered_step: int | None = None
+    style_profile: dict[str, Any] | None = None
