@@ -16,6 +16,11 @@ import reliability  # the ledger plugin's own module (tests/ is on sys.path)
 from PIL import Image
 
 from cluster.ports import free_port
+from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.model import load_pipeline
+from serve.fusion import FUSED_PREFIX
+from serve.generator import adapter_names, adapter_set_id
+from serve.testing import random_lora, store_lora
 
 PORT = free_port()  # not Serve's fixed 8000: other Serve instances may run on this machine at the same time
 APP = "klein-style-test"
@@ -272,8 +277,6 @@ def test_adapter_eviction_frees_memory(http, service, synthetic, transformer):
 
 def _adapter_names_of(storage, tenant: str, lora_id: str) -> list[str]:
     """The adapter names a generator replica gives this stored LoRA when it is used alone."""
-    from serve.generator import adapter_names, adapter_set_id
-
     sha = storage.read_json(f"tenants/{tenant}/loras/{lora_id}/manifest.json")["files"]["lora.safetensors"]
     return adapter_names(adapter_set_id([{"key": f"tenants/{tenant}/loras/{lora_id}/lora.safetensors", "sha256": sha}]), 1)
 
@@ -372,9 +375,6 @@ def test_cli_client_generates_and_reports_errors(http, service, tmp_path, capsys
 # -- issue 23: the user's LoRA weight and the stored LoRA's integrity, where serving uses them -----------------
 def test_a_single_lora_at_weight_half_draws_what_the_pipeline_draws_at_half(http, service, synthetic):
     """One LoRA at weight 0.5 over HTTP gives the in-process pipeline's pixels at 0.5, not those at 1.0."""
-    from klein.generate import GenerateRequest, generate_image, set_active_loras
-    from klein.model import load_pipeline
-
     key = service["keys"]["acme"]
     data, png = _generate(http, key, loras=[{"id": "syn-a1", "weight": 0.5}])
     assert data["loras"] == [{"id": "syn-a1", "weight": 0.5}] and data["fusion"]["method"] == "single"
@@ -391,8 +391,6 @@ def test_a_single_lora_at_weight_half_draws_what_the_pipeline_draws_at_half(http
 def _tampered(storage, lora_id: str, lora) -> str:
     """Store `lora` for acme like a trained one, then change bytes of its weights (not of its header): the file
     still parses as safetensors, only its sha256 tells. Returns the weights' key."""
-    from serve.testing import store_lora
-
     store_lora(storage, "acme", lora_id, lora)
     key = f"tenants/acme/loras/{lora_id}/lora.safetensors"
     data = bytearray(storage.read_bytes(key))
@@ -404,9 +402,6 @@ def _tampered(storage, lora_id: str, lora) -> str:
 def test_a_tampered_stored_lora_is_refused_by_generate_fusion_and_download(http, service, synthetic, transformer):
     """A stored LoRA whose bytes no longer match the sha256 in its manifest is never used: generate (single),
     both fusions and the file download answer a JSON integrity error, and nothing stored changes."""
-    from serve.fusion import FUSED_PREFIX
-    from serve.testing import random_lora
-
     key, storage = service["keys"]["acme"], service["storage"]
     weights_key = _tampered(storage, "syn-bad", random_lora(transformer, rank=4, scale=0.05, seed=321))
     folder = "tenants/acme/loras/syn-bad"
