@@ -194,7 +194,7 @@ def _tail(text: str, lines: int = 15) -> str:
 def _summary_line(output: str) -> str:
     """pytest's last line ("1 failed, 3 passed in 12.3s")."""
     for line in reversed(output.strip().splitlines()):
-        if re.search(r"\b(passed|failed|error|errors|skipped|xfailed|no tests ran)\b", line):
+        if re.search(r"\b(\d+ (passed|failed|errors?|skipped|xfailed|deselected)\b.* in [\d.]+s|no tests ran)", line):
             return line.strip("= ").strip()
     return "no pytest summary"
 
