@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.storage import IntegrityError
+
 log = logging.getLogger("klein.serve")
 
 # 503s carry a more precise `error`: overloaded (at capacity), unavailable (a replica is restarting), timeout.
@@ -68,6 +70,13 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     async def api_error(_request: Request, exc: ApiError):
         counted(exc.status, exc.error)
         return error_response(exc.status, exc.error, exc.detail, exc.field, exc.headers)
+
+    @app.exception_handler(IntegrityError)  # also a replica's, which Ray raises as a subclass of it
+    async def integrity_error(_request: Request, _exc: IntegrityError):
+        counted(500, "integrity_error")  # the message names a server path: the client gets a plain sentence
+        return error_response(500, "integrity_error", "a stored file this request needs does not match the sha256 "
+                              "its manifest recorded (it changed after it was written), so it was not used; "
+                              "train or import the LoRA again", None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):

@@ -193,13 +193,17 @@ def test_every_pod_template_passes_kubernetes_own_schema(manifests):
     kubernetes_validate = pytest.importorskip(
         "kubernetes_validate", reason="pip install kubernetes-validate to check Pod templates against core/v1"
     )
+    checked = []  # validate() raises on the first schema error; this says the loops did not run empty
     for owner, spec in cluster_specs(manifests).items():
         for group, template in pod_templates(spec):
             pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{owner.lower()}-{group}"}, "template": template}
             kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+            checked.append(owner)
     for kind in ("ConfigMap", "Namespace"):
         for doc in manifests[kind]:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            checked.append(kind)
+    assert set(checked) == {*cluster_specs(manifests), "ConfigMap", "Namespace"}, checked
 
 
 def _custom_resources(ray_start_params: dict) -> dict:

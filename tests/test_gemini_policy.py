@@ -27,7 +27,8 @@ def test_larger_datasets_use_gemini(n_refs, recipe):
 
 def test_manifest_and_errors():
     block = text_stage_policy(1).to_manifest()["text_stage"]
-    assert block == {"use_gemini": False, "reason": block["reason"], "n_refs": 1, "warnings": []}
+    assert block == {"use_gemini": False, "reason": text_stage_policy(1).reason, "n_refs": 1, "warnings": []}
+    assert block["reason"].startswith("1 ref(s): the text stage is skipped for 1–3 refs"), block["reason"]
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="positive integer"):
             text_stage_policy(bad)

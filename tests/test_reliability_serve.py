@@ -578,6 +578,9 @@ def test_generator_replica_killed_under_load_is_replaced(service, loras):
     assert now and now[0]["name"] != victim["name"], (victim, now)
     served_after_kill = [r for r in results if r["response"] is not None and r["response"].status_code == 200
                          and r["sent_at"] > killed_at[0]]
+    # the kill hit requests in flight: sent before it, answered after it (else this tested an idle replica)
+    in_flight = [r for r in results if r["sent_at"] < killed_at[0] < r["sent_at"] + r["latency"]]
+    assert in_flight, [(round(r["sent_at"] - killed_at[0], 2), round(r["latency"], 2)) for r in results]
     final = _generate(client, key, lora_id="mem-2")
     assert final.status_code == 200
     reliability.note(f"replica kill: {codes.count(200)} of {len(codes)} requests served, {codes.count(503)} answered "

@@ -159,7 +159,9 @@ def test_fused_klora_with_a_dominant_lora_equals_that_lora_alone(fused_gen):
 
 
 def test_fused_generator_probe(fused_gen):
+    before = fused_gen.last_ok
     fused_gen.probe()
+    assert fused_gen.last_ok > before  # a real forward ran and passed its checks
 
 
 @pytest.mark.reliability("faults")

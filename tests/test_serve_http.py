@@ -17,6 +17,11 @@ import reliability  # the ledger plugin's own module (tests/ is on sys.path)
 from PIL import Image
 
 from cluster.ports import free_port
+from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.model import load_pipeline
+from serve.fusion import FUSED_PREFIX
+from serve.generator import adapter_names, adapter_set_id
+from serve.testing import random_lora, store_lora
 
 PORT = free_port()  # not Serve's fixed 8000: other Serve instances may run on this machine at the same time
 APP = "klein-style-test"
@@ -269,7 +274,15 @@ def test_adapter_eviction_frees_memory(http, service, synthetic, transformer):
     # max_loras_per_replica=2: the third set evicts the least recently used one, and its parameters go
     assert len(seen[-1]["resident_adapters"]) == 2
     assert seen[-1]["parameters"] == base_params + 2 * per_lora
-    assert not set(seen[0]["resident_adapters"]) & set(seen[-1]["resident_adapters"]) - set(seen[1]["resident_adapters"])
+    resident = {lora_id: set(_adapter_names_of(service["storage"], "acme", lora_id)) for lora_id in ("syn-a2", "syn-a3", "syn-a4")}
+    assert resident["syn-a2"] <= set(seen[0]["resident_adapters"]) and resident["syn-a3"] <= set(seen[1]["resident_adapters"])
+    assert set(seen[-1]["resident_adapters"]) == resident["syn-a3"] | resident["syn-a4"]  # the LRU one (a2) went
+
+
+def _adapter_names_of(storage, tenant: str, lora_id: str) -> list[str]:
+    """The adapter names a generator replica gives this stored LoRA when it is used alone."""
+    sha = storage.read_json(f"tenants/{tenant}/loras/{lora_id}/manifest.json")["files"]["lora.safetensors"]
+    return adapter_names(adapter_set_id([{"key": f"tenants/{tenant}/loras/{lora_id}/lora.safetensors", "sha256": sha}]), 1)
 
 
 def test_style_profile_from_images(http, service, training_job):
@@ -439,3 +452,60 @@ def test_failed_authentication_is_rate_limited_per_client(http, service):
     assert http.get("/v1/loras").status_code == 401  # no key at all is not a guess: not counted, not blocked
     time.sleep(1.0)  # the bucket refills (2 per second): a valid key works again
     assert http.get("/v1/loras", headers=_auth(service["keys"]["acme"])).status_code == 200
+
+
+# -- issue 23: the user's LoRA weight and the stored LoRA's integrity, where serving uses them -----------------
+def test_a_single_lora_at_weight_half_draws_what_the_pipeline_draws_at_half(http, service, synthetic):
+    """One LoRA at weight 0.5 over HTTP gives the in-process pipeline's pixels at 0.5, not those at 1.0."""
+    key = service["keys"]["acme"]
+    data, png = _generate(http, key, loras=[{"id": "syn-a1", "weight": 0.5}])
+    assert data["loras"] == [{"id": "syn-a1", "weight": 0.5}] and data["fusion"]["method"] == "single"
+    pipe = load_pipeline("tiny")
+    request = GenerateRequest(prompt=data["prompt"], seed=7, steps=4, width=64, height=64)
+    set_active_loras(pipe, [("a1", synthetic["syn-a1"], 0.5)])
+    at_half = np.asarray(generate_image(pipe, request).convert("RGB"))
+    set_active_loras(pipe, [("a1", None, 1.0)])
+    at_one = np.asarray(generate_image(pipe, request).convert("RGB"))
+    assert not np.array_equal(at_half, at_one)  # the weight matters for this LoRA at all
+    assert np.array_equal(_pixels(png), at_half)
+
+
+def _tampered(storage, lora_id: str, lora) -> str:
+    """Store `lora` for acme like a trained one, then change bytes of its weights (not of its header): the file
+    still parses as safetensors, only its sha256 tells. Returns the weights' key."""
+    store_lora(storage, "acme", lora_id, lora)
+    key = f"tenants/acme/loras/{lora_id}/lora.safetensors"
+    data = bytearray(storage.read_bytes(key))
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    storage.local_path(key).write_bytes(bytes(data))
+    return key
+
+
+def test_a_tampered_stored_lora_is_refused_by_generate_fusion_and_download(http, service, synthetic, transformer):
+    """A stored LoRA whose bytes no longer match the sha256 in its manifest is never used: generate (single),
+    both fusions and the file download answer a JSON integrity error, and nothing stored changes."""
+    key, storage = service["keys"]["acme"], service["storage"]
+    weights_key = _tampered(storage, "syn-bad", random_lora(transformer, rank=4, scale=0.05, seed=321))
+    folder = "tenants/acme/loras/syn-bad"
+    before = {k: storage.read_bytes(k) for k in storage.list(folder)}
+    fused_before = storage.list(FUSED_PREFIX, recursive=True)
+    attempts = {
+        "single": http.post("/v1/generate", headers=_auth(key), json={"prompt": "x", "steps": 2, "lora_id": "syn-bad"}),
+        "weighted": http.post("/v1/generate", headers=_auth(key), json={"prompt": "x", "steps": 2,
+                                                                        "loras": [{"id": "syn-bad", "weight": 0.5}]}),
+        "linear": http.post("/v1/generate", headers=_auth(key), json={
+            "prompt": "x", "steps": 2, "fusion": "linear", "loras": [{"id": "syn-a1"}, {"id": "syn-bad"}]}),
+        "klora": http.post("/v1/generate", headers=_auth(key), json={
+            "prompt": "x", "steps": 2, "fusion": "klora", "loras": [{"id": "syn-a1"}, {"id": "syn-bad"}]}),
+        "download": http.get("/v1/loras/syn-bad/files/lora.safetensors", headers=_auth(key)),
+    }
+    for what, r in attempts.items():
+        body = _assert_error(r, 500)
+        assert body["error"] == "integrity_error", (what, body)
+        assert "sha256" in body["detail"] and "manifest" in body["detail"], (what, body)
+        assert str(storage.root) not in r.text, (what, r.text)  # no server paths in the answer
+    assert {k: storage.read_bytes(k) for k in storage.list(folder)} == before
+    assert storage.read_bytes(weights_key) == before[weights_key]  # refused, not repaired or rewritten
+    assert storage.list(FUSED_PREFIX, recursive=True) == fused_before  # no fusion of it stored
+    # and the service is fine: the same LoRAs untampered still generate
+    _generate(http, key, lora_id="syn-a1")

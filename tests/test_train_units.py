@@ -69,8 +69,13 @@ def test_yaml_floats_written_without_a_dot_are_numbers(tmp_path):
 
 
 def test_formerly_refused_options_are_accepted():
-    TrainConfig(deepspeed_stage=2, optimizer="adamw").validate()  # tests/test_train_zero.py trains with it
-    TrainConfig(consis_lora=True, content_steps=10).validate()
+    zero = TrainConfig(deepspeed_stage=2, optimizer="adamw")
+    zero.validate()  # tests/test_train_zero.py trains with it
+    consis = TrainConfig(consis_lora=True, content_steps=10)
+    consis.validate()
+    # and they reach the workers unchanged (the job hands them the config as a dict)
+    assert (TrainConfig.from_dict(zero.to_dict()).deepspeed_stage, TrainConfig.from_dict(zero.to_dict()).optimizer) == (2, "adamw")
+    assert (TrainConfig.from_dict(consis.to_dict()).consis_lora, TrainConfig.from_dict(consis.to_dict()).content_steps) == (True, 10)
 
 
 def test_seed_defaults():
@@ -230,6 +235,11 @@ def test_lr_schedulers(name):
         assert lrs[-1] < lrs[0] and lrs[-1] == pytest.approx(0.0, abs=1e-9)
     elif name == "constant_with_warmup":
         assert lrs[-1] == pytest.approx(cfg.lr)
+    else:  # cfg.lr_restarts hard restarts: lr·½(1 + cos(π·(cycles·t mod 1))), t = step/steps, 0 at the end
+        cycles = cfg.lr_restarts
+        expected = [cfg.lr * 0.5 * (1 + math.cos(math.pi * ((cycles * s / 10) % 1.0))) if s < 10 else 0.0 for s in range(1, 11)]
+        assert cycles == 2 and lrs == pytest.approx(expected, abs=1e-12)
+        assert lrs[4] > lrs[3]  # the restart
 
 
 def test_checkpoint_round_trip_restores_lora_optimizer_and_schedule(tmp_path, tiny_dir):

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through real Ray Train: two CPU workers (gloo) on the tiny model.
 
-The oracle is the same one the DDP test uses (tests/replay.py): one process that averages both ranks' losses
-at every step. ZeRO shards gradients, optimizer state and (ZeRO-3) the parameters, but the arithmetic is the
+The oracle is the same one the DDP test uses (tests/formula_reference.py): the loss, the mean of both ranks'
+gradients and the AdamW update written from their formulas, in one process. ZeRO shards gradients, optimizer state and (ZeRO-3) the parameters, but the arithmetic is the
 same, so a ZeRO-3 run whose worker is killed mid-run and resumed from DeepSpeed's shards still gives the
 replay's LoRA.
 """
@@ -20,8 +20,8 @@ import ray
 from cluster.ports import free_port
 from cluster.storage import Storage
 from klein.lora import read_lora
-from replay import replay_data_parallel  # tests/ is on sys.path
 from evaluation.board import make_board
+from formula_reference import formula_reference  # tests/ is on sys.path
 from train.job import lora_prefix, run_training_job
 from train.recipe import ConfigError, TrainConfig
 
@@ -76,7 +76,7 @@ def test_zero3_worker_killed_mid_run_resumes_to_what_data_parallel_training_comp
     assert manifest["metrics"]["attempts"] == 2 and manifest["metrics"]["steps_trained_once"]
     lora = read_lora(storage.read_bytes(f"{lora_prefix('default', 'job-zero3')}/lora.safetensors"))
     cfg = TrainConfig.from_dict(manifest["config"])
-    worst = _worst_difference(lora, replay_data_parallel(cfg, manifest["cache_key"], world=2))
+    worst = _worst_difference(lora, formula_reference(cfg, manifest["cache_key"], world=2))
     assert worst < 1e-5, f"the resumed ZeRO-3 run differs from the single-process replay by {worst}"
     assert max(lora.layers[n].up.abs().max().item() for n in lora.layers) > 1e-3  # it did train
     # the checkpoint Ray Train kept holds both workers' DeepSpeed shards, merged into one directory

@@ -1,0 +1,280 @@
+"""Our own mutation check: does the suite notice when a critical behaviour breaks?
+
+Each mutation is one deliberate bug: (file, exact old text, new text, the tests that must catch it). For each
+one the script copies the repository (tracked and untracked-but-not-ignored files) into a temporary folder,
+applies that single edit, runs only the mapped tests there with this same Python (the project's venv, with
+the copy first on PYTHONPATH so Ray workers import the mutated code too) and reports:
+
+  caught   the mapped tests failed (what we want)
+  MISSED   they all passed: the suite would not notice this bug
+  stale    the old text is not in the file (code moved or changed: update the entry), or a mapped test is gone
+  error    pytest could not run them (see the output tail), or they ran past --timeout
+
+Run it before a change lands, not in CI (the slow mappings start Ray clusters and train). Examples:
+
+  python scripts/mutants.py --list
+  python scripts/mutants.py --only objective-sign --only lora-weight
+  python scripts/mutants.py --fast            # only the mutations whose tests are unit tests (minutes)
+  python scripts/mutants.py | tee bench/results/mutants-$(date +%F).txt
+
+`--clean` runs the mapped tests of the selected mutations WITHOUT the mutation (they must pass, or a "caught"
+means nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP_DIRS = {".git", ".venv", "out", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "node_modules"}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str  # the behaviour that breaks, in words
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files, relative to the repository root
+    slow: bool = False  # starts Ray / trains / serves: minutes, not seconds
+
+
+M = Mutation
+MUTATIONS: list[Mutation] = [
+    # -- the training objective ----------------------------------------------------------------------------
+    M("objective-sign", "flow-matching target flipped (x0 - noise instead of noise - x0)",
+      "train/loop.py", "target, _ = pack_latents(noise - x0)", "target, _ = pack_latents(x0 - noise)",
+      ("tests/test_train_units.py::test_flow_matching_target_is_noise_minus_x0",)),
+    M("objective-sign-e2e", "flipped target, judged only by what training draws (no unit test)",
+      "train/loop.py", "target, _ = pack_latents(noise - x0)", "target, _ = pack_latents(x0 - noise)",
+      ("tests/test_train_job.py::test_training_moves_generated_images_toward_the_refs",), slow=True),
+    M("noisy-interpolation", "noisy latents interpolate the wrong way round (σ weights x0)",
+      "train/loop.py", "noisy = (1 - s) * x0 + s * noise", "noisy = s * x0 + (1 - s) * noise",
+      ("tests/test_train_units.py::test_flow_matching_target_is_noise_minus_x0",)),
+    M("timestep-scaling", "the transformer gets σ·1000 as its timestep (it scales by 1000 itself)",
+      "train/loop.py", "timestep=sigmas.to(device=device, dtype=dtype),",
+      "timestep=sigmas.to(device=device, dtype=dtype) * 1000,",
+      ("tests/test_train_units.py::test_flow_matching_target_is_noise_minus_x0",)),
+    M("sigma-shift", "timesteps not shifted towards noise for larger images",
+      "train/loop.py", "return math.exp(mu) / (math.exp(mu) + (1 / t.clamp(1e-5, 1 - 1e-5) - 1))", "return t",
+      ("tests/test_train_units.py::test_shift_grows_with_resolution",)),
+    M("caption-dropout", "caption dropout keeps the caption when it should drop it (and the reverse)",
+      "train/loop.py", "(torch.rand(len(idx), generator=gen) < caption_dropout_rate)",
+      "(torch.rand(len(idx), generator=gen) > caption_dropout_rate)",
+      ("tests/test_train_units.py::test_caption_dropout_replaces_the_whole_caption",)),
+    # -- resume --------------------------------------------------------------------------------------------
+    M("resume-optimizer", "a resumed run starts with a fresh optimizer state",
+      "train/loop.py", "        optimizer.load_state_dict(blob[\"optimizer\"])\n", "        pass\n",
+      ("tests/test_train_units.py::test_checkpoint_round_trip_restores_lora_optimizer_and_schedule",)),
+    M("resume-attempt", "a resumed run does not count its attempt",
+      "train/loop.py", "attempt=meta.get(\"attempt\", 0) + 1)", "attempt=meta.get(\"attempt\", 0))",
+      ("tests/test_train_units.py::test_checkpoint_round_trip_restores_lora_optimizer_and_schedule",)),
+    M("resume-step", "a resumed worker trains again from step 1",
+      "train/loop.py", "first_step = state.step + 1", "first_step = 1",
+      ("tests/test_train_job.py::test_a_killed_worker_resumes_exactly",), slow=True),
+    # -- serving: tenants, weights, integrity ----------------------------------------------------------------
+    M("tenant-check", "any tenant may use any LoRA id",
+      "serve/ingress.py", "if not jobstore.owns(self.storage, tenant, lora_id):", "if False:",
+      ("tests/test_serve_http.py::test_tenant_isolation_on_every_endpoint",), slow=True),
+    M("lora-weight", "a single LoRA is applied at weight 1.0 whatever the user asked",
+      "serve/ingress.py", "return adapter_set_id(loras), [loras[0][\"weight\"]], None, {\"method\": \"single\"}",
+      "return adapter_set_id(loras), [1.0], None, {\"method\": \"single\"}",
+      ("tests/test_serve_http.py::test_a_single_lora_at_weight_half_draws_what_the_pipeline_draws_at_half",),
+      slow=True),
+    M("integrity-generator", "the generator loads a stored LoRA without checking its sha256",
+      "serve/generator.py", "read_lora(self.storage.read_verified(f[\"key\"], f[\"sha256\"]), name=f[\"key\"])",
+      "read_lora(self.storage.read_bytes(f[\"key\"]), name=f[\"key\"])",
+      ("tests/test_serve_http.py::test_a_tampered_stored_lora_is_refused_by_generate_fusion_and_download",),
+      slow=True),
+    M("integrity-fusion", "the fusion stage reads LoRAs without checking their sha256",
+      "serve/fusion.py", "read_lora(self.storage.read_verified(s[\"key\"], s[\"sha256\"]), name=s.get(\"id\"))",
+      "read_lora(self.storage.read_bytes(s[\"key\"]), name=s.get(\"id\"))",
+      ("tests/test_serve_fusion.py::test_fusion_service_caches_and_verifies",)),
+    M("integrity-download", "the file download serves stored bytes without checking their sha256",
+      "serve/ingress.py", "data = await asyncio.to_thread(self.storage.read_verified, f\"{lora_prefix(tenant, lora_id)}/{path}\",",
+      "data = await asyncio.to_thread(lambda k, _sha: self.storage.read_bytes(k), f\"{lora_prefix(tenant, lora_id)}/{path}\",",
+      ("tests/test_serve_http.py::test_a_tampered_stored_lora_is_refused_by_generate_fusion_and_download",),
+      slow=True),
+    M("integrity-storage", "Storage.read_verified accepts bytes whose sha256 differs",
+      "cluster/storage.py", "        actual = sha256_bytes(data)\n        if actual != expected_sha256:",
+      "        actual = sha256_bytes(data)\n        if False:",
+      ("tests/test_storage.py",)),
+    M("atomic-write", "storage writes straight to the final name (a crash leaves half a file there)",
+      "cluster/storage.py",
+      "tmp = posixpath.join(parent, f\"{_TMP_MARK}{uuid.uuid4().hex}-{posixpath.basename(target)}\")",
+      "tmp = target",
+      ("tests/test_storage.py",)),
+    M("pickle-refusal", "a file that is not safetensors gets past the header check",
+      "klein/lora.py", "if header_len <= 0 or header_len > len(data) - 8 or data[8:9] != b\"{\":", "if False:",
+      ("tests/test_lora.py::test_not_safetensors_is_refused_without_unpickling",)),
+    # -- captions and triggers -----------------------------------------------------------------------------
+    M("caption-lint-case", "the style-word lint is case-sensitive ('Watercolor' passes)",
+      "gemini/style_words.py", "for token in _TOKEN.findall(text.lower()):", "for token in _TOKEN.findall(text):",
+      ("tests/test_quality_guards.py",)),
+    M("trigger-placement", "the trigger goes after the caption instead of before it",
+      "train/captions.py", "return f\"{trigger}. {text}\"", "return f\"{text}. {trigger}\"",
+      ("tests/test_dataset.py::test_with_trigger",)),
+    M("common-trigger-case", "a common word in capitals ('STYLE') is accepted as a trigger",
+      "train/captions.py", "if trigger.lower() in COMMON_TRIGGER_WORDS:", "if trigger in COMMON_TRIGGER_WORDS:",
+      ("tests/test_dataset.py::test_common_words_are_refused_with_a_suggestion",)),
+    # -- K-LoRA --------------------------------------------------------------------------------------------
+    M("klora-k", "K-LoRA's k is the sum of the ranks, not their product",
+      "serve/fusion.py", "return math.prod(l.layers[name].rank for l in loras if name in l.layers)",
+      "return sum(l.layers[name].rank for l in loras if name in l.layers)",
+      ("tests/test_serve_fusion.py::test_klora_scores_use_k_as_the_product_of_ranks",)),
+    M("klora-choice", "K-LoRA picks the LoRA with the SMALLER scaled score at a layer",
+      "serve/fusion.py", "        if value > weighted[best]:", "        if value < weighted[best]:",
+      ("tests/test_serve_fusion.py",)),
+    M("klora-topk-abs", "K-LoRA's score sums the largest signed entries, not the largest magnitudes",
+      "serve/fusion.py", "value = float(torch.topk(delta.abs().flatten(), k).values.sum())",
+      "value = float(torch.topk(delta.flatten(), k).values.sum())",
+      ("tests/test_serve_fusion.py::test_topk_abs_sum_matches_brute_force",)),
+    M("accel-ignored", "the Generator deployment drops the configured accel mode",
+      "serve/generator.py", "                                   accel=self.config.accel)",
+      "                                   accel=\"off\")",
+      ("tests/test_serve_config.py::test_accel_is_validated_and_reaches_the_generator",)),
+    M("probe-noop", "the health probe reports healthy without running the pipeline",
+      "serve/generator.py", "        if not self.lock.acquire(blocking=False):\n            return  # busy generating",
+      "        if True:\n            return  # busy generating",
+      ("tests/test_serve_generator.py::test_fused_generator_probe",)),
+    # -- limits and deadlines ------------------------------------------------------------------------------
+    M("rate-limit", "the token bucket is full again at every request",
+      "serve/tenants.py", "bucket.tokens = min(burst, bucket.tokens + (now - bucket.updated) * rate)",
+      "bucket.tokens = burst",
+      ("tests/test_serve_tenants.py::test_token_bucket_allows_bursts_then_says_when_to_retry",)),
+    M("upstream-deadline", "the ingress waits on a downstream deployment with no deadline",
+      "serve/ingress.py", "return await asyncio.wait_for(wait(response), remaining)", "return await wait(response)",
+      ("tests/test_reliability_serve.py::test_a_request_deadline_answers_503_not_a_hang",), slow=True),
+    M("gemini-timeout", "Gemini calls have no per-call timeout",
+      "gemini/client.py", "timeout=max(1, int(self.config.timeout_s * 1000)),  # milliseconds", "timeout=None,",
+      ("tests/test_gemini_client.py::test_timeout_is_per_call_and_retried",)),
+    # -- LoRA maths ----------------------------------------------------------------------------------------
+    M("lora-scale", "a LoRA layer's alpha/rank scale is dropped",
+      "klein/lora.py", "        return self.alpha / self.rank", "        return 1.0",
+      ("tests/test_serve_fusion.py::test_linear_merge_equals_the_dense_weighted_sum", "tests/test_lora.py")),
+    M("ddp-no-allreduce", "DDP workers train without averaging their gradients (each on its own batches)",
+      "train/loop.py", "model = ray.train.torch.prepare_model(transformer, move_to_device=False, "
+      "parallel_strategy_kwargs={\"find_unused_parameters\": False})", "model = transformer",
+      ("tests/test_train_scaleout.py::test_two_workers_train_data_parallel_exactly",), slow=True),
+]
+
+
+def _repo_files(root: Path) -> list[Path]:
+    """Tracked and untracked-but-not-ignored files (what a clean checkout plus your edits holds)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
+                             capture_output=True).stdout
+        return [Path(p) for p in out.decode().split("\0") if p and (root / p).is_file()]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: everything but the usual caches
+        return [p.relative_to(root) for p in root.rglob("*")
+                if p.is_file() and not SKIP_DIRS & set(p.relative_to(root).parts)]
+
+
+def _copy_repo(dest: Path) -> None:
+    for rel in _repo_files(ROOT):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join("    | " + line for line in text.strip().splitlines()[-lines:])
+
+
+def _summary_line(output: str) -> str:
+    """pytest's last line ("1 failed, 3 passed in 12.3s")."""
+    for line in reversed(output.strip().splitlines()):
+        if re.search(r"\b(\d+ (passed|failed|errors?|skipped|xfailed|deselected)\b.* in [\d.]+s|no tests ran)", line):
+            return line.strip("= ").strip()
+    return "no pytest summary"
+
+
+def run_one(m: Mutation, timeout: float, clean: bool = False, verbose: bool = False) -> tuple[str, str]:
+    """(outcome, detail) for one mutation: caught | MISSED | stale | error (or passed | FAILED with clean)."""
+    source = ROOT / m.file
+    if not source.is_file():
+        return "stale", f"{m.file} does not exist"
+    text = source.read_text()
+    if m.old not in text:
+        return "stale", f"old text not found in {m.file}"
+    missing = [t for t in m.tests if not (ROOT / t.split("::")[0]).is_file()]
+    if missing:
+        return "stale", f"mapped test file(s) missing: {', '.join(missing)}"
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{m.name}-") as tmp:
+        work = Path(tmp)
+        _copy_repo(work)
+        if not clean:
+            (work / m.file).write_text(text.replace(m.old, m.new, 1))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(work), os.environ.get("PYTHONPATH")) if p))
+        cmd = [sys.executable, "-m", "pytest", *m.tests, "-x", "-q", "-p", "no:cacheprovider"]
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "error", f"timed out after {timeout:.0f} s"
+        elapsed = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    summary = f"{_summary_line(output)}; {elapsed:.0f} s"
+    if verbose:
+        summary += "\n" + _tail(output)
+    if proc.returncode == 5 or "not found:" in output:
+        return "stale", f"a mapped test no longer exists ({summary})"
+    if clean:
+        return ("passed", summary) if proc.returncode == 0 else ("FAILED", summary + "\n" + _tail(output))
+    if proc.returncode == 0:
+        return "MISSED", summary
+    if proc.returncode == 1:
+        return "caught", summary
+    if proc.returncode == 2 and "error" in summary:  # collection failed on the mutated code: it does not import
+        return "caught", summary + " (at import)"
+    return "error", f"pytest exited {proc.returncode} ({summary})\n" + _tail(output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run this mutation (repeatable)")
+    parser.add_argument("--fast", action="store_true", help="only the mutations mapped to unit tests")
+    parser.add_argument("--clean", action="store_true", help="run the mapped tests without the mutation")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per mutation (default 1200)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the tail of pytest's output")
+    args = parser.parse_args(argv)
+
+    names = [m.name for m in MUTATIONS]
+    assert len(set(names)) == len(names), "mutation names must be unique"
+    unknown = [n for n in args.only if n not in names]
+    if unknown:
+        parser.error(f"unknown mutation(s) {', '.join(unknown)}; --list shows them")
+    chosen = [m for m in MUTATIONS if (not args.only or m.name in args.only) and (not args.fast or not m.slow)]
+    width = max(len(m.name) for m in MUTATIONS)
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:<{width}}  {'slow' if m.slow else 'fast'}  {m.file}: {m.what}")
+            print(f"{'':<{width}}        tests: {' '.join(m.tests)}")
+        print(f"{len(chosen)} mutations")
+        return 0
+
+    print(f"mutation check of {ROOT} with {sys.executable} ({time.strftime('%Y-%m-%d %H:%M %Z')})")
+    counts: dict[str, int] = {}
+    for m in chosen:
+        outcome, detail = run_one(m, args.timeout, clean=args.clean, verbose=args.verbose)
+        counts[outcome] = counts.get(outcome, 0) + 1
+        print(f"{outcome:<7} {m.name:<{width}}  {m.file}: {m.what}\n{'':<8}{detail}", flush=True)
+    order = ("passed", "FAILED") if args.clean else ("caught", "MISSED", "stale", "error")
+    print("summary: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in order) + f" of {len(chosen)}")
+    bad = ("FAILED",) if args.clean else ("MISSED", "error")
+    return 1 if any(counts.get(k) for k in bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
