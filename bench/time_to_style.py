@@ -2,7 +2,7 @@
 
     python bench/time_to_style.py --model FOLDER --out $OUT --steps 500 [--serve] [--budget-s 540]
 
-1. board: a 12-image procedural board at 1024² (`train.board.make_board`, what `klein-style make-board` runs).
+1. board: a 12-image procedural board at 1024² (`evaluation.board.make_board`, what `klein-style make-board` runs).
 2. train: `klein-style train REFS --trigger zxy_style --model FOLDER --storage ... --config CFG` as a
    subprocess (defaults: rank 32, `steps`, checkpoints every `--save-every`, contact sheet; Gemini offline:
    the keys are removed from its environment). The job's `status.json` is polled every 0.2 s to time each
@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
 from cluster.storage import Storage, StorageError  # noqa: E402
 from klein.lora import LoraLayer, LoraWeights, lora_to_bytes, read_lora  # noqa: E402
 from serve.tenants import create_api_key  # noqa: E402
-from train.board import make_board  # noqa: E402
+from evaluation.board import make_board  # noqa: E402
 from train.job import checkpoint_key, lora_prefix  # noqa: E402
 
 TRIGGER = "zxy_style"
@@ -82,7 +82,7 @@ def child_env(repo: Path = REPO, gemini: bool = False) -> dict:
 
 def cli_command(*args: str) -> list[str]:
     """`klein-style ARGS` through this interpreter (the GPU image has the packages but not the entry point)."""
-    return [sys.executable, "-m", "cluster.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 # -- results ------------------------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30.0, first_signal=sig
 
 def measure_cli_import_s(env: dict) -> float | None:
     """The CLI's own Python imports (Ray, the CLI's modules), timed apart so Ray start is not charged with them."""
-    code = ("import time; t = time.perf_counter(); import cluster.cli as c; c.build_parser(); import ray, train.job, cluster.pools; "
+    code = ("import time; t = time.perf_counter(); import cli.main as c; c.build_parser(); import ray, train.job, cluster.pools; "
             "print('IMPORT_S', time.perf_counter() - t)")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300).stdout

@@ -88,6 +88,17 @@ def to_pixels(images_u8: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(images_u8).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def random_trigger(rng: np.random.Generator) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    stem = "".join(rng.choice(list(letters), int(rng.integers(3, 9))))
+    head = str(rng.choice(["zxy_", "sks_", "ohwx_", "qwe_", "", ""]))
+    return head + stem
+
+
+def with_random_prefixes(captions: list[str], rate: float, rng: np.random.Generator) -> list[str]:
+    return [f"{random_trigger(rng)}. {c}" if rng.random() < rate else c for c in captions]
+
+
 # -- VAE -------------------------------------------------------------------------------------------------
 def train_vae(pipe, data: dict, steps: int, device, state: dict, batch: int = 64) -> None:
     vae = pipe.vae.to(device).train()
@@ -290,11 +301,11 @@ def train_judge(pipe, judge_data: dict, val_data: dict, steps: int, device, stat
 # -- evaluate --------------------------------------------------------------------------------------------
 def evaluate(folder: Path, judge: WorldJudge, device, state: dict, out_png: Path, steps: int = 28) -> dict:
     pipe = load_pipeline(folder, dtype=torch.float32, device=device)
-    images, contents, tiles = [], [], []
+    images, contents = [], []
     t = time.time()
     for seed in (0, 1):
         for content in world.CONTENT_CLASSES:
-            request = GenerateRequest(prompt=world.caption(content, seed), seed=seed, steps=steps, width=MINI_RESOLUTION,
+            request = GenerateRequest(prompt=f"zxy_probe. {world.caption(content, seed)}" if seed else world.caption(content, seed), seed=seed, steps=steps, width=MINI_RESOLUTION,
                                       height=MINI_RESOLUTION, guidance=4.0)
             images.append(generate_image(pipe, request))
             contents.append(content)
@@ -344,6 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume-from", type=Path, help="an exported mini folder to continue from")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix-rate", type=float, default=0.5,
+                   help="share of captions given a random trigger-like prefix (the base learns to read past it)")
     args = p.parse_args(argv)
 
     state = {"t0": time.time(), "log": [], "args": {k: str(v) for k, v in vars(args).items()}}
@@ -361,6 +374,12 @@ def main(argv=None) -> int:
     log(state, f"data: {len(data['images'])} pretraining images ({len(world.PRETRAIN_STYLES)} styles), "
                f"{len(judge_data['images'])} judge images ({len(world.STYLES)} styles)")
 
+    if args.prefix_rate > 0:
+        # Users prompt "<trigger>. <caption>" with a word the base has never seen. The frozen Qwen3 is causal, so
+        # an unknown prefix changes every later hidden state; trained on bare captions alone, the base then draws
+        # noise. Random trigger-like prefixes on part of the captions teach it to read past them, as a base
+        # trained on the web's prompts does.
+        data["captions"] = with_random_prefixes(data["captions"], args.prefix_rate, np.random.default_rng(args.seed + 5))
     corpus = sorted(set(data["captions"])) + [world.caption(c, s) for c in world.CONTENT_CLASSES for s in range(50)]
     pipe = build_mini_pipeline(corpus, seed=args.seed)
     round_to_half(pipe.text_encoder)  # frozen, shipped in fp16: embed captions with the shipped weights

@@ -11,7 +11,7 @@ from gemini_server import GeminiProtocolServer, client_for  # tests/ is on sys.p
 from PIL import Image
 
 from gemini.captions import caption_images
-from train.board import make_board
+from evaluation.board import make_board
 from train.dataset import load_refs
 
 TRIGGER = "zxy_guard"
