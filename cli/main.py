@@ -24,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 from cli.client import generate_remote
+from evaluation import world
 from evaluation.board import BOARD_STYLES, make_board
 from klein.generate import GenerateError, GenerateRequest, generate_image, set_active_loras
 from klein.lora import LoraError, read_lora
-from klein.model import ModelLoadError, load_pipeline
+from klein.model import ModelLoadError, load_pipeline, native_resolution
 
 
 def _parse_lora_arg(text: str) -> tuple[str, float]:
@@ -67,16 +68,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_board(args: argparse.Namespace) -> int:
-    if args.style not in BOARD_STYLES:
-        print(f"error: unknown style {args.style!r}; choose one of {', '.join(sorted(BOARD_STYLES))}", file=sys.stderr)
+    # Two kinds of board: the procedural world's styles (one subject per picture, what the mini preset knows; its
+    # held-out styles are the ones to learn) and the older multi-object scene boards.
+    if args.style in world.STYLES:
+        paths = world.make_world_board(args.style, args.n, args.dir, seed=args.seed, size=args.size)
+        kind = "held-out world style" if args.style in world.HELDOUT_STYLES else "world pretraining style"
+    elif args.style in BOARD_STYLES:
+        paths = make_board(args.style, args.n, args.dir, size=args.size, seed=args.seed)
+        kind = "scene board style"
+    else:
+        print(f"error: unknown style {args.style!r}; world styles: {', '.join(sorted(world.STYLES))}; "
+              f"scene board styles: {', '.join(sorted(BOARD_STYLES))}", file=sys.stderr)
         return 2
-    paths = make_board(args.style, args.n, args.dir, size=args.size, seed=args.seed)
-    print(f"wrote {len(paths)} images with content-only captions to {args.dir}")
+    print(f"wrote {len(paths)} images ({kind} {args.style!r}) with content-only captions to {args.dir}")
     return 0
 
 
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="`tiny` (built-in test preset) or a local FLUX.2 Klein diffusers folder")
+    p.add_argument("--model", default="tiny",
+                   help="`tiny` (random test preset), `mini` (pretrained, draws the procedural world) or a local "
+                        "FLUX.2 Klein diffusers folder")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if available)")
 
 
@@ -116,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("make-board", help="write a procedural style board (images + content-only captions)")
     b.add_argument("dir", help="output folder")
-    b.add_argument("--style", required=True, help="board style name")
+    b.add_argument("--style", required=True,
+                   help="a procedural world style (held out from mini: stained_glass, risograph, chalkboard, "
+                        "cross_stitch) or a scene board style (neon, ukiyo, ...)")
     b.add_argument("-n", type=int, default=12, help="number of images (default 12)")
     b.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     b.add_argument("--seed", type=int, default=0)
@@ -138,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "width", "absent") is None or getattr(args, "height", "absent") is None:
-        default_side = 64 if getattr(args, "model", "tiny") == "tiny" else 1024
+        default_side = native_resolution(getattr(args, "model", "tiny"))
         args.width = args.width or default_side
         args.height = args.height or default_side
     return int(args.func(args) or 0)

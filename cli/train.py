@@ -158,8 +158,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     board = out / "board"
     make_world_board(args.style, 12, board, seed=0, size=256)
-    kind = "held-out (the base model has never seen it)" if args.style in world.HELDOUT_STYLES else "pretraining"
-    print(f"1. board: 12 '{args.style}' images ({kind} style) with content-only captions in {board}")
+    kind = "a held-out style: the base has never seen it" if args.style in world.HELDOUT_STYLES else "a pretraining style"
+    print(f"1. board: 12 '{args.style}' images ({kind}) with content-only captions in {board}")
     trigger = f"zxy_{args.style}"
     prompts = [world.caption(c, 0) for c in DEMO_CONTENTS]
     cfg = TrainConfig(trigger=trigger, model="mini", storage=str(out / "storage"), job_id=f"demo-{args.style}",

@@ -87,6 +87,7 @@ from evaluation.board import BOARD_STYLES, make_board
 from gemini.client import GeminiClient, GeminiConfig
 from gemini.judge import judge_pair
 from klein.generate import GenerateRequest
+from klein.model import native_resolution
 from klein.style_score import StyleScorer
 from train.captions import TriggerError, check_trigger
 from train.dataset import DatasetError, load_refs
@@ -285,7 +286,7 @@ class SweepSpec:
                 for board in self.boards for variant in self.variants]
 
     def sample_size(self) -> int:
-        return self.sample.size or (64 if self.model == "tiny" else 1024)
+        return self.sample.size or native_resolution(self.model)
 
     def trigger(self, board: BoardSpec) -> str:
         return board.trigger or "zxy_" + re.sub(r"[^a-z0-9_]", "_", board.name.lower())

@@ -78,6 +78,15 @@ def preset_declaration(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def native_resolution(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> int:
+    """The side images default to where the user gives none: 64 for tiny, the preset's own (mini: 128), else
+    Klein's 1024."""
+    if str(source) == "tiny":
+        return 64
+    folder = resolve_model_source(source, cache_dir)
+    return int(preset_declaration(folder).get("resolution", 1024))
+
+
 def max_sequence_length(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> int:
     """How many text tokens prompts are padded to: 512 for Klein, less where a preset declares it (mini: 64).
     Training caches, samples and serving must all use the same number, so they all ask here."""

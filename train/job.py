@@ -44,7 +44,7 @@ from gemini.policy import text_stage_policy
 from gemini.profile import extract_style_profile
 from klein.generate import GenerateRequest
 from klein.lora import export_lora, lora_to_bytes, read_lora
-from klein.model import model_id
+from klein.model import model_id, native_resolution
 from train.cache import build_cache
 from train.captions import check_trigger
 from train.dataset import load_refs
@@ -319,7 +319,7 @@ def public_sources(sources: dict[str, str]) -> dict[str, str]:
 
 
 def _sample_size(cfg: TrainConfig) -> int:
-    return cfg.sample_size or (64 if cfg.model == "tiny" else 1024)
+    return cfg.sample_size or native_resolution(cfg.model)
 
 
 def render_contact_sheet_task(use_gpu: bool):
