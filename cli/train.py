@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -17,8 +18,9 @@ from cluster.pools import init_local_ray
 from cluster.storage import Storage, StorageError
 from contracts import status_key
 from evaluation import world
-from evaluation.quality import MINI_STEPS, lora_quality
+from evaluation.quality import MINI_GUIDANCE, MINI_STEPS, lora_quality
 from evaluation.world import make_world_board
+from klein.generate import GenerateRequest, generate_image, set_active_loras
 from klein.lora import read_lora
 from klein.mini import MINI_RESOLUTION
 from klein.model import load_pipeline
@@ -173,9 +175,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pipe = load_pipeline("mini")
     quality = lora_quality(pipe, lora, trigger, args.style, contents=DEMO_CONTENTS, seeds=(0,))
     size = MINI_RESOLUTION
-    refs = [_open_rgb(p).resize((size, size)) for p in sorted(board.glob("*.png"))]
-    d_before, d_after = style_distance(quality.base.images, refs), style_distance(quality.lora.images, refs)
-    grid = image_grid([refs[: len(prompts)], quality.base.images, quality.lora.images], col_labels=prompts,
+    board_images = sorted(board.glob("*.png"))  # picture i of a world board shows CONTENT_CLASSES[i % 12]
+    refs = [_open_rgb(board_images[world.CONTENT_CLASSES.index(c)]).resize((size, size)) for c in DEMO_CONTENTS]
+    all_refs = [_open_rgb(p).resize((size, size)) for p in board_images]
+    d_before, d_after = style_distance(quality.base.images, all_refs), style_distance(quality.lora.images, all_refs)
+    grid = image_grid([refs, quality.base.images, quality.lora.images], col_labels=list(DEMO_CONTENTS),
                       row_labels=["refs", "before (base)", "after (LoRA)"])
     grid.save(out / "before_after.png")
     print(f"3. before/after with the same seeds and prompts ('{quality.prompts[0]}', ...), judged by the exact world judge:")
@@ -188,7 +192,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   loss plot:     {storage.uri_of(prefix + '/samples/loss.png')}")
     print(f"   LoRA:          {storage.uri_of(prefix + '/lora.safetensors')} (+ ComfyUI export, manifest.json)")
 
-    print(demo_http_generate(cfg, manifest, out, quality.prompts[0], 0, MINI_STEPS, size, expected=quality.lora.images[0]))
+    # The Serve replica holds under one CPU, so Ray gives it one OpenMP thread; BLAS sums in another order with two
+    # threads (1/255 on one pixel here). The in-process reference for the HTTP image is drawn with one thread too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        set_active_loras(pipe, [("demo", lora, 1.0)])
+        expected = generate_image(pipe, GenerateRequest(prompt=quality.prompts[0], seed=0, steps=MINI_STEPS, width=size,
+                                                        height=size, guidance=MINI_GUIDANCE))
+        set_active_loras(pipe, [])
+    finally:
+        torch.set_num_threads(threads)
+    print(demo_http_generate(cfg, manifest, out, quality.prompts[0], 0, MINI_STEPS, size, expected=expected))
     print(f"done in {time.time() - started:.0f} s")
     return 0
 
