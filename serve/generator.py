@@ -35,7 +35,7 @@ from cluster.storage import Storage
 from klein.accel import INFERENCE_MODES, prepare_for_inference
 from klein.fp8 import Float8Linear
 from klein.fusion import KLORA_DEFAULTS, KLoraSchedule, apply_klora_step, klora_layer_scores
-from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.generate import GenerateRequest, generate_image, set_active_loras, text_length
 from klein.lora import add_lora, extract_lora, read_lora
 from klein.model import load_pipeline
 from serve.config import ServeConfig
@@ -204,12 +204,14 @@ class KleinGenerator:
         # batched forward is not bit-identical to single calls (±1/255), hence opt-in (`batch_forward`).
         first = items[0]
         generators = [torch.Generator(device="cpu").manual_seed(i.seed) for i in items]
+        msl = text_length(self.pipe, first.request())  # the model's prompt length (mini: 64), as single calls use
         negative = None
         if first.guidance > 1.0 and first.negative_prompt:
-            negative, _ = self.pipe.encode_prompt([first.negative_prompt] * len(items), device=self.pipe._execution_device)
+            negative, _ = self.pipe.encode_prompt([first.negative_prompt] * len(items), device=self.pipe._execution_device,
+                                                  max_sequence_length=msl)
         out = self.pipe(prompt=[i.prompt for i in items], negative_prompt_embeds=negative, height=first.height,
                         width=first.width, num_inference_steps=first.steps, guidance_scale=first.guidance,
-                        generator=generators)
+                        generator=generators, max_sequence_length=msl)
         return out.images
 
     def klora_scores(self, names: list[str]) -> dict[str, list[float]]:
