@@ -111,13 +111,21 @@ def train_config(config_overrides: dict, tenant: str, job_id: str, trigger: str,
                                   "model": model, **options}, source="request")
 
 
-def submission_answer(cfg: TrainConfig) -> dict:
-    """What `POST /v1/loras` answers: the keys this job set, with their sources. The rest (variant defaults,
-    the step formula) depends on the dataset size; the job's status carries the resolved config and every
-    value's source (`config`, `config_sources`) as soon as the references are read."""
+def submission_answer(cfg: TrainConfig, operator_overrides: dict | None = None) -> dict:
+    """What `POST /v1/loras` answers: the keys this job set, with their sources (`user`: the request;
+    `operator`: the service's `train_overrides`, which win; `service`: tenant, id, storage and model). The rest
+    (variant defaults, the step formula) depends on the dataset size; the job's status carries the resolved config
+    and every value's source (`config`, `config_sources`) as soon as the references are read."""
     explicit = cfg.explicit()
+    overrides = operator_overrides or {}
+
+    def source(key: str) -> str:
+        if key in overrides:
+            return "operator"
+        return "user" if key in HTTP_TRAIN_KEYS or key == "trigger" else "service"
+
     return {"id": cfg.job_id, "status": "queued", "variant": cfg.variant,
-            "config": explicit, "config_sources": {k: "user" for k in explicit}}
+            "config": explicit, "config_sources": {k: source(k) for k in explicit}}
 
 
 def _run_job(source: str, cfg_dict: dict) -> dict:

@@ -471,6 +471,8 @@ CASES: list[HttpCase] = [
     HttpCase("train_malformed_json", train_json(None, raw=b'{"source_uri": '), 400, "invalid_json", None, r"not valid JSON"),
     HttpCase("train_json_empty_trigger", train_json({"source_uri": "s3://bucket/refs", "trigger": ""}),
              422, "invalid_request", "trigger", r"trigger word is empty"),
+    HttpCase("train_json_unknown_variant", train_json({"source_uri": "s3://bucket/refs", "variant": "GEM+Z"}),
+             422, "invalid_request", None, r"variant"),
     HttpCase("train_json_rank_zero", train_json({"source_uri": "s3://bucket/refs", "rank": 0}),
              422, "invalid_request", "rank", r"greater than or equal to 1"),
     HttpCase("train_json_rank_as_a_string", train_json({"source_uri": "s3://bucket/refs", "rank": "8"}),

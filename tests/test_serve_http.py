@@ -107,9 +107,12 @@ def training_job(service, tmp_path_factory):
             z.write(path, path.name)
     r = service["client"].post("/v1/loras", headers=_auth(service["keys"]["acme"]),
                                files={"refs": ("refs.zip", buf.getvalue(), "application/zip")},
-                               data={"trigger": "zxy_neon"})
+                               data={"trigger": "zxy_neon", "variant": "GEM+B"})
     assert r.status_code == 202, r.text
-    return {"id": r.json()["id"], "zip": buf.getvalue()}
+    answer = r.json()
+    # the variant this request named is its explicit choice, and the answer says so
+    assert answer["variant"] == "GEM+B" and answer["config_sources"]["variant"] == "user", answer
+    return {"id": answer["id"], "zip": buf.getvalue()}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from serve import jobs as jobstore
 from serve.errors import ApiError
@@ -20,6 +20,7 @@ from serve.middleware import API_PREFIX, ctx, parse_json_body, tenant_of
 from serve.routers.common import checked_trigger, upload_label
 from serve.tenants import retry_after_header
 from train.dataset import DatasetError, load_refs
+from train.recipe import ConfigError
 
 log = logging.getLogger("klein.serve.ingress")
 
@@ -30,9 +31,15 @@ class TrainSourceBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source_uri: StrictStr = Field(..., min_length=1, max_length=2000)
     trigger: StrictStr = "zxy_style"
+    variant: StrictStr | None = Field(None, min_length=1, max_length=32)
     steps: StrictInt | None = Field(None, ge=1, le=100_000)
     rank: StrictInt | None = Field(None, ge=1, le=512)
+    linear_alpha: StrictFloat | StrictInt | None = Field(None, gt=0, le=4096)
+    optimizer: StrictStr | None = Field(None, min_length=1, max_length=32)
+    lr: StrictFloat | None = Field(None, gt=0, lt=1)
     resolution: StrictInt | None = Field(None, ge=64, le=4096)
+    targets: StrictStr | None = Field(None, min_length=1, max_length=32)
+    seed: StrictInt | None = Field(None, ge=0, le=2**31 - 1)
 
 
 def _is_inside(uri: str, root: str) -> bool:
@@ -55,8 +62,9 @@ def _form_value(value, name: str) -> int:
 
 @router.post("/loras", status_code=202)
 async def create_lora(request: Request) -> JSONResponse:
-    """Start training: multipart (`refs`: a zip of images, `trigger`, optional `steps`/`rank`/`resolution`),
-    or JSON `{"source_uri": ..., "trigger": ...}`."""
+    """Start training: multipart (`refs`: a zip of images, `trigger`, optional `variant`/`steps`/`rank`/
+    `resolution`), or JSON `{"source_uri": ..., "trigger": ..., "variant": ..., "rank": ...}`. Answers the job id
+    and the keys this request set with their source (`user`): they win over the variant's defaults."""
     state = ctx()
     tenant = await tenant_of(request)
     if state.jobs.active_count(tenant) >= state.config.max_training_jobs_per_tenant:
@@ -71,10 +79,15 @@ async def create_lora(request: Request) -> JSONResponse:
     else:
         raise ApiError(415, "send multipart/form-data with a `refs` zip, or JSON with `source_uri`", "content-type")
     trigger = options.pop("trigger")
-    cfg = jobstore.train_config(state.config.train_overrides, tenant, job_id, trigger, state.storage.uri,
-                                state.config.model, options)
+    try:
+        cfg = jobstore.train_config(state.config.train_overrides, tenant, job_id, trigger, state.storage.uri,
+                                    state.config.model, options)
+    except ConfigError as e:
+        await asyncio.to_thread(_forget_upload, jobstore.upload_key(tenant, job_id))
+        raise ApiError(422, str(e), None) from None
     state.jobs.submit(tenant, source, cfg)
-    return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
+    # the keys this request set, each with its source: they win over the variant's defaults
+    return JSONResponse(jobstore.submission_answer(cfg, state.config.train_overrides), status_code=202)
 
 
 async def _receive_zip(request: Request, tenant: str, job_id: str) -> tuple[str, dict]:
@@ -87,6 +100,11 @@ async def _receive_zip(request: Request, tenant: str, job_id: str) -> tuple[str,
         raise ApiError(413, f"the upload is {upload.size} bytes; the limit is {state.config.max_upload_bytes}", "refs")
     options = {name: _form_value(form.get(name), name) for name in ("steps", "rank", "resolution")
                if form.get(name) is not None}
+    variant = form.get("variant")
+    if variant is not None:
+        if not isinstance(variant, str) or not variant.strip() or len(variant) > 32:
+            raise ApiError(422, "`variant` must be auto, custom or a variant name", "variant")
+        options["variant"] = variant.strip()
     trigger = form.get("trigger")
     if trigger is not None and not isinstance(trigger, str):
         raise ApiError(422, "`trigger` must be a text field", "trigger")
