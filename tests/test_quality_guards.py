@@ -21,12 +21,8 @@ CASES = [
     pytest.param("Watercolor painting of a cat", "watercolor", "medium", id="capitalised-medium"),
     pytest.param("A MOODY street at night", "moody", "mood", id="upper-case-mood"),
     pytest.param("Cat on a Blue sofa", "blue", "colour", id="capitalised-colour"),
-    pytest.param("Black-and-white photo of a dog", "black-and-white", "colour", id="hyphenated-colour",
-                 marks=pytest.mark.xfail(strict=True, reason="the lint reads 'black-and-white' as one token that "
-                                         "is not in gemini/style_words.py (nor are its parts split off)")),
-    pytest.param("Sun-drenched street", "sun-drenched", "lighting", id="hyphenated-lighting",
-                 marks=pytest.mark.xfail(strict=True, reason="'sun-drenched' is not in gemini/style_words.py "
-                                         "(a lighting word)")),
+    pytest.param("Black-and-white photo of a dog", "black-and-white", "colour", id="hyphenated-colour"),
+    pytest.param("Sun-drenched street", "sun-drenched", "lighting", id="hyphenated-lighting"),
 ]
 
 
