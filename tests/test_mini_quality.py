@@ -53,13 +53,13 @@ def test_mini_is_klein_classes_loaded_from_the_shipped_folder_within_budget(mini
 
 def test_the_base_draws_the_prompted_content(mini_pipe, judge):
     """Every class x 2 seeds at 28 steps with CFG: the judge recognises the prompted content (measured 0.92 on an
-    H200 after pretraining run 3, README)."""
+    H200 after run 3 and 0.96 on CPU with the shipped run-4 weights, README)."""
     contents = [c for _ in (0, 1) for c in world.CONTENT_CLASSES]
     seeds = [s for s in (0, 1) for _ in world.CONTENT_CLASSES]
     prompts = [world.caption(c, s) for c, s in zip(contents, seeds)]
     images = draw(mini_pipe, prompts, seeds, MINI_RESOLUTION, MINI_STEPS, MINI_GUIDANCE)
     summary = judge.summary(images, contents)
-    assert summary["content_ok"] >= 0.75, summary
+    assert summary["content_ok"] >= 0.8, summary  # measured 0.96 on CPU (README)
     verdicts = judge.judge(images, contents)
     held_out = [v.style for v in verdicts if v.style in world.HELDOUT_STYLES]
     assert not held_out, f"the base drew held-out styles it never saw: {held_out}"
