@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 from PIL import Image
 
 from klein.lora import LoraWeights, add_lora
@@ -128,8 +129,6 @@ def denoise(pipe, request: GenerateRequest, on_step: Callable[[int, int], None] 
     """`Flux2KleinPipeline.__call__` (text-to-image) as our own loop, so that CFG runs as one batch of 2 and
     steps can be cached. With `batch_cfg=False` and no step cache it computes what the pipeline computes,
     operation for operation (tests/test_accel.py checks the pixels are equal)."""
-    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
-
     if batch_cfg is None:
         batch_cfg = accel.batch_cfg if accel is not None else True
     if step_cache is None and accel is not None:

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+from klein.mini import MINI_PRESET_DIR, MINI_PRESET_VERSION
+from klein.tiny import TINY_PRESET_VERSION, tiny_preset_dir
 
 # (subfolder, expected class, config file) of every component a Klein folder must hold.
 KLEIN_COMPONENTS = {
@@ -54,12 +58,8 @@ def resolve_model_source(source: str | os.PathLike, cache_dir: str | os.PathLike
     """`tiny` → the tiny preset folder (built on first use); `mini` → the pretrained preset shipped in the
     repository; anything else → a checked local folder."""
     if str(source) == "tiny":
-        from klein.tiny import tiny_preset_dir
-
         return tiny_preset_dir(cache_dir)
     if str(source) == "mini":
-        from klein.mini import MINI_PRESET_DIR
-
         if not (MINI_PRESET_DIR / "model_index.json").exists():
             raise ModelLoadError(
                 f"the mini preset's weights are missing from {MINI_PRESET_DIR}: they ship with the repository "
@@ -147,8 +147,6 @@ def load_pipeline(
     `dtype` defaults to bfloat16 on CUDA and float32 on CPU. `components` restricts what is loaded (e.g.
     `("transformer",)` for a training worker, which never needs the text encoder or VAE); the others are None.
     """
-    from diffusers import Flux2KleinPipeline
-
     folder = resolve_model_source(source, cache_dir)
     device = torch.device(device)
     if dtype is None:
@@ -171,8 +169,6 @@ def load_pipeline(
 
 def load_transformer(source: str | os.PathLike = "tiny", dtype: torch.dtype = torch.float32, device="cpu", cache_dir=None):
     """Only the denoiser, for training workers (latents and prompt embeddings are cached beforehand)."""
-    from diffusers import Flux2Transformer2DModel
-
     folder = resolve_model_source(source, cache_dir)
     model = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype, local_files_only=True)
     return model.to(device)
@@ -181,11 +177,7 @@ def load_transformer(source: str | os.PathLike = "tiny", dtype: torch.dtype = to
 def model_id(source: str | os.PathLike) -> str:
     """A stable name for manifests: `tiny-v<N>`, `mini-v<N>` or the folder name of real weights."""
     if str(source) == "tiny":
-        from klein.tiny import TINY_PRESET_VERSION
-
         return f"tiny-v{TINY_PRESET_VERSION}"
     if str(source) == "mini":
-        from klein.mini import MINI_PRESET_VERSION
-
         return f"mini-v{MINI_PRESET_VERSION}"
     return Path(source).expanduser().resolve().name

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 log = logging.getLogger("klein.tiny")
 
@@ -108,8 +111,6 @@ def tiny_preset_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def build_tiny_preset(out_dir: Path, seed: int = 0) -> None:
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     log.info("building the tiny Klein preset in %s", out_dir)
     tokenizer = build_tiny_tokenizer()
@@ -148,8 +149,6 @@ def build_tiny_preset(out_dir: Path, seed: int = 0) -> None:
 
 def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
     """A byte-level BPE `Qwen2TokenizerFast` trained on `corpus` (the tiny preset's own by default)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
