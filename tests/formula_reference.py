@@ -1,7 +1,7 @@
 """A reference for data-parallel training written from the formulas, not from our training step.
 
-`tests/replay.py` replays a run with the product's own loss, optimizer and scheduler, so a bug in those is in
-the oracle too and only DDP-specific errors can show. This one writes each piece out here: the rectified-flow
+The replay this replaced ran the product's own loss, optimizer and scheduler, so a bug in those was in the
+oracle too and only DDP-specific errors could show. This one writes each piece out here: the rectified-flow
 objective (noisy = (1 - σ)·x0 + σ·noise, velocity target noise - x0, MSE over the packed tokens), the mean of
 the ranks' gradients (what DDP's all-reduce computes), clipping by the global gradient norm, the cosine
 schedule, and the AdamW / Adafactor updates. Only the inputs come from the product: the frozen base with its
