@@ -50,7 +50,6 @@ class KleinVariant:
         return cls(known.get(key, "klein-custom"), hidden, config.joint_attention_dim, config.num_layers, config.num_single_layers)
 
 
-PRESETS = ("tiny", "mini")
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # Klein pads every prompt to 512 Qwen3 tokens
 
 
