@@ -89,7 +89,10 @@ def native_resolution(source: str | os.PathLike, cache_dir: str | os.PathLike | 
 def max_sequence_length(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> int:
     """How many text tokens prompts are padded to: 512 for Klein, less where a preset declares it (mini: 64).
     Training caches, samples and serving must all use the same number, so they all ask here."""
-    folder = resolve_model_source(source, cache_dir)
+    return _declared_text_length(resolve_model_source(source, cache_dir))
+
+
+def _declared_text_length(folder: Path) -> int:
     return int(preset_declaration(folder).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
 
 
@@ -162,7 +165,7 @@ def load_pipeline(
         raise ModelLoadError(f"could not load the Klein pipeline from {folder}: {e}") from e
     pipe.set_progress_bar_config(disable=True)
     # Read by klein.generate and train.cache when a request leaves max_sequence_length unset.
-    pipe.klein_max_sequence_length = int(preset_declaration(folder).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+    pipe.klein_max_sequence_length = _declared_text_length(folder)
     return pipe.to(device)
 
 
