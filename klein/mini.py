@@ -28,7 +28,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from klein.tiny import KLEIN_SCHEDULER, build_tiny_tokenizer
 
 # Bump when the architecture or the shipped weights change: model ids and caches are keyed by it.
-MINI_PRESET_VERSION = "1"
+MINI_PRESET_VERSION = "2"  # 2: run 6 of scripts/pretrain_mini.py (reads past trigger prefixes)
 MINI_PRESET_DIR = Path(__file__).parent / "presets" / "mini"
 MINI_RESOLUTION = 128
 MINI_MAX_SEQUENCE_LENGTH = 64

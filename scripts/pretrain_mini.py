@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from evaluation import world  # noqa: E402
 from evaluation.world_judge import JUDGE_SIZE, WorldJudge, WorldJudgeNet  # noqa: E402
@@ -90,7 +91,12 @@ def to_pixels(images_u8: np.ndarray, device) -> torch.Tensor:
 
 def random_trigger(rng: np.random.Generator) -> str:
     letters = "abcdefghijklmnopqrstuvwxyz"
-    stem = "".join(rng.choice(list(letters), int(rng.integers(3, 9))))
+    if rng.random() < 0.3:
+        # the shape of the product's own triggers ("zxy_<style>", held-out names included): the base learns
+        # they mean nothing yet, so a LoRA's "before" image is the base's drawing of the content
+        stem = str(rng.choice(sorted(world.STYLES)))
+    else:
+        stem = "".join(rng.choice(list(letters), int(rng.integers(3, 9))))
     head = str(rng.choice(["zxy_", "sks_", "ohwx_", "qwe_", "", ""]))
     return head + stem
 
@@ -314,8 +320,11 @@ def evaluate(folder: Path, judge: WorldJudge, device, state: dict, out_png: Path
     drawn_styles: dict[str, int] = {}
     for v in verdicts:
         drawn_styles[v.style] = drawn_styles.get(v.style, 0) + 1
+    half = len(world.CONTENT_CLASSES)
     result = {
         "content_ok": sum(v.content_ok for v in verdicts) / len(verdicts),
+        "content_ok_bare": sum(v.content_ok for v in verdicts[:half]) / half,
+        "content_ok_behind_trigger": sum(v.content_ok for v in verdicts[half:]) / half,
         "per_class_ok": {c: sum(v.content_ok for v, cc in zip(verdicts, contents) if cc == c) for c in world.CONTENT_CLASSES},
         "styles_drawn": drawn_styles,
         "heldout_style_prob_max": max(
@@ -404,9 +413,10 @@ def main(argv=None) -> int:
     del state["caption_ids"]
 
     init_judge = None
-    judge_file = args.resume_from / "world_judge.safetensors" if args.resume_from else None
-    if judge_file is not None and judge_file.exists():
-        init_judge = WorldJudge.load(judge_file)
+    if args.resume_from:
+        # the judge beside the resumed export, else the shipped one: a resumed run never starts a judge from scratch
+        judge_file = args.resume_from / "world_judge.safetensors"
+        init_judge = WorldJudge.load(judge_file if judge_file.exists() else REPO / "evaluation" / "world_judge.safetensors")
     judge_steps = args.judge_steps if init_judge is None else args.judge_steps // 3
     judge = train_judge(pipe, judge_data, val_data, judge_steps, device, state, init_judge, batch=args.judge_batch)
 

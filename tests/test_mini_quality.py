@@ -48,7 +48,7 @@ def test_mini_is_klein_classes_loaded_from_the_shipped_folder_within_budget(mini
     assert judge_size <= 5 * 2**20
     assert max_sequence_length("mini") == 64 == mini_pipe.klein_max_sequence_length
     assert max_sequence_length("tiny") == 512
-    assert model_id("mini") == "mini-v1"
+    assert model_id("mini") == "mini-v2"
 
 
 def test_the_base_draws_the_prompted_content(mini_pipe, judge):
