@@ -329,6 +329,10 @@ def test_trained_lora_status_and_files(http, service, trained):
     assert sheet.status_code == 200 and sheet.headers["content-type"] == "image/png"
     Image.open(io.BytesIO(sheet.content)).verify()
     _assert_error(http.get(f"/v1/loras/{trained['id']}/files/manifest.json", headers=_auth(key)), 404, "name")
+    # the ComfyUI export is listed and downloaded under its job's own name (ComfyUI's loras folder is flat)
+    comfy_name = f"{trained['id']}_zxy_neon.safetensors"
+    comfy = http.get(trained["files"][comfy_name], headers=_auth(key))
+    assert comfy.status_code == 200 and comfy.headers["content-disposition"] == f'attachment; filename="{comfy_name}"'
     assert trained["id"] in {i["id"] for i in http.get("/v1/loras", headers=_auth(key)).json()["loras"]}
 
 

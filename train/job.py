@@ -23,13 +23,13 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailed
 from cluster.pools import TRAIN_RESOURCE, cluster_has_gpus, queued_train_loop, train_pool_turn, train_scaling_config
 from cluster.storage import Storage
 from contracts import (
-    COMFYUI_FILE,
     CONTACT_SHEET,
     JOB_ID_RULE,
     LORA_FILE,
     LOSS_PLOT,
     Manifest,
     checkpoint_key,
+    comfyui_file_name,
     is_job_id,
     lora_prefix,
     manifest_key,
@@ -252,9 +252,10 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
                                                            sampled, cfg.sample_prompts, cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
     loss_png = loss_plot_png(state["log"], val, best_step=best["step"])
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
+    comfy_name = comfyui_file_name(cfg.job_id, cfg.trigger)
     files = {
         LORA_FILE: lora_bytes,
-        COMFYUI_FILE: comfy_bytes,
+        comfy_name: comfy_bytes,
         CONTACT_SHEET: sheet_png,
         LOSS_PLOT: loss_png,
     }
@@ -291,6 +292,7 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
         "consis_lora": consis,
         "style_profile": profile,
         "files": hashes,
+        "comfyui_file": comfy_name,
         "elapsed_s": time.time() - started,
     }
     Manifest.model_validate(manifest)  # the readers' contract (contracts.Manifest) holds before anything reads it
