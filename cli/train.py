@@ -29,6 +29,7 @@ from train.captions import TriggerError
 from train.dataset import DatasetError
 from train.job import JobError, lora_prefix, new_job_id, run_training_job
 from train.recipe import ConfigError, TrainConfig
+from train.status import stop_jobs_on_signals
 from train.report import image_grid
 
 # The demo teaches the mini preset (pretrained on the procedural world, klein/mini.py) a style it has never
@@ -118,7 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("no trigger: pass --trigger (e.g. --trigger zxy_ink) or set `trigger` (ai-toolkit: "
                               "trigger_word) in the --config file")
         _start_ray(args.address)
-        manifest = run_with_progress(refs, cfg)
+        with stop_jobs_on_signals():  # a SIGTERM leaves the job "stopped", not "training"
+            manifest = run_with_progress(refs, cfg)
     except (ConfigError, DatasetError, TriggerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

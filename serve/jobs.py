@@ -22,10 +22,11 @@ import contracts
 from cluster.storage import Storage, StorageError, tenant_prefix
 from train.job import check_job_id, lora_prefix, new_job_id, run_training_job
 from train.recipe import VARIANTS, TrainConfig
+from train.status import STOPPED
 
 log = logging.getLogger("klein.serve.jobs")
 
-TERMINAL_STATES = ("done", "failed", "cancelled")
+TERMINAL_STATES = ("done", "failed", "cancelled", STOPPED)  # STOPPED: its driver got a stop signal (train/status.py)
 # what clients may download from any LoRA folder, by the short name used in URLs (see public_files)
 PUBLIC_FILES = {
     "contact_sheet.png": "samples/contact_sheet.png",

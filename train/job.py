@@ -34,7 +34,6 @@ from contracts import (
     lora_prefix,
     manifest_key,
     new_job_id,
-    status_key,
     with_trigger,
     without_trigger,
 )
@@ -50,6 +49,7 @@ from train.captions import check_trigger
 from train.dataset import load_refs
 from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
+from train.status import JobStatus
 from train.report import image_grid, loss_plot_png
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
 
@@ -118,13 +118,16 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     storage = Storage.from_uri(cfg.storage)
     cfg.storage = storage.uri
     started = time.time()
+    status = JobStatus(storage, cfg.job_id, cfg.tenant, progress)
+    with status.running():  # a stop signal to this driver marks the job "stopped" (train/status.py)
+        try:
+            return _run_stages(source, cfg, storage, status, started)
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C in this thread: the job says so, not "training"
+            status.stopped(f"{type(e).__name__} in the driver")
+            raise
 
-    def status(state: str, **extra):
-        info = {"state": state, "job_id": cfg.job_id, "tenant": cfg.tenant, "updated": time.time(), **extra}
-        storage.write_json(status_key(cfg.job_id), info)
-        if progress:
-            progress(info)
 
+def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, started: float) -> dict:
     status("preparing")
     try:
         prepared, cfg = prepare_dataset(source, cfg, on_gpu=bool(cfg.use_gpu))
@@ -133,13 +136,13 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         raise
     for w in prepared.warnings:
         log.warning("%s", w)
-    stage = "caching"
+    status.stage = "caching"
     try:
         status("caching", decision=prepared.decision, warnings=prepared.warnings, config=public_config(cfg),
                config_sources=public_sources(prepared.sources))
         ref_set = prepared.ref_set
         cache_key = _build_cache(ref_set, prepared.captions, cfg)
-        stage = "training"
+        status.stage = "training"
         consis = None
         if cfg.consis_lora:
             # ConsisLoRA: a content LoRA on the trigger-less captions first; the style LoRA then trains on top
@@ -156,13 +159,13 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
                       "content_lora": cfg.content_lora}
         status("training", step=0, steps=cfg.steps, decision=prepared.decision)
         final_state = _fit(cfg, cache_key, storage)
-        stage = "finishing"
+        status.stage = "finishing"
         manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
     except Exception as e:
         # whichever stage failed (a model folder the cache task cannot load, a worker error, a contact sheet),
         # the job's own status says so in one line; checkpoints stay, and resubmitting the job id resumes
-        reason = str(e) if isinstance(e, JobError) else f"job {cfg.job_id} failed while {stage}: {failure_reason(e)}"
-        status("failed", error=reason, stage=stage)
+        reason = str(e) if isinstance(e, JobError) else f"job {cfg.job_id} failed while {status.stage}: {failure_reason(e)}"
+        status("failed", error=reason, stage=status.stage)
         if isinstance(e, JobError):
             raise
         raise JobError(reason) from e
