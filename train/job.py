@@ -100,8 +100,18 @@ def _cache_task_options(cfg: TrainConfig) -> dict:
     return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, "resources": {TRAIN_RESOURCE: 1}}
 
 
-def _ray_storage_path(storage: Storage) -> str:
-    return storage.uri_of("ray_train") if not storage.is_local else str(storage.local_path("ray_train"))
+def ray_run_config(cfg: TrainConfig, storage: Storage) -> RunConfig:
+    """Ray Train's run (checkpoints, its own state) under `<storage>/ray_train/<job_id>`, written through our
+    storage's filesystem object: given only a URI, Ray would build its own filesystem and send an `s3://` run to
+    AWS even where KLEIN_S3_ENDPOINT names a MinIO server (or a GCS emulator). With a filesystem, Ray wants the
+    path inside it (`bucket/prefix/ray_train`, no scheme)."""
+    return RunConfig(
+        name=cfg.job_id,
+        storage_path=storage.path("ray_train"),
+        storage_filesystem=storage.fs,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+    )
 
 
 def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
@@ -185,12 +195,7 @@ def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
         queued_train_loop(train_loop_per_worker, cfg.job_id),
         train_loop_config={"train": cfg.to_dict(), "cache_key": cache_key},
         scaling_config=train_scaling_config(cfg.num_workers, use_gpu=bool(cfg.use_gpu)),
-        run_config=RunConfig(
-            name=cfg.job_id,
-            storage_path=_ray_storage_path(storage),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
+        run_config=ray_run_config(cfg, storage),
     )
     # jobs enter the training pool in arrival order (Ray alone retries pending placement groups by back-off)
     with train_pool_turn(cfg.job_id, poll_s=1.0):
