@@ -157,7 +157,8 @@ def test_training_started_and_a_second_job_is_refused(service, training_job):
 
 
 def test_health_docs_and_metrics(http):
-    assert http.get("/healthz").json()["status"] == "ok"
+    health = http.get("/healthz").json()  # serve.run returned: the Generator runs, which /healthz learns from Serve
+    assert health["status"] == "ok" and health["generator"] == "ready", health
     assert http.get("/docs").status_code == 200
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/v1/generate", "/v1/loras", "/v1/loras/{lora_id}", "/v1/style-profile"} <= set(paths)
