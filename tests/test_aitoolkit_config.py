@@ -55,7 +55,7 @@ config:
         width: 512
         height: 512
         prompts:
-          - a lighthouse at dawn
+          - "[trigger] a lighthouse at dawn"
           - a cat on a chair
         neg: ""
         seed: 42
@@ -68,7 +68,7 @@ meta:
 EXPECTED = dict(trigger="zxy_ink", rank=16, linear_alpha=8, save_every=125, keep_checkpoints=5, caption_dropout_rate=0.1,
                 resolution=1024, batch_size=2, steps=1500, gradient_accumulation_steps=3, gradient_checkpointing=True,
                 optimizer="adamw", lr=2e-4, lr_scheduler="constant_with_warmup", seed=7, sample_every=250,
-                sample_size=512, sample_prompts=["a lighthouse at dawn", "a cat on a chair"], sample_steps=12)
+                sample_size=512, sample_prompts=["zxy_ink a lighthouse at dawn", "a cat on a chair"], sample_steps=12)
 
 
 def write(tmp_path, text: str, name: str = "job.yaml"):
@@ -90,7 +90,8 @@ def test_an_ai_toolkit_job_file_maps_to_our_keys_as_the_users_settings(tmp_path)
         assert key in notes
     assert "using the largest, 1024" in notes  # the resolution list is reduced and says so
     # command-line flags still win over the file
-    assert TrainConfig.from_yaml(write(tmp_path, AITOOLKIT_JOB.format(folder="refs")), steps=9).steps == 9
+    again = TrainConfig.from_yaml(write(tmp_path, AITOOLKIT_JOB.format(folder="refs")), steps=9, trigger="zxy_oil")
+    assert again.steps == 9 and again.sample_prompts[0] == "zxy_oil a lighthouse at dawn"  # [trigger] is the final one
 
 
 @pytest.mark.parametrize("change, message", [

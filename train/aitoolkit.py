@@ -14,6 +14,7 @@ from typing import Any
 
 from train.errors import ConfigError
 
+AITOOLKIT_TRIGGER = "[trigger]"  # ai-toolkit's placeholder for the trigger word in sample prompts
 # ai-toolkit path inside config.process[0] -> our TrainConfig key
 MAPPED: dict[str, str] = {
     "trigger_word": "trigger",

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from train.aitoolkit import is_aitoolkit_job, read_aitoolkit_job
+from train.aitoolkit import AITOOLKIT_TRIGGER, is_aitoolkit_job, read_aitoolkit_job
 from train.errors import ConfigError
 
 OPTIMIZERS = ("adafactor", "adamw", "adamw8bit")
@@ -217,6 +217,11 @@ class TrainConfig(BaseModel):
                               f"{str(e).split(':', 1)[1].strip()}") from None
         if job is not None:
             cfg._dataset_folder, cfg._load_notes = job.dataset_folder, list(job.notes)
+            # ai-toolkit writes the trigger into sample prompts as `[trigger]`; ours is the final trigger (a
+            # --trigger flag included), and samples still get the usual `<trigger>. ` prefix where it is missing
+            if any(AITOOLKIT_TRIGGER in p for p in cfg.sample_prompts):
+                cfg.sample_prompts = [p.replace(AITOOLKIT_TRIGGER, cfg.trigger) for p in cfg.sample_prompts]
+                cfg._load_notes.append(f"sample.prompts: {AITOOLKIT_TRIGGER} replaced by the trigger {cfg.trigger!r}")
         return cfg
 
     @property
