@@ -42,9 +42,19 @@ def is_job_id(value: object) -> bool:
 TENANTS_ROOT = "tenants"
 MANIFEST = "manifest.json"
 LORA_FILE = "lora.safetensors"
-COMFYUI_FILE = "lora_comfyui.safetensors"
+LEGACY_COMFYUI_FILE = "lora_comfyui.safetensors"  # the ComfyUI export of LoRAs trained before comfyui_file_name
 CONTACT_SHEET = "samples/contact_sheet.png"
 LOSS_PLOT = "samples/loss.png"
+
+
+def comfyui_file_name(job_id: str, trigger: str) -> str:
+    """`<job_id>_<trigger>.safetensors`: the ComfyUI export's name. ComfyUI keeps every LoRA in one flat
+    `models/loras` folder, so a fixed name (every job's `lora.safetensors`) would overwrite the last download;
+    the job id is unique and the trigger says which word calls the style up. Anything but ASCII letters, digits,
+    '_' and '-' becomes '_' (ids and triggers are checked to that alphabet already; this keeps the name safe on
+    every filesystem should one ever not be)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", f"{job_id}_{trigger}").strip("_-")[:120]
+    return f"{stem}.safetensors"
 
 
 def lora_prefix(tenant: str, job_id: str) -> str:
@@ -145,6 +155,7 @@ class Manifest(BaseModel):
     decision: Decision
     warnings: list[str] = Field(default_factory=list)
     files: dict[str, str] = Field(default_factory=dict)  # file name (relative to the LoRA's prefix) -> sha256
+    comfyui_file: str | None = None  # the ComfyUI export's name in `files` (comfyui_file_name); None: none written
     best_step: int | None = None
     delivered_step: int | None = None
     style_profile: dict[str, Any] | None = None

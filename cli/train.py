@@ -29,6 +29,7 @@ from train.captions import TriggerError
 from train.dataset import DatasetError
 from train.job import JobError, lora_prefix, new_job_id, run_training_job
 from train.recipe import ConfigError, TrainConfig
+from train.status import stop_jobs_on_signals
 from train.report import image_grid
 
 # The demo teaches the mini preset (pretrained on the procedural world, klein/mini.py) a style it has never
@@ -40,9 +41,13 @@ DEMO_CONTENTS = ("lighthouse", "cat", "boat")
 
 def register(sub) -> None:
     t = sub.add_parser("train", help="train a style LoRA from reference images through Ray Train")
-    t.add_argument("refs", help="folder, .zip or storage URI (s3://, gs://) of 2–50 reference images (+ optional .txt captions)")
-    t.add_argument("--trigger", required=True, help="a rare token that will call up the style, e.g. zxy_ink")
-    t.add_argument("--config", help="TrainConfig YAML (ai-toolkit key names: rank, linear_alpha, lr, steps, ...)")
+    t.add_argument("refs", nargs="?", default=None,
+                   help="folder, .zip or storage URI (s3://, gs://) of 2–50 reference images (+ optional .txt captions); "
+                        "default: the --config ai-toolkit job file's datasets[0].folder_path")
+    t.add_argument("--trigger", default=None,
+                   help="a rare token that will call up the style, e.g. zxy_ink (required unless the config sets it)")
+    t.add_argument("--config", help="TrainConfig YAML (ai-toolkit key names: rank, linear_alpha, lr, steps, ...) or an "
+                                    "ai-toolkit job file (job: / config: process: [...])")
     t.add_argument("--model", default=None, help="`tiny` or a local FLUX.2 Klein folder (default: the config's, else tiny)")
     t.add_argument("--storage", default=None, help="storage URI for caches, checkpoints and the LoRA")
     t.add_argument("--tenant", default=None)
@@ -109,8 +114,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg = TrainConfig.from_yaml(args.config, **overrides)
         else:
             cfg = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+        refs = train_refs(args.refs, cfg, args.config)
+        if "trigger" not in cfg.model_fields_set:
+            raise ConfigError("no trigger: pass --trigger (e.g. --trigger zxy_ink) or set `trigger` (ai-toolkit: "
+                              "trigger_word) in the --config file")
         _start_ray(args.address)
-        manifest = run_with_progress(args.refs, cfg)
+        with stop_jobs_on_signals():  # a SIGTERM leaves the job "stopped", not "training"
+            manifest = run_with_progress(refs, cfg)
     except (ConfigError, DatasetError, TriggerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -122,6 +132,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     _print_summary(manifest, cfg)
     return 0
+
+
+def train_refs(refs_arg: str | None, cfg: TrainConfig, config_path: str | None) -> str:
+    """The refs to train on: the command line's, else the ai-toolkit job file's datasets[0].folder_path (the command
+    line wins, as every flag does over the file). Prints the notes of an ai-toolkit file's no-effect keys."""
+    for note in cfg.load_notes:
+        print(f"note: {config_path}: {note}", file=sys.stderr)
+    if refs_arg is not None:
+        if cfg.dataset_folder is not None and cfg.dataset_folder != refs_arg:
+            print(f"note: training on {refs_arg} (command line), not {config_path}'s datasets[0].folder_path "
+                  f"{cfg.dataset_folder}", file=sys.stderr)
+        return refs_arg
+    if cfg.dataset_folder is None:
+        raise ConfigError("no reference images: pass the refs folder (klein-style train REFS ...)"
+                          + (f" or set datasets[0].folder_path in {config_path}" if config_path else ""))
+    return cfg.dataset_folder
 
 
 def _print_summary(manifest: dict, cfg) -> None:

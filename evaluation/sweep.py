@@ -95,6 +95,7 @@ from train.job import run_training_job
 from train.recipe import VARIANTS, ConfigError, TrainConfig, choose_variant, unknown_keys_message
 from train.report import image_grid
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
+from train.status import stop_jobs_on_signals
 
 log = logging.getLogger("klein.sweep")
 
@@ -1156,8 +1157,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     where = connect_ray(args.address, train_slots=spec.concurrency or min(2, os.cpu_count() or 1))
     print(f"Ray: {where}", flush=True)
 
+    # `ray job stop` (SIGTERM) or Ctrl-C: the cells training in this driver's threads end as "stopped"
     try:
-        report = run_sweep(spec, log=lambda line: print(line, flush=True))
+        with stop_jobs_on_signals():
+            report = run_sweep(spec, log=lambda line: print(line, flush=True))
     except (SweepError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -167,6 +167,22 @@ MUTATIONS: list[Mutation] = [
       "                                                  parallel_strategy_kwargs={\"find_unused_parameters\": False})",
       "            model = transformer",
       ("tests/test_train_scaleout.py::test_two_workers_train_data_parallel_exactly",), slow=True),
+    # -- issue 21: ai-toolkit configs, ComfyUI file names, stopped jobs, Ray Train's storage, /healthz ----------
+    M("aitoolkit-silent-keys", "an ai-toolkit key we cannot train is ignored instead of refused by name",
+      "train/aitoolkit.py", "            raise ConfigError(f\"{where} is not supported: {hint}\")", "            pass",
+      ("tests/test_aitoolkit_config.py::test_unsupported_ai_toolkit_keys_are_refused_by_name",)),
+    M("comfyui-fixed-name", "every job's ComfyUI export has the same name (they overwrite each other in ComfyUI)",
+      "contracts.py", "    return f\"{stem}.safetensors\"", "    return \"lora_comfyui.safetensors\"",
+      ("tests/test_lora_files.py",)),
+    M("stop-signal-ignored", "a signalled driver leaves its jobs at \"training\"",
+      "train/status.py", "        mark_running_jobs_stopped(f\"the driver received", "        0 and mark_running_jobs_stopped(f\"the driver received",
+      ("tests/test_job_stop.py",)),
+    M("ray-storage-default-fs", "Ray Train builds its own filesystem from the URI (an s3:// run goes to AWS, not MinIO)",
+      "train/job.py", "        storage_filesystem=storage.fs,\n", "",
+      ("tests/test_storage.py::test_ray_trains_run_goes_through_our_filesystem",)),
+    M("healthz-always-ok", "/healthz answers 200 while the Generator is still starting",
+      "serve/routers/service.py", "    if ready is False:", "    if False:",
+      ("tests/test_serve_health.py",)),
 ]
 
 

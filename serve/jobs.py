@@ -22,17 +22,26 @@ import contracts
 from cluster.storage import Storage, StorageError, tenant_prefix
 from train.job import check_job_id, lora_prefix, new_job_id, run_training_job
 from train.recipe import VARIANTS, TrainConfig
+from train.status import STOPPED
 
 log = logging.getLogger("klein.serve.jobs")
 
-TERMINAL_STATES = ("done", "failed", "cancelled")
-# what clients may download from a LoRA folder, by the short name used in URLs
+TERMINAL_STATES = ("done", "failed", "cancelled", STOPPED)  # STOPPED: its driver got a stop signal (train/status.py)
+# what clients may download from any LoRA folder, by the short name used in URLs (see public_files)
 PUBLIC_FILES = {
     "contact_sheet.png": "samples/contact_sheet.png",
     "loss.png": "samples/loss.png",
     "lora.safetensors": "lora.safetensors",
-    "lora_comfyui.safetensors": "lora_comfyui.safetensors",
 }
+
+
+def public_files(manifest: dict) -> dict[str, str]:
+    """Short URL name -> path in the LoRA's folder, for the public files this manifest holds: the fixed ones and
+    the ComfyUI export, which is named after the job (`manifest["comfyui_file"]`) or, in LoRAs trained before,
+    `lora_comfyui.safetensors`."""
+    comfy = manifest.get("comfyui_file") or contracts.LEGACY_COMFYUI_FILE
+    candidates = {**PUBLIC_FILES, comfy: comfy}
+    return {name: path for name, path in candidates.items() if path in manifest.get("files", {})}
 
 
 # the keys are contracts' (contracts.py); here each part is checked first

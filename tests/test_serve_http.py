@@ -157,7 +157,8 @@ def test_training_started_and_a_second_job_is_refused(service, training_job):
 
 
 def test_health_docs_and_metrics(http):
-    assert http.get("/healthz").json()["status"] == "ok"
+    health = http.get("/healthz").json()  # serve.run returned: the Generator runs, which /healthz learns from Serve
+    assert health["status"] == "ok" and health["generator"] == "ready", health
     assert http.get("/docs").status_code == 200
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/v1/generate", "/v1/loras", "/v1/loras/{lora_id}", "/v1/style-profile"} <= set(paths)
@@ -329,6 +330,10 @@ def test_trained_lora_status_and_files(http, service, trained):
     assert sheet.status_code == 200 and sheet.headers["content-type"] == "image/png"
     Image.open(io.BytesIO(sheet.content)).verify()
     _assert_error(http.get(f"/v1/loras/{trained['id']}/files/manifest.json", headers=_auth(key)), 404, "name")
+    # the ComfyUI export is listed and downloaded under its job's own name (ComfyUI's loras folder is flat)
+    comfy_name = f"{trained['id']}_zxy_neon.safetensors"
+    comfy = http.get(trained["files"][comfy_name], headers=_auth(key))
+    assert comfy.status_code == 200 and comfy.headers["content-disposition"] == f'attachment; filename="{comfy_name}"'
     assert trained["id"] in {i["id"] for i in http.get("/v1/loras", headers=_auth(key)).json()["loras"]}
 
 

@@ -17,6 +17,8 @@ from cluster.storage import (
     sha256_bytes,
     tenant_prefix,
 )
+from train.job import ray_run_config
+from train.recipe import TrainConfig
 
 BUCKET = "klein-test"
 
@@ -200,3 +202,16 @@ def test_tenant_and_kind_names_are_checked():
 def test_unsupported_uri_is_rejected():
     with pytest.raises(StorageError, match="unsupported storage URI"):
         Storage.from_uri("ftp://host/path")
+
+
+# --- Ray Train's own writes ------------------------------------------------------------------------
+def test_ray_trains_run_goes_through_our_filesystem(storage):
+    """Ray Train writes its run (checkpoints, state) through the RunConfig the job builds. On S3 that must be our
+    endpoint's filesystem (KLEIN_S3_ENDPOINT: MinIO, here moto): from a bare s3:// URI Ray would make its own and
+    write to AWS."""
+    run_config = ray_run_config(TrainConfig(job_id="job-rc", storage=storage.uri), storage)
+    assert run_config.storage_filesystem is storage.fs
+    assert run_config.storage_path == storage.path("ray_train") and "://" not in run_config.storage_path
+    # Ray's own first write (its storage check marker) lands in our storage, on our endpoint
+    run_config.storage_context  # noqa: B018 — building it writes the marker
+    assert _raw_names(storage, "ray_train/job-rc")

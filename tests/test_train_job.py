@@ -116,7 +116,9 @@ def test_job_writes_a_complete_verified_lora(clean, store):
         storage.read_verified(f"{prefix}/{name}", sha)  # every file present and matching its sha256
     lora = read_lora(storage.read_bytes(f"{prefix}/lora.safetensors"))
     assert lora.meta["trigger"] == "zxy_neon" and lora.rank == 16 and lora.meta["base_model"].startswith("tiny")
-    comfy = read_lora(storage.read_bytes(f"{prefix}/lora_comfyui.safetensors"))
+    # the ComfyUI export is named after the job and its trigger (ComfyUI's models/loras folder is flat)
+    assert manifest["comfyui_file"] == "job-e2e_zxy_neon.safetensors" and manifest["comfyui_file"] in manifest["files"]
+    comfy = read_lora(storage.read_bytes(f"{prefix}/job-e2e_zxy_neon.safetensors"))
     assert comfy.meta["source_format"] == "comfyui" and set(comfy.layers) == set(lora.layers)
     sheet = Image.open(io.BytesIO(storage.read_bytes(f"{prefix}/samples/contact_sheet.png")))
     assert sheet.width > sheet.height  # base + 4 checkpoints side by side

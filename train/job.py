@@ -23,18 +23,17 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailed
 from cluster.pools import TRAIN_RESOURCE, cluster_has_gpus, queued_train_loop, train_pool_turn, train_scaling_config
 from cluster.storage import Storage
 from contracts import (
-    COMFYUI_FILE,
     CONTACT_SHEET,
     JOB_ID_RULE,
     LORA_FILE,
     LOSS_PLOT,
     Manifest,
     checkpoint_key,
+    comfyui_file_name,
     is_job_id,
     lora_prefix,
     manifest_key,
     new_job_id,
-    status_key,
     with_trigger,
     without_trigger,
 )
@@ -50,6 +49,7 @@ from train.captions import check_trigger
 from train.dataset import load_refs
 from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
+from train.status import JobStatus
 from train.report import image_grid, loss_plot_png
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
 
@@ -100,8 +100,18 @@ def _cache_task_options(cfg: TrainConfig) -> dict:
     return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, "resources": {TRAIN_RESOURCE: 1}}
 
 
-def _ray_storage_path(storage: Storage) -> str:
-    return storage.uri_of("ray_train") if not storage.is_local else str(storage.local_path("ray_train"))
+def ray_run_config(cfg: TrainConfig, storage: Storage) -> RunConfig:
+    """Ray Train's run (checkpoints, its own state) under `<storage>/ray_train/<job_id>`, written through our
+    storage's filesystem object: given only a URI, Ray would build its own filesystem and send an `s3://` run to
+    AWS even where KLEIN_S3_ENDPOINT names a MinIO server (or a GCS emulator). With a filesystem, Ray wants the
+    path inside it (`bucket/prefix/ray_train`, no scheme)."""
+    return RunConfig(
+        name=cfg.job_id,
+        storage_path=storage.path("ray_train"),
+        storage_filesystem=storage.fs,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+    )
 
 
 def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
@@ -118,13 +128,16 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     storage = Storage.from_uri(cfg.storage)
     cfg.storage = storage.uri
     started = time.time()
+    status = JobStatus(storage, cfg.job_id, cfg.tenant, progress)
+    with status.running():  # a stop signal to this driver marks the job "stopped" (train/status.py)
+        try:
+            return _run_stages(source, cfg, storage, status, started)
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C in this thread: the job says so, not "training"
+            status.stopped(f"{type(e).__name__} in the driver")
+            raise
 
-    def status(state: str, **extra):
-        info = {"state": state, "job_id": cfg.job_id, "tenant": cfg.tenant, "updated": time.time(), **extra}
-        storage.write_json(status_key(cfg.job_id), info)
-        if progress:
-            progress(info)
 
+def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, started: float) -> dict:
     status("preparing")
     try:
         prepared, cfg = prepare_dataset(source, cfg, on_gpu=bool(cfg.use_gpu))
@@ -133,13 +146,13 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
         raise
     for w in prepared.warnings:
         log.warning("%s", w)
-    stage = "caching"
+    status.stage = "caching"
     try:
         status("caching", decision=prepared.decision, warnings=prepared.warnings, config=public_config(cfg),
                config_sources=public_sources(prepared.sources))
         ref_set = prepared.ref_set
         cache_key = _build_cache(ref_set, prepared.captions, cfg)
-        stage = "training"
+        status.stage = "training"
         consis = None
         if cfg.consis_lora:
             # ConsisLoRA: a content LoRA on the trigger-less captions first; the style LoRA then trains on top
@@ -156,13 +169,13 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
                       "content_lora": cfg.content_lora}
         status("training", step=0, steps=cfg.steps, decision=prepared.decision)
         final_state = _fit(cfg, cache_key, storage)
-        stage = "finishing"
+        status.stage = "finishing"
         manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
     except Exception as e:
         # whichever stage failed (a model folder the cache task cannot load, a worker error, a contact sheet),
         # the job's own status says so in one line; checkpoints stay, and resubmitting the job id resumes
-        reason = str(e) if isinstance(e, JobError) else f"job {cfg.job_id} failed while {stage}: {failure_reason(e)}"
-        status("failed", error=reason, stage=stage)
+        reason = str(e) if isinstance(e, JobError) else f"job {cfg.job_id} failed while {status.stage}: {failure_reason(e)}"
+        status("failed", error=reason, stage=status.stage)
         if isinstance(e, JobError):
             raise
         raise JobError(reason) from e
@@ -182,12 +195,7 @@ def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
         queued_train_loop(train_loop_per_worker, cfg.job_id),
         train_loop_config={"train": cfg.to_dict(), "cache_key": cache_key},
         scaling_config=train_scaling_config(cfg.num_workers, use_gpu=bool(cfg.use_gpu)),
-        run_config=RunConfig(
-            name=cfg.job_id,
-            storage_path=_ray_storage_path(storage),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
+        run_config=ray_run_config(cfg, storage),
     )
     # jobs enter the training pool in arrival order (Ray alone retries pending placement groups by back-off)
     with train_pool_turn(cfg.job_id, poll_s=1.0):
@@ -252,9 +260,10 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
                                                            sampled, cfg.sample_prompts, cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
     loss_png = loss_plot_png(state["log"], val, best_step=best["step"])
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
+    comfy_name = comfyui_file_name(cfg.job_id, cfg.trigger)
     files = {
         LORA_FILE: lora_bytes,
-        COMFYUI_FILE: comfy_bytes,
+        comfy_name: comfy_bytes,
         CONTACT_SHEET: sheet_png,
         LOSS_PLOT: loss_png,
     }
@@ -291,6 +300,7 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
         "consis_lora": consis,
         "style_profile": profile,
         "files": hashes,
+        "comfyui_file": comfy_name,
         "elapsed_s": time.time() - started,
     }
     Manifest.model_validate(manifest)  # the readers' contract (contracts.Manifest) holds before anything reads it

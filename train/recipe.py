@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from train.aitoolkit import AITOOLKIT_TRIGGER, is_aitoolkit_job, read_aitoolkit_job
+from train.errors import ConfigError
 
 OPTIMIZERS = ("adafactor", "adamw", "adamw8bit")
 ZERO3_GATHER = ("auto", "block", "linear", "module")
@@ -32,10 +35,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # SplitFlux single blocks (style without content leakage). The `auto` policy never picks it.
     "GEM+D": dict(use_gemini=True, rank=32, linear_alpha=32, optimizer="adafactor", targets="single_blocks"),
 }
-
-
-class ConfigError(ValueError):
-    """A bad training configuration; the message names the key and the allowed values."""
 
 
 @dataclass
@@ -180,6 +179,9 @@ class TrainConfig(BaseModel):
     # testing hooks: kill this worker process once at this step (fault injection), slow each step down
     fail_at_step: int | None = None
     step_delay_s: float = 0.0
+    # where an ai-toolkit job file put things that are not TrainConfig keys (from_yaml fills them)
+    _dataset_folder: str | None = PrivateAttr(default=None)
+    _load_notes: list[str] = PrivateAttr(default_factory=list)
 
     # -- construction ------------------------------------------------------------------------------------
     def __init__(self, **data: Any) -> None:
@@ -194,14 +196,54 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
-        """The file's keys, then the non-None `overrides` (CLI flags) on top: both count as the user's."""
+        """The file's keys, then the non-None `overrides` (CLI flags) on top: both count as the user's.
+
+        An ai-toolkit job file (`config: {process: [...]}`, train/aitoolkit.py) is read as ours: each key it maps
+        counts as set by the user; `dataset_folder` is its datasets[0].folder_path and `load_notes` names the
+        keys that change nothing here."""
         data = read_yaml_mapping(path, what="a TrainConfig YAML file")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data, source=str(path))
+        job = read_aitoolkit_job(data, source=str(path)) if is_aitoolkit_job(data) else None
+        if job is not None:
+            data = dict(job.config)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        data.update(given)
+        try:
+            cfg = cls.from_dict(data, source=str(path))
+        except ConfigError as e:
+            key = str(e).split(":", 1)[0]
+            if job is None or key not in job.origin or key in given:
+                raise
+            raise ConfigError(f"{path}: config.process[0].{job.origin[key]} (our `{key}`): "
+                              f"{str(e).split(':', 1)[1].strip()}") from None
+        if job is not None:
+            cfg._dataset_folder, cfg._load_notes = job.dataset_folder, list(job.notes)
+            # ai-toolkit writes the trigger into sample prompts as `[trigger]`; ours is the final trigger (a
+            # --trigger flag included), and samples still get the usual `<trigger>. ` prefix where it is missing
+            if any(AITOOLKIT_TRIGGER in p for p in cfg.sample_prompts):
+                cfg.sample_prompts = [p.replace(AITOOLKIT_TRIGGER, cfg.trigger) for p in cfg.sample_prompts]
+                cfg._load_notes.append(f"sample.prompts: {AITOOLKIT_TRIGGER} replaced by the trigger {cfg.trigger!r}")
+        return cfg
+
+    @property
+    def dataset_folder(self) -> str | None:
+        """The refs folder an ai-toolkit job file names (datasets[0].folder_path), if it was read from one."""
+        return self._dataset_folder
+
+    @property
+    def load_notes(self) -> list[str]:
+        """The keys of an ai-toolkit job file that were accepted but change nothing here, each with why."""
+        return list(self._load_notes)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
         """Only the keys in `data` count as set by the user (ai-toolkit aliases accepted)."""
+        spelled = {}
+        for key in data:
+            ours = ALIASES.get(key, key)
+            if ours in spelled and data[spelled[ours]] != data[key]:
+                raise ConfigError(f"{source}: {spelled[ours]!r} ({data[spelled[ours]]!r}) and {key!r} ({data[key]!r}) "
+                                  f"both set {ours!r}: keep one")
+            spelled[ours] = key
         data = {ALIASES.get(k, k): v for k, v in data.items()}
         unknown = sorted(set(data) - set(cls.model_fields))
         if unknown:
@@ -319,7 +361,10 @@ class TrainConfig(BaseModel):
 SOURCES = ("user", "variant", "formula", "policy", "default")
 # ai-toolkit / kohya spellings of our keys
 ALIASES = {"alpha": "linear_alpha", "learning_rate": "lr", "max_train_steps": "steps", "network_dim": "rank",
-           "network_alpha": "linear_alpha", "train_batch_size": "batch_size"}
+           "network_alpha": "linear_alpha", "train_batch_size": "batch_size",
+           # ai-toolkit's nested names, flattened (train/aitoolkit.py reads its nested job files)
+           "linear": "rank", "trigger_word": "trigger", "prompts": "sample_prompts",
+           "max_step_saves_to_keep": "keep_checkpoints"}
 # testing hooks: accepted, but not offered in the known-keys list of an error
 TESTING_KEYS = frozenset({"fail_at_step", "step_delay_s"})
 # the keys a YAML file may spell as `1e-4` (see TrainConfig.from_dict)

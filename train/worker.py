@@ -26,6 +26,7 @@ from klein.lora import lora_to_bytes, read_lora
 from train.cache import load_cache
 from train.loop import StepPlan, make_batch
 from train.recipe import TrainConfig
+from train.status import is_stopped
 from train.step import Trainer
 
 log = logging.getLogger("klein.train")
@@ -101,7 +102,9 @@ def train_loop_per_worker(config: dict) -> None:
                 trainer.save(Path(tmp), state, lora_bytes, rank)
                 reports_files = rank == 0 or zero is not None
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if reports_files else None)
-        if rank == 0 and (is_save or step % 10 == 0 or step == first_step):
+        # a driver stopped by a signal marked the job "stopped" (train/status.py); Ray kills these workers a moment
+        # later, and until then they must not write "training" over that
+        if rank == 0 and (is_save or step % 10 == 0 or step == first_step) and not is_stopped(storage, cfg.job_id):
             elapsed = time.perf_counter() - started
             per_step = elapsed / (step - first_step + 1)
             storage.write_json(status_key(cfg.job_id), {

@@ -77,8 +77,7 @@ async def get_lora(lora_id: str, request: Request) -> dict:
             "metrics": manifest.get("metrics"),
             "best_step": manifest.get("best_step"),
             "style_profile": manifest.get("style_profile"),
-            "files": {name: f"{API_PREFIX}/loras/{lora_id}/files/{name}"
-                      for name, path in jobstore.PUBLIC_FILES.items() if path in manifest.get("files", {})},
+            "files": {name: f"{API_PREFIX}/loras/{lora_id}/files/{name}" for name in jobstore.public_files(manifest)},
         })
     return body
 
@@ -96,16 +95,17 @@ async def get_lora_file(lora_id: str, name: str, request: Request) -> Response:
     storage = ctx().storage
     tenant = await tenant_of(request)
     lora_id = owned(tenant, lora_id)
-    path = jobstore.PUBLIC_FILES.get(name)
-    if path is None:
-        raise not_found("file", "name")
     manifest = await asyncio.to_thread(jobstore.read_manifest, storage, tenant, lora_id)
-    if manifest is None or path not in manifest.get("files", {}):
+    path = jobstore.public_files(manifest).get(name) if manifest is not None else None
+    if path is None:
         raise not_found("file", "name")
     data = await asyncio.to_thread(storage.read_verified, f"{lora_prefix(tenant, lora_id)}/{path}",
                                    manifest["files"][path])
-    media = "image/png" if name.endswith(".png") else "application/octet-stream"
-    return Response(data, media_type=media)
+    if name.endswith(".png"):
+        return Response(data, media_type="image/png")
+    # a LoRA download keeps its name (the ComfyUI export's is unique per job: ComfyUI's loras folder is flat)
+    return Response(data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @router.post("/loras/import", status_code=201)
