@@ -17,6 +17,7 @@ import pytest
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 from transformers import Qwen3ForCausalLM
 
+from contracts import with_trigger
 from evaluation import world
 from evaluation.quality import MINI_GUIDANCE, MINI_STEPS, draw
 from evaluation.world_judge import WorldJudge
@@ -51,15 +52,19 @@ def test_mini_is_klein_classes_loaded_from_the_shipped_folder_within_budget(mini
     assert model_id("mini") == "mini-v2"
 
 
-def test_the_base_draws_the_prompted_content(mini_pipe, judge):
-    """Every class x 2 seeds at 28 steps with CFG: the judge recognises the prompted content (measured 0.92 on an
-    H200 after run 3 and 0.96 on CPU with the shipped run-4 weights, README)."""
+def test_the_base_draws_the_prompted_content_bare_and_behind_an_unseen_trigger(mini_pipe, judge):
+    """Every class x 2 seeds at 28 steps with CFG: seed 0 with the bare caption, seed 1 behind a trigger word the
+    base never saw (`zxy_probe. <caption>`, as every LoRA prompt starts). The judge recognises the prompted content
+    in both (README, "The mini preset": run 6 of the pretraining taught the base to read past such prefixes)."""
     contents = [c for _ in (0, 1) for c in world.CONTENT_CLASSES]
     seeds = [s for s in (0, 1) for _ in world.CONTENT_CLASSES]
-    prompts = [world.caption(c, s) for c, s in zip(contents, seeds)]
+    prompts = [with_trigger("zxy_probe", world.caption(c, s)) if s else world.caption(c, s) for c, s in zip(contents, seeds)]
     images = draw(mini_pipe, prompts, seeds, MINI_RESOLUTION, MINI_STEPS, MINI_GUIDANCE)
-    summary = judge.summary(images, contents)
-    assert summary["content_ok"] >= 0.8, summary  # measured 0.96 on CPU (README)
+    n = len(world.CONTENT_CLASSES)
+    bare = judge.summary(images[:n], contents[:n])
+    behind_trigger = judge.summary(images[n:], contents[n:])
+    assert bare["content_ok"] >= 0.8, bare  # measured 1.00 on CPU (README)
+    assert behind_trigger["content_ok"] >= 0.7, behind_trigger  # measured 1.00 on CPU (README); run 3's base: ~0
     verdicts = judge.judge(images, contents)
     held_out = [v.style for v in verdicts if v.style in world.HELDOUT_STYLES]
     assert not held_out, f"the base drew held-out styles it never saw: {held_out}"
