@@ -489,6 +489,11 @@ def judge_in_world(model: str, storage_uri: str, lora_key: str | None, trigger: 
     """The exact world judge's figures for one side (`evaluation.quality.side_quality`): the LoRA stored at
     `lora_key` (None: the base model) draws every (content, seed) from world captions behind `trigger`, at the
     mini quality settings; returns content_ok, style_prob of `style`, n and the images as PNG bytes."""
+    # checked before anything is drawn: the judge would only refuse them after the images were made
+    unknown = [c for c in contents if c not in world.CONTENT_CLASSES]
+    if style not in world.STYLES or unknown:
+        raise ValueError(f"the world judge knows the world's styles ({', '.join(world.STYLES)}) and contents "
+                         f"({', '.join(world.CONTENT_CLASSES)}); got style {style!r}, unknown contents {unknown}")
     pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
     lora = None if lora_key is None else read_lora(Storage.from_uri(storage_uri).read_bytes(lora_key))
     side = side_quality(pipe, lora, trigger, style, contents=contents, seeds=seeds)

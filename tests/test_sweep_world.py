@@ -161,5 +161,7 @@ def test_judge_in_world_draws_and_judges_the_base_on_mini(tmp_path):
     assert Image.open(io.BytesIO(figures["pngs"][0])).size == (128, 128)
     assert figures["style_prob"] < 0.05  # the base has never seen stained glass
     assert figures["content_ok"] == 1.0  # mini v2 reads past the trigger: the lighthouse is drawn
-    with pytest.raises(ValueError, match="unknown style"):
+    with pytest.raises(ValueError, match="got style 'watercolour_of_nowhere'"):
         judge_in_world("mini", str(tmp_path), None, "zxy_x", "watercolour_of_nowhere", ["lighthouse"], [0], use_gpu=False)
+    with pytest.raises(ValueError, match=r"unknown contents \['dragon'\]"):
+        judge_in_world("mini", str(tmp_path), None, "zxy_x", "stained_glass", ["dragon"], [0], use_gpu=False)
