@@ -54,34 +54,45 @@ def draw(pipe, prompts: list[str], seeds: list[int], size: int, steps: int = MIN
             for p, s in zip(prompts, seeds)]
 
 
+def world_prompts(trigger: str, contents, seeds) -> tuple[list[str], list[int], list[str]]:
+    """(prompts, seeds, contents) of every (content, seed) pair: "<trigger>. <world caption>", seed-major."""
+    pairs = [(c, s) for s in seeds for c in contents]
+    prompts = [with_trigger(trigger, world.caption(c, s)) for c, s in pairs]
+    return prompts, [s for _, s in pairs], [c for c, _ in pairs]
+
+
+def side_quality(pipe, lora: LoraWeights | None, trigger: str, style: str, contents=DEFAULT_CONTENTS, seeds=(0,),
+                 size: int = MINI_RESOLUTION, steps: int = MINI_STEPS, weight: float = 1.0,
+                 judge: WorldJudge | None = None) -> SideQuality:
+    """One side of `lora_quality`: the (content, seed) prompts drawn with `lora` active (None: the base model),
+    judged. The sweep's world judge calls it per cell and once per board for the base."""
+    judge = judge or WorldJudge.load()
+    prompts, pair_seeds, pair_contents = world_prompts(trigger, contents, seeds)
+    if lora is None:
+        set_active_loras(pipe, [])
+        images = draw(pipe, prompts, pair_seeds, size, steps)
+    else:
+        adapter = f"quality_{id(lora):x}"  # a fresh name: a resident adapter of the same name would be reused
+        set_active_loras(pipe, [(adapter, lora, weight)])
+        try:
+            images = draw(pipe, prompts, pair_seeds, size, steps)
+        finally:
+            set_active_loras(pipe, [])
+            if getattr(pipe, "_klein_accel", None) is None:
+                pipe.transformer.delete_adapters([adapter])
+    figures = judge.summary(images, pair_contents, style)
+    return SideQuality(figures["content_ok"], figures["style_prob"], images)
+
+
 def lora_quality(pipe, lora: LoraWeights, trigger: str, style: str, contents=DEFAULT_CONTENTS, seeds=(0,),
                  size: int = MINI_RESOLUTION, steps: int = MINI_STEPS, weight: float = 1.0,
                  judge: WorldJudge | None = None) -> LoraQuality:
     """Base vs LoRA on the same (content, seed) pairs, both judged; the base is drawn from the same prompts
     (trigger included: to the base model it is an unknown word)."""
     judge = judge or WorldJudge.load()
-    pairs = [(c, s) for s in seeds for c in contents]
-    prompts = [with_trigger(trigger, world.caption(c, s)) for c, s in pairs]
-    pair_seeds = [s for _, s in pairs]
-    pair_contents = [c for c, _ in pairs]
-    set_active_loras(pipe, [])
-    base_images = draw(pipe, prompts, pair_seeds, size, steps)
-    adapter = f"quality_{id(lora):x}"  # a fresh name: a resident adapter of the same name would be reused
-    set_active_loras(pipe, [(adapter, lora, weight)])
-    try:
-        lora_images = draw(pipe, prompts, pair_seeds, size, steps)
-    finally:
-        set_active_loras(pipe, [])
-        if getattr(pipe, "_klein_accel", None) is None:
-            pipe.transformer.delete_adapters([adapter])
-    base = judge.summary(base_images, pair_contents, style)
-    after = judge.summary(lora_images, pair_contents, style)
-    return LoraQuality(
-        style=style,
-        base=SideQuality(base["content_ok"], base["style_prob"], base_images),
-        lora=SideQuality(after["content_ok"], after["style_prob"], lora_images),
-        prompts=prompts,
-    )
+    base = side_quality(pipe, None, trigger, style, contents, seeds, size, steps, weight, judge)
+    after = side_quality(pipe, lora, trigger, style, contents, seeds, size, steps, weight, judge)
+    return LoraQuality(style=style, base=base, lora=after, prompts=world_prompts(trigger, contents, seeds)[0])
 
 
 def before_after_sheet(quality: LoraQuality, scale: int = 2) -> Image.Image:

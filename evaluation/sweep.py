@@ -35,13 +35,15 @@ Sweep YAML (every key but `boards` and `variants` optional):
     tenant: default
     concurrency: null          # training jobs at once; default: the pool's train_gpu ÷ GPUs per job
                                # (set it when the pools autoscale from zero: they advertise nothing yet)
-    judge: auto                # auto (Gemini with a key, else style score) | gemini | offline
+    judge: auto                # auto (Gemini with a key, else style score) | gemini | offline | world
+                               # world: the exact judge of the procedural world (model mini, world boards only)
     base: {resolution: 1024}   # TrainConfig keys (ai-toolkit names) for every cell; `use_gpu: true` when the
                                # GPU pools start at zero (default: whether the cluster has GPUs now)
     steps: 600                 # steps of every cell (overrides base.steps); null: the seeds' formula
     boards:
       - {name: ink, refs: s3://bucket/refs/ink.zip, trigger: zxy_ink, steps: 400}
       - {name: neon3, make: {style: neon, n: 3}}        # a procedural board (evaluation.board.make_board)
+      - {name: glass3, make: {style: stained_glass, n: 3}}  # a world board (evaluation.world.make_world_board)
     variants:
       - GEM+A                                           # a recipe variant by name
       - {name: r128-long, variant: B_r128, steps: 900}  # a name plus TrainConfig overrides
@@ -52,6 +54,17 @@ Sweep YAML (every key but `boards` and `variants` optional):
 
 Steps of a cell: the variant's `steps`, else the board's, else the top-level `steps`, else `base.steps`,
 else the seeds' formula. Board entries may carry `config:` (TrainConfig overrides for that board).
+
+`make:` draws a scene board (`evaluation.board`: ukiyo, neon, pastel, ...) or a board of the procedural world
+(`evaluation.world`: one subject per picture, the styles the mini model knows or has never seen). `make.kind`
+says which (`scene` | `world`); left out, the style's name decides, and the three names both kinds have (neon,
+mosaic, blueprint) stay scene boards, as sweep files have always meant them.
+
+`judge: world` (model `mini`, world boards only): each cell's delivered LoRA draws the board's own content
+classes (`evaluation.world.board_contents`) from world captions behind the trigger, once per seed, at the mini
+quality settings of `evaluation.quality`; the exact judge gives `style_prob` (the board's style) and
+`content_ok`, and the base model's figures once per board are the reference. Pairwise winners follow
+`WORLD_RULE`; the report adds the per-cell figures, the refs × variant matrix and the `auto` policy row.
 """
 
 from __future__ import annotations
@@ -83,10 +96,14 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from cluster.pools import INFER_RESOURCE, TRAIN_RESOURCE, cluster_has_gpus, init_local_ray
 from cluster.storage import Storage
 from contracts import checkpoint_key, manifest_key, with_trigger
+from evaluation import world
 from evaluation.board import BOARD_STYLES, make_board
+from evaluation.quality import MINI_GUIDANCE, MINI_STEPS, side_quality
 from gemini.client import GeminiClient, GeminiConfig
 from gemini.judge import judge_pair
 from klein.generate import GenerateRequest
+from klein.lora import read_lora
+from klein.mini import MINI_RESOLUTION
 from klein.model import native_resolution
 from klein.style_score import StyleScorer
 from train.captions import TriggerError, check_trigger
@@ -101,7 +118,18 @@ log = logging.getLogger("klein.sweep")
 
 EXAMPLE_SWEEP = Path(__file__).with_name("sweeps") / "example.yaml"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
-JUDGES = ("auto", "gemini", "offline")
+JUDGES = ("auto", "gemini", "offline", "world")
+BOARD_KINDS = ("scene", "world")
+# The world judge's pairwise rule. A cell keeps the content when the judge recognises the prompted subject in at
+# least half its images: a LoRA that draws only the style has failed as a style LoRA, however stylish.
+WORLD_CONTENT_MIN = 0.5
+WORLD_STYLE_TIE = 0.02  # style_prob gaps below this are noise at a few images per cell (one image moves it ~0.05+)
+WORLD_RULE = (f"world judge (exact, evaluation.world_judge) per cell, on the board's own content classes × the sweep's "
+              f"seeds: a cell keeps the content when content_ok ≥ {WORLD_CONTENT_MIN}; between two cells, one that keeps "
+              f"it beats one that does not; otherwise the higher style_prob of the board's style wins when the gap is "
+              f"≥ {WORLD_STYLE_TIE}, else the higher content_ok; equal on both: a tie (no winner). The board's winner: "
+              f"among the cells that keep the content (all cells if none does), the highest style_prob, within "
+              f"{WORLD_STYLE_TIE} of it the highest content_ok; still equal: a tie")
 # Dataset-size bands of the seeds' findings. Sizes between them go where `choose_variant` puts them:
 # 4 refs with 5–7, 8–29 with 10–15.
 BANDS = ("1–3", "5–7", "10–15", "30+")
@@ -121,7 +149,7 @@ class SweepError(ValueError):
 class BoardSpec:
     name: str
     refs: str | None = None  # folder, .zip or storage URI of refs
-    make: dict | None = None  # procedural board: {style, n, size, seed}
+    make: dict | None = None  # procedural board: {style, n, size, seed, kind}
     trigger: str | None = None
     steps: int | None = None
     config: dict = field(default_factory=dict)
@@ -213,11 +241,12 @@ class SweepSpec:
             if (board.refs is None) == (board.make is None):
                 raise SweepError(f"{source}: board {board.name!r} needs exactly one of `refs` (a folder, zip or URI) or `make`")
             if board.make is not None:
-                if not isinstance(board.make, dict) or board.make.get("style") not in BOARD_STYLES or int(board.make.get("n", 0)) < 2:
-                    raise SweepError(f"{source}: board {board.name!r}: make needs style (one of {sorted(BOARD_STYLES)}) and n >= 2")
-                extra = sorted(set(board.make) - {"style", "n", "size", "seed"})
+                if not isinstance(board.make, dict) or int(board.make.get("n", 0)) < 2:
+                    raise SweepError(f"{source}: board {board.name!r}: make needs style and n >= 2")
+                extra = sorted(set(board.make) - {"style", "n", "size", "seed", "kind"})
                 if extra:
-                    raise SweepError(f"{source}: board {board.name!r}: make has unknown keys {extra}; use style, n, size, seed")
+                    raise SweepError(f"{source}: board {board.name!r}: make has unknown keys {extra}; use style, n, size, seed, kind")
+                board_kind(board.make, f"{source}: board {board.name!r}")  # raises on an unknown style or kind
             elif base_dir is not None and "://" not in board.refs and not Path(board.refs).expanduser().is_absolute():
                 board.refs = str((base_dir / board.refs).resolve())  # relative to the sweep file
             board.config = check_overrides(f"board {board.name!r} config", board.config)
@@ -257,6 +286,17 @@ class SweepSpec:
                 raise SweepError(f"{source}: {what} names must be unique; repeated: {dupes}")
         if self.judge not in JUDGES:
             raise SweepError(f"{source}: judge {self.judge!r}: choose one of {JUDGES}")
+        if self.judge == "world":
+            # The exact judge knows the world's 12 subjects and 20 styles, as the mini model draws them: on other
+            # models or other boards its numbers would mean nothing.
+            if self.model != "mini":
+                raise SweepError(f"{source}: judge: world measures in the procedural world that the mini model draws; "
+                                 f"set model: mini (got {self.model!r}), or use judge: auto")
+            not_world = [b.name for b in self.boards if b.make is None or board_kind(b.make, source) != "world"]
+            if not_world:
+                raise SweepError(f"{source}: judge: world needs every board made from a world style "
+                                 f"(make: {{style: <one of {', '.join(world.HELDOUT_STYLES)}, ...>, n: ...}}); "
+                                 f"not world boards: {not_world}")
         if self.concurrency is not None and (not isinstance(self.concurrency, int) or self.concurrency < 1):
             raise SweepError(f"{source}: concurrency must be a positive integer or null, got {self.concurrency!r}")
         _check_steps(self.steps, f"{source}: steps")
@@ -333,6 +373,21 @@ def cell_job_id(sweep: str, board: str, variant: str) -> str:
     """Deterministic, valid job id of a cell: readable slugs plus a hash of the exact names."""
     digest = hashlib.sha256(json.dumps([sweep, board, variant]).encode()).hexdigest()[:8]
     return f"sw-{_slug(sweep, 16)}-{_slug(board, 14)}-{_slug(variant, 12)}-{digest}"
+
+
+def board_kind(make: dict, where: str) -> str:
+    """`scene` or `world`: `make.kind` when given, else what the style's name is (scene for the shared names)."""
+    style, kind = make.get("style"), make.get("kind")
+    if kind is not None and kind not in BOARD_KINDS:
+        raise SweepError(f"{where}: make.kind {kind!r}: use one of {BOARD_KINDS}")
+    if kind is None:
+        kind = "scene" if style in BOARD_STYLES else "world"
+    known = BOARD_STYLES if kind == "scene" else world.STYLES
+    if style not in known:
+        raise SweepError(f"{where}: make needs style (scene boards: {', '.join(sorted(BOARD_STYLES))}; world: "
+                         f"{', '.join(sorted(world.STYLES))}), got {style!r}"
+                         + (f" for make.kind {kind}" if make.get("kind") else ""))
+    return kind
 
 
 def load_sweep(path: str | os.PathLike, **overrides) -> SweepSpec:
@@ -430,6 +485,27 @@ def _render_task(use_gpu: bool):
     return ray.remote(render_samples).options(**sample_task_options(use_gpu))
 
 
+def judge_in_world(model: str, storage_uri: str, lora_key: str | None, trigger: str, style: str, contents: list[str],
+                   seeds: list[int], use_gpu: bool) -> dict:
+    """The exact world judge's figures for one side (`evaluation.quality.side_quality`): the LoRA stored at
+    `lora_key` (None: the base model) draws every (content, seed) from world captions behind `trigger`, at the
+    mini quality settings; returns content_ok, style_prob of `style`, n and the images as PNG bytes."""
+    # checked before anything is drawn: the judge would only refuse them after the images were made
+    unknown = [c for c in contents if c not in world.CONTENT_CLASSES]
+    if style not in world.STYLES or unknown:
+        raise ValueError(f"the world judge knows the world's styles ({', '.join(world.STYLES)}) and contents "
+                         f"({', '.join(world.CONTENT_CLASSES)}); got style {style!r}, unknown contents {unknown}")
+    pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
+    lora = None if lora_key is None else read_lora(Storage.from_uri(storage_uri).read_bytes(lora_key))
+    side = side_quality(pipe, lora, trigger, style, contents=contents, seeds=seeds)
+    return {"content_ok": side.content_ok, "style_prob": side.style_prob, "n": len(side.images),
+            "pngs": [_png_bytes(image) for image in side.images]}
+
+
+def _world_task(use_gpu: bool):
+    return ray.remote(judge_in_world).options(**sample_task_options(use_gpu))
+
+
 # -- scores ------------------------------------------------------------------------------------------------
 def _edge_map(image, side: int = 32):
     grey = image.convert("L").filter(ImageFilter.GaussianBlur(max(0.5, image.width / 64))).resize((side, side))
@@ -473,6 +549,7 @@ class PreparedBoard:
     n_refs: int
     dataset_hash: str
     scorer: Any = None
+    world_style: str | None = None  # the world style of a world board (what the world judge measures)
 
     @property
     def band(self) -> str:
@@ -481,15 +558,19 @@ class PreparedBoard:
 
 def prepare_board(board: BoardSpec, workdir: Path) -> PreparedBoard:
     """Materialise a procedural board (deterministic) and load the refs the scores compare against."""
-    source = board.refs
+    source, world_style = board.refs, None
     if board.make is not None:
         folder = workdir / "boards" / _slug(board.name, 40)
-        make_board(board.make["style"], int(board.make["n"]), folder, size=int(board.make.get("size", 256)),
-                   seed=int(board.make.get("seed", 0)))
+        size, seed = int(board.make.get("size", 256)), int(board.make.get("seed", 0))
+        if board_kind(board.make, f"board {board.name!r}") == "world":
+            world_style = board.make["style"]
+            world.make_world_board(world_style, int(board.make["n"]), folder, seed=seed, size=size)
+        else:
+            make_board(board.make["style"], int(board.make["n"]), folder, size=size, seed=seed)
         source = str(folder)
     ref_set = load_refs(source)
     images = [r.image for r in ref_set.refs]
-    return PreparedBoard(board, source, images, len(images), ref_set.dataset_hash, StyleScorer(images))
+    return PreparedBoard(board, source, images, len(images), ref_set.dataset_hash, StyleScorer(images), world_style)
 
 
 # -- running a sweep -------------------------------------------------------------------------------------------
@@ -519,6 +600,12 @@ class SweepRun:
     def prompts_for(self, board: PreparedBoard) -> list[str]:
         trigger = self.spec.trigger(board.spec)
         return [with_trigger(trigger, p) for p in self.spec.prompts]
+
+    def world_settings(self, board: PreparedBoard) -> dict:
+        """What the world judge draws for `board`: its own content classes × the sweep's seeds, behind its trigger."""
+        return {"style": board.world_style, "contents": world.board_contents(board.n_refs), "seeds": list(self.spec.seeds),
+                "trigger": self.spec.trigger(board.spec), "size": MINI_RESOLUTION, "steps": MINI_STEPS,
+                "guidance": MINI_GUIDANCE, "judge": "exact world judge (evaluation.world_judge)"}
 
     def sample_fingerprint(self, board: PreparedBoard) -> dict:
         s = self.spec.sample
@@ -609,8 +696,9 @@ def _train_cell(run: SweepRun, cell: Cell) -> dict:
 
 def _cell_fingerprint(run: SweepRun, cell: Cell, board: PreparedBoard, cfg) -> str:
     train = {k: v for k, v in cfg.to_dict().items() if k not in _TRAIN_CONFIG_KEYS_NOT_COMPARED}
+    judged = {"world": run.world_settings(board)} if run.spec.judge == "world" else {}
     return _fingerprint({"train": train, "dataset": board.dataset_hash, "sample": run.sample_fingerprint(board),
-                         "use_gpu": run.use_gpu})
+                         "use_gpu": run.use_gpu, **judged})
 
 
 def _check_same_training(cell: Cell, cfg, board: PreparedBoard, lora: dict) -> None:
@@ -694,9 +782,44 @@ def _sample_cell(run: SweepRun, cell: Cell, outcome: dict) -> dict:
         "midpoint_jumps": lora.get("midpoint_jumps", []), "base_style_distance": base_style,
         "samples": samples, "files": files, "fingerprint": outcome["fingerprint"], "sample_s": time.time() - t0,
     }
+    if run.spec.judge == "world":
+        t1 = time.time()
+        manifest["world"] = _judge_cell_in_world(run, cell, board, lora["delivered_step"], files)
+        run.log(f"  cell {cell.label}: world judge style_prob {manifest['world']['lora']['style_prob']:.2f}, content_ok "
+                f"{manifest['world']['lora']['content_ok']:.2f} (base {manifest['world']['base']['style_prob']:.2f}, "
+                f"{manifest['world']['base']['content_ok']:.2f}) in {time.time() - t1:.0f} s")
     run.storage.write_json(f"{prefix}/manifest.json", manifest)
     run.log(f"  cell {cell.label}: {len(samples)} samples scored")
     return manifest
+
+
+def _world_base(run: SweepRun, board: PreparedBoard) -> dict:
+    """The base model's world-judge figures for `board` (computed once, stored beside its base images)."""
+    settings = run.world_settings(board)
+    key = f"{run.base_prefix(board.spec.name)}/world.json"
+    with run.base_locks[board.spec.name]:
+        if run.storage.exists(key):
+            stored = run.storage.read_json(key)
+            if stored.get("fingerprint") == _fingerprint(settings):
+                return stored["figures"]
+        figures = ray.get(_world_task(run.use_gpu).remote(
+            run.spec.model, run.storage.uri, None, settings["trigger"], settings["style"], settings["contents"],
+            settings["seeds"], run.use_gpu))
+        figures.pop("pngs")
+        run.storage.write_json(key, {"fingerprint": _fingerprint(settings), "figures": figures})
+        return figures
+
+
+def _judge_cell_in_world(run: SweepRun, cell: Cell, board: PreparedBoard, step: int, files: dict) -> dict:
+    """The delivered LoRA's world-judge figures (its images stored under the cell's world/), with the base's."""
+    settings = run.world_settings(board)
+    lora_figures = ray.get(_world_task(run.use_gpu).remote(
+        run.spec.model, run.storage.uri, checkpoint_key(cell.job_id, step), settings["trigger"], settings["style"],
+        settings["contents"], settings["seeds"], run.use_gpu))
+    prefix = run.cell_prefix(cell)
+    for i, data in enumerate(lora_figures.pop("pngs")):
+        files[f"world/{i:03d}.png"] = run.storage.write_bytes(f"{prefix}/world/{i:03d}.png", data)
+    return {**settings, "step": step, "lora": lora_figures, "base": _world_base(run, board)}
 
 
 # -- judging -------------------------------------------------------------------------------------------------
@@ -714,7 +837,10 @@ def _judge_client(mode: str):
 
 
 def judge_cells(run: SweepRun, manifests: list[dict]) -> list[dict]:
-    """Every pair of variants on the same (board, prompt, seed), at their delivered checkpoints."""
+    """Every pair of variants on the same (board, prompt, seed), at their delivered checkpoints; with the
+    world judge, every pair of variants on the same board, by their world figures (`WORLD_RULE`)."""
+    if run.spec.judge == "world":
+        return world_pairs(run.spec, manifests)
     client = _judge_client(run.spec.judge)
     cache_key = f"{run.prefix}/judgements.json"
     cache = run.storage.read_json(cache_key) if run.storage.exists(cache_key) else {}
@@ -747,6 +873,53 @@ def judge_cells(run: SweepRun, manifests: list[dict]) -> list[dict]:
                         "b_shows_content": verdict["b_shows_content"], "reason": verdict["reason"],
                     })
     run.storage.write_json(cache_key, cache)
+    return pairs
+
+
+def _keeps_content(figures: dict) -> bool:
+    return figures["content_ok"] >= WORLD_CONTENT_MIN
+
+
+def world_pair_winner(a: dict, b: dict) -> tuple[str | None, str]:
+    """`WORLD_RULE` between two cells' world figures ({style_prob, content_ok}): ("a" | "b" | None, reason)."""
+    numbers = (f"style_prob {a['style_prob']:.3f} vs {b['style_prob']:.3f}, "
+               f"content_ok {a['content_ok']:.2f} vs {b['content_ok']:.2f}")
+    if _keeps_content(a) != _keeps_content(b):
+        return ("a" if _keeps_content(a) else "b"), f"only one keeps the content ({numbers})"
+    if abs(a["style_prob"] - b["style_prob"]) >= WORLD_STYLE_TIE:
+        return ("a" if a["style_prob"] > b["style_prob"] else "b"), f"higher style_prob ({numbers})"
+    if a["content_ok"] != b["content_ok"]:
+        return ("a" if a["content_ok"] > b["content_ok"] else "b"), f"style within {WORLD_STYLE_TIE}, more content ({numbers})"
+    return None, f"tie ({numbers})"
+
+
+def world_board_leaders(figures: dict[str, dict]) -> tuple[list[str], bool]:
+    """The board's winner(s) under `WORLD_RULE` from {variant: figures}, and whether any cell kept the content."""
+    keepers = {v: f for v, f in figures.items() if _keeps_content(f)}
+    pool = keepers or figures
+    top = max(f["style_prob"] for f in pool.values())
+    near = {v: f for v, f in pool.items() if f["style_prob"] > top - WORLD_STYLE_TIE}
+    best_content = max(f["content_ok"] for f in near.values())
+    return [v for v, f in near.items() if f["content_ok"] == best_content], bool(keepers)
+
+
+def world_pairs(spec: SweepSpec, manifests: list[dict]) -> list[dict]:
+    """Every pair of variants on the same board, judged by `WORLD_RULE` on the cells' world figures."""
+    order = {v.name: i for i, v in enumerate(spec.variants)}
+    missing = [f"{m['board']} × {m['variant']}" for m in manifests if "world" not in m]
+    if missing:
+        raise SweepError(f"judge: world, but these cells have no world figures: {', '.join(missing)}")
+    pairs = []
+    for board in spec.boards:
+        cells = sorted((m for m in manifests if m["board"] == board.name), key=lambda m: order.get(m["variant"], 0))
+        for a, b in itertools.combinations(cells, 2):
+            side, reason = world_pair_winner(a["world"]["lora"], b["world"]["lora"])
+            pairs.append({
+                "board": board.name, "prompt_index": None, "prompt": f"{a['world']['lora']['n']} world images",
+                "seed": None, "a": a["variant"], "b": b["variant"], "step_a": a["delivered_step"],
+                "step_b": b["delivered_step"], "winner": {"a": a["variant"], "b": b["variant"], None: None}[side],
+                "judge": "world", "a_shows_content": None, "b_shows_content": None, "reason": reason,
+            })
     return pairs
 
 
@@ -893,13 +1066,15 @@ def compute_tables(spec: SweepSpec, manifests: list[dict], pairs: list[dict]) ->
             best_rows.append([bd, f"{v} @ step {style_step}", _fmt(style_value), f"{val_v[2]} @ step {val_v[3]['step']}",
                               _fmt(val_v[3]["val_loss"], 4)])
 
-    pair_rows = [[p["board"], str(p["prompt_index"]), str(p["seed"]), p["a"], p["b"], p["winner"], p["judge"],
+    pair_rows = [[p["board"], _fmt(p["prompt_index"]), _fmt(p["seed"]), p["a"], p["b"], p["winner"] or "tie", p["judge"],
                   _fmt(p["a_shows_content"]), _fmt(p["b_shows_content"]), p["reason"]] for p in pairs]
     sample_rows = [[m["board"], m["variant"], str(s["step"]), str(s["prompt_index"]), str(s["seed"]),
                     _fmt(s["style_distance"], 4), _fmt(s["content_proxy"], 4), _fmt(s["val_loss"], 4),
                     "yes" if s["step"] == m["delivered_step"] else ""]
                    for m in manifests for s in m["samples"]]
+    world_judged = world_tables(spec, manifests, pairs) if any("world" in m for m in manifests) else {}
     return {
+        **world_judged,
         "seeds_table": {"title": "Seeds' table (all boards)",
                         "columns": ["variant", "wins", "comparisons", "win rate", "style dist.", "content proxy",
                                     "content ok (Gemini)", "notes"], "rows": seeds_rows},
@@ -920,6 +1095,56 @@ def compute_tables(spec: SweepSpec, manifests: list[dict], pairs: list[dict]) ->
                                                              "a shows content", "b shows content", "reason"], "rows": pair_rows},
         "samples": {"title": "Every sample", "columns": ["board", "variant", "step", "prompt", "seed", "style dist.",
                                                          "content proxy", "val loss", "delivered"], "rows": sample_rows},
+    }
+
+
+def world_tables(spec: SweepSpec, manifests: list[dict], pairs: list[dict]) -> dict[str, dict]:
+    """The world judge's tables: every cell's figures, the refs × variant matrix with the winner marked (★), and
+    the `auto` policy row (choose_variant's pick at each ref count against the measured winner)."""
+    variants = [v.name for v in spec.variants if any(m["variant"] == v.name for m in manifests)]
+    cell = {(m["board"], m["variant"]): m for m in manifests if "world" in m}
+    boards = sorted({m["board"] for m in cell.values()}, key=lambda bd: (next(m["n_refs"] for m in cell.values() if m["board"] == bd), bd))
+    cell_rows, matrix_rows, policy_rows = [], [], []
+    for bd in boards:
+        here = {v: cell[(bd, v)] for v in variants if (bd, v) in cell}
+        first = next(iter(here.values()))
+        n, base = first["n_refs"], first["world"]["base"]
+        leaders, kept = world_board_leaders({v: m["world"]["lora"] for v, m in here.items()})
+        for v, m in here.items():
+            fig = m["world"]["lora"]
+            wins = sum(1 for p in pairs if p["board"] == bd and p["winner"] == v)
+            comps = sum(1 for p in pairs if p["board"] == bd and v in (p["a"], p["b"]))
+            style_dist = _mean(s["style_distance"] for s in m["samples"] if s["step"] == m["delivered_step"])
+            cell_rows.append([bd, m["world"]["style"], str(n), v, m["decision"]["variant"], f"{fig['style_prob']:.3f}",
+                              f"{fig['content_ok']:.2f}", "yes" if _keeps_content(fig) else "no",
+                              f"{base['style_prob']:.3f}", f"{base['content_ok']:.2f}", _fmt(style_dist),
+                              _fmt(_mean(m["base_style_distance"].values())), f"{wins}/{comps}", str(m["delivered_step"]),
+                              "★" if v in leaders else ""])
+        winner = leaders[0] if len(leaders) == 1 else "tie: " + ", ".join(leaders)
+        if not kept:
+            winner += " (no cell keeps the content)"
+        matrix_rows.append([f"{n} ({bd}, {first['world']['style']})",
+                            f"{base['style_prob']:.2f} / {base['content_ok']:.2f}"]
+                           + [(f"{here[v]['world']['lora']['style_prob']:.2f} / {here[v]['world']['lora']['content_ok']:.2f}"
+                               + (" ★" if v in leaders else "")) if v in here else "—" for v in variants]
+                           + [winner])
+        pick = choose_variant(n).variant
+        if pick not in here:
+            verdict = f"n/a ({pick} not in the sweep)"
+        elif pick in leaders:
+            verdict = "agree" if len(leaders) == 1 else f"agree (co-winner with {', '.join(v for v in leaders if v != pick)})"
+        else:
+            verdict = "disagree"
+        policy_rows.append([str(n), bd, pick, winner, verdict])
+    return {
+        "world_cells": {"title": "World judge per cell (delivered checkpoint; base = the base model, same prompts)",
+                        "columns": ["board", "style", "refs", "variant", "recipe", "style_prob", "content_ok",
+                                    "keeps content", "base style_prob", "base content_ok", "style dist.",
+                                    "base style dist.", "wins", "delivered step", "board winner"], "rows": cell_rows},
+        "world_matrix": {"title": "Refs × variant: style_prob / content_ok (world judge; ★ = the board's winner)",
+                         "columns": ["refs (board, style)", "base", *variants, "winner"], "rows": matrix_rows},
+        "policy": {"title": "The seeds' policy (variant: auto, train.recipe.choose_variant) against the measured winner",
+                   "columns": ["refs", "board", "auto picks", "measured winner", "auto vs winner"], "rows": policy_rows},
     }
 
 
@@ -1072,6 +1297,13 @@ def build_report(run: SweepRun, manifests: list[dict], failed: dict[str, str], e
     tables = compute_tables(run.spec, manifests, pairs)
     judge_source = sorted({p["judge"] for p in pairs}) or ["none (fewer than two variants per board)"]
     gemini_used = "gemini" in judge_source
+    world_used = "world" in judge_source
+    if world_used:
+        judge_line = f"- Pairwise judge: {WORLD_RULE}. This is a proxy world, not Klein's own quality."
+    else:
+        judge_line = (f"- Pairwise judge: {', '.join(judge_source)}"
+                      + (" (Gemini judge: style winner and whether each image still shows the prompt)" if gemini_used else
+                         " (offline: the lower style distance to the board's refs wins; Gemini judges when GEMINI_API_KEY is set)"))
     header = [
         f"# Sweep `{run.spec.name}`",
         "",
@@ -1080,9 +1312,7 @@ def build_report(run: SweepRun, manifests: list[dict], failed: dict[str, str], e
         + f"; model `{run.spec.model}`; {len(run.spec.prompts)} prompt(s) × {len(run.spec.seeds)} seed(s); "
         + f"{run.spec.sample.steps} sampling steps at {run.spec.sample_size()} px.",
         "",
-        f"- Pairwise judge: {', '.join(judge_source)}"
-        + (" (Gemini judge: style winner and whether each image still shows the prompt)" if gemini_used else
-           " (offline: the lower style distance to the board's refs wins; Gemini judges when GEMINI_API_KEY is set)"),
+        judge_line,
         "- Style distance: klein.style_score (palette + Gram distance to the board's refs; lower = closer).",
         f"- Content check: {CONTENT_PROXY}; 'content kept' = share of samples with proxy ≥ {CONTENT_KEPT_AT}."
         + (" 'content ok (Gemini)' = share of the judge's verdicts saying the image still shows the prompt."
@@ -1091,7 +1321,8 @@ def build_report(run: SweepRun, manifests: list[dict], failed: dict[str, str], e
         "- Bands: 4 refs count with 5–7 and 8–29 with 10–15, as train.recipe.choose_variant groups sizes; "
         "'auto policy' is choose_variant's pick for the band's boards.",
     ]
-    order = ["seeds_table", "size_matrix", "board_variant", "convergence", "best_step"]
+    order = (["world_matrix", "policy", "world_cells"] if world_used else []) + [
+        "seeds_table", "size_matrix", "board_variant", "convergence", "best_step"]
     sections = [f"## {tables[k]['title']}\n\n{markdown_table(tables[k])}" for k in order]
     report_prefix = f"{run.prefix}/report"
     files: dict[str, bytes] = {}
@@ -1117,7 +1348,8 @@ def build_report(run: SweepRun, manifests: list[dict], failed: dict[str, str], e
     files["report.md"] = markdown.encode("utf-8")
     report = {
         "name": run.spec.name, "cells": len(run.spec.cells()), "finished": len(manifests), "failed": failed,
-        "judge": judge_source, "content_check": CONTENT_PROXY, "tables": tables, "pairs": pairs,
+        "judge": judge_source, "judge_rule": WORLD_RULE if world_used else None, "content_check": CONTENT_PROXY,
+        "tables": tables, "pairs": pairs,
         "elapsed_s": elapsed_s, "markdown": markdown,
     }
     files["report.json"] = json.dumps(report, indent=1, default=str).encode("utf-8")

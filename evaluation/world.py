@@ -803,6 +803,13 @@ def make_world_board(style: str, n: int, out_dir: str | os.PathLike, seed: int =
     return paths
 
 
+def board_contents(n: int) -> list[str]:
+    """The content classes a world board of `n` pictures shows (`sample` cycles them), each once, in order."""
+    if n < 1:
+        raise ValueError(f"a board needs at least 1 picture, got n={n}")
+    return list(CONTENT_CLASSES[: min(n, len(CONTENT_CLASSES))])
+
+
 def contact_sheet(styles: tuple[str, ...] | list[str] | None = None, classes: tuple[str, ...] | list[str] | None = None,
                   seed: int = 0, size: int = 96, columns: int = 5) -> Image.Image:
     """One tile per style (all styles by default), each a row of `classes` in that style, tiles in `columns`.
