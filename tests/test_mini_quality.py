@@ -71,8 +71,8 @@ def test_the_base_draws_the_prompted_content_bare_and_behind_an_unseen_trigger(m
 
 
 def test_the_demo_learns_a_held_out_style_through_ray_train_and_serves_it_over_http(tmp_path):
-    """README command 1, as a user runs it: a stained-glass board, a LoRA through Ray Train, the exact judge's
-    before/after, and the same pixels over HTTP."""
+    """README command 1, as a user runs it: a risograph board, a LoRA through Ray Train, the exact judge's
+    before/after (the style learnt, the lighthouse, cat and boat kept), and the same pixels over HTTP."""
     env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
     run = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--out", str(tmp_path / "demo")], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
@@ -80,7 +80,10 @@ def test_the_demo_learns_a_held_out_style_through_ray_train_and_serves_it_over_h
     match = re.search(r"probability ([\d.]+) -> ([\d.]+); content recognised (\d+)% -> (\d+)%", run.stdout)
     assert match, run.stdout
     before, after = float(match.group(1)), float(match.group(2))
+    content_before, content_after = int(match.group(3)), int(match.group(4))
     assert before < 0.05, run.stdout  # the base has never seen the style
-    assert after >= 0.3 and after > 10 * before, run.stdout
+    assert after >= 0.6 and after > 10 * before, run.stdout  # measured 0.00 -> 1.00 (README)
+    # the subjects survive the style: measured 100% -> 100% of 3 (README); one of three may go
+    assert content_before >= 66 and content_after >= 66, run.stdout
     assert "the same pixels as the in-process pipeline" in run.stdout, run.stdout
     assert (tmp_path / "demo" / "before_after.png").exists()
