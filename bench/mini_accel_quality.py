@@ -26,9 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
-from contracts import with_trigger  # noqa: E402
 from evaluation import world  # noqa: E402
-from evaluation.quality import MINI_GUIDANCE, MINI_STEPS, draw  # noqa: E402
+from evaluation.quality import MINI_GUIDANCE, MINI_STEPS, draw, world_prompts  # noqa: E402
 from evaluation.world_judge import WorldJudge  # noqa: E402
 from klein.accel import prepare_for_inference, set_inference_mode  # noqa: E402
 from klein.generate import set_active_loras  # noqa: E402
@@ -48,10 +47,7 @@ def main(argv=None) -> int:
 
     lora = read_lora(args.lora.read_bytes())
     judge = WorldJudge.load()
-    pairs = [(c, s) for s in range(args.seeds) for c in world.CONTENT_CLASSES]
-    prompts = [with_trigger(args.trigger, world.caption(c, s)) for c, s in pairs]
-    seeds = [s for _, s in pairs]
-    contents = [c for c, _ in pairs]
+    prompts, seeds, contents = world_prompts(args.trigger, world.CONTENT_CLASSES, range(args.seeds))
     pipe = load_pipeline("mini")
     results = {}
 
