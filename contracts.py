@@ -45,6 +45,8 @@ LORA_FILE = "lora.safetensors"
 LEGACY_COMFYUI_FILE = "lora_comfyui.safetensors"  # the ComfyUI export of LoRAs trained before comfyui_file_name
 CONTACT_SHEET = "samples/contact_sheet.png"
 LOSS_PLOT = "samples/loss.png"
+HEALTH_IMAGE = "samples/health.png"  # the health report (train/health.py): probe images with each symptom's verdict
+HEALTH_MARKDOWN = "samples/health.md"
 
 
 def comfyui_file_name(job_id: str, trigger: str) -> str:
@@ -159,3 +161,5 @@ class Manifest(BaseModel):
     best_step: int | None = None
     delivered_step: int | None = None
     style_profile: dict[str, Any] | None = None
+    # the health report (train/health.py): None until it is written after delivery; {"error": ...} if it failed
+    health: dict[str, Any] | None = None

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from cli.demo import demo_http_generate
 from cluster.pools import init_local_ray
 from cluster.storage import Storage, StorageError
-from contracts import status_key
+from contracts import HEALTH_MARKDOWN, status_key
 from evaluation import world
 from evaluation.quality import MINI_GUIDANCE, MINI_STEPS, lora_quality
 from evaluation.world import make_world_board
@@ -29,6 +29,7 @@ from train.captions import TriggerError
 from train.dataset import DatasetError
 from train.job import JobError, lora_prefix, new_job_id, run_training_job
 from train.recipe import ConfigError, TrainConfig
+from train.health import summary_line
 from train.status import stop_jobs_on_signals
 from train.report import image_grid
 
@@ -165,6 +166,15 @@ def _print_summary(manifest: dict, cfg) -> None:
         print(f"  check: val loss rose {flag['rise']:.0%} from step {flag['from_step']} to {flag['to_step']} (cosine midpoint)")
     for w in manifest["warnings"][:10]:
         print(f"  warning: {w}")
+    health = manifest.get("health")
+    if health and "symptoms" in health:
+        print(f"  {summary_line(health)}")
+        for s in health["symptoms"]:
+            if s["verdict"] != "ok":
+                print(f"    {s['verdict']}: {s['symptom']}: {s['evidence']}; fix: {s['fix']}")
+        print(f"  read it: {storage.uri_of(prefix + '/' + HEALTH_MARKDOWN)}")
+    elif health:
+        print(f"  {health.get('error', 'no health report')}")
     for name in manifest["files"]:
         print(f"  {storage.uri_of(prefix + '/' + name)}")
 
@@ -215,6 +225,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   style distance to the refs {d_before:.3f} -> {d_after:.3f}; val loss "
           f"{manifest['metrics']['val_curve'][0]['val_loss']:.3f} -> {manifest['metrics']['val_curve'][-1]['val_loss']:.3f}")
     print(f"   {out / 'before_after.png'}")
+    health = manifest.get("health") or {}
+    if "symptoms" in health:  # the seeds' failure table, checked on this job's checkpoints (train/health.py)
+        print(f"   {summary_line(health)}: {storage.uri_of(prefix + '/' + HEALTH_MARKDOWN)}")
     print(f"   contact sheet: {storage.uri_of(prefix + '/samples/contact_sheet.png')}")
     print(f"   loss plot:     {storage.uri_of(prefix + '/samples/loss.png')}")
     print(f"   LoRA:          {storage.uri_of(prefix + '/lora.safetensors')} (+ ComfyUI export, manifest.json)")

@@ -137,7 +137,7 @@ CONTENT_PROXY = ("content proxy (offline): correlation of the edge maps (gradien
                  "image) of the sample and the base model's image for the same board, prompt and seed; it follows the "
                  "layout, not the palette (same scene in another style ~0.4–0.9, another scene ~0)")
 CONTENT_KEPT_AT = 0.3
-_TRAIN_CONFIG_KEYS_NOT_COMPARED = {"storage", "use_gpu", "fail_at_step", "step_delay_s"}
+_TRAIN_CONFIG_KEYS_NOT_COMPARED = {"storage", "use_gpu", "fail_at_step", "step_delay_s", "oom_at_step"}
 
 
 class SweepError(ValueError):
@@ -780,6 +780,7 @@ def _sample_cell(run: SweepRun, cell: Cell, outcome: dict) -> dict:
         "steps": lora["metrics"]["steps"], "checkpoints": checkpoints, "delivered_step": lora["delivered_step"],
         "best_step": lora["best_step"], "val_curve": lora["metrics"]["val_curve"],
         "midpoint_jumps": lora.get("midpoint_jumps", []), "base_style_distance": base_style,
+        "health": health_cell(lora.get("health")),
         "samples": samples, "files": files, "fingerprint": outcome["fingerprint"], "sample_s": time.time() - t0,
     }
     if run.spec.judge == "world":
@@ -1043,7 +1044,7 @@ def compute_tables(spec: SweepSpec, manifests: list[dict], pairs: list[dict]) ->
             board_rows.append([bd, str(m["n_refs"]), m["band"], v, m["decision"]["variant"], str(wins), str(comps), _pct(rate),
                                _fmt(_mean(s["style_distance"] for s in ds)), _fmt(_mean(m["base_style_distance"].values())),
                                _fmt(_mean(s["content_proxy"] for s in ds)), _pct(kept), _pct(gemini_content(bpairs, v)),
-                               _fmt(best_val["val_loss"], 4), str(m["delivered_step"])])
+                               _fmt(best_val["val_loss"], 4), str(m["delivered_step"]), m.get("health", "—")])
 
     # convergence: best step per board and variant
     conv_rows, best_rows = [], []
@@ -1081,7 +1082,8 @@ def compute_tables(spec: SweepSpec, manifests: list[dict], pairs: list[dict]) ->
         "board_variant": {"title": "Per board × variant (delivered checkpoint)",
                           "columns": ["board", "refs", "band", "variant", "recipe", "wins", "comparisons", "win rate",
                                       "style dist.", "base style dist.", "content proxy", "content kept",
-                                      "content ok (Gemini)", "best val loss", "delivered step"], "rows": board_rows},
+                                      "content ok (Gemini)", "best val loss", "delivered step", "health"],
+                          "rows": board_rows},
         "size_matrix": {"title": "Dataset size × variant (win rate in the band) and the auto policy",
                         "columns": ["refs band", "boards (refs)", *variants, "winner", "auto policy", "auto vs winner"],
                         "rows": matrix_rows},
@@ -1096,6 +1098,18 @@ def compute_tables(spec: SweepSpec, manifests: list[dict], pairs: list[dict]) ->
         "samples": {"title": "Every sample", "columns": ["board", "variant", "step", "prompt", "seed", "style dist.",
                                                          "content proxy", "val loss", "delivered"], "rows": sample_rows},
     }
+
+
+def health_cell(health: dict | None) -> str:
+    """A cell's health report (train/health.py) in a few words: the overall verdict, the symptoms that are not ok,
+    and the checkpoint it recommends when that is not the delivered one."""
+    if not health or "symptoms" not in health:
+        return "—" if not health else "no report"
+    flagged = [f"{s['id']} {s['verdict']}" for s in health["symptoms"] if s["verdict"] != "ok"]
+    text = health["overall"] + (f" ({', '.join(flagged)})" if flagged else "")
+    if health["recommended_step"] != health["delivered_step"]:
+        text += f"; use step {health['recommended_step']}"
+    return text
 
 
 def world_tables(spec: SweepSpec, manifests: list[dict], pairs: list[dict]) -> dict[str, dict]:

@@ -32,6 +32,8 @@ PUBLIC_FILES = {
     "contact_sheet.png": "samples/contact_sheet.png",
     "loss.png": "samples/loss.png",
     "lora.safetensors": "lora.safetensors",
+    "health.png": contracts.HEALTH_IMAGE,
+    "health.md": contracts.HEALTH_MARKDOWN,
 }
 
 

@@ -121,7 +121,8 @@ def trained(service, training_job):
     deadline = time.time() + 400
     while time.time() < deadline:
         body = http.get(f"/v1/loras/{training_job['id']}", headers=_auth(key)).json()
-        if body["status"] in ("done", "failed"):
+        # usable from "done" on; its health report follows within seconds ("pending" until then)
+        if body["status"] == "failed" or (body["status"] == "done" and body["health"].get("state") != "pending"):
             break
         time.sleep(2)
     assert body["status"] == "done", body
@@ -325,7 +326,12 @@ def test_trained_lora_status_and_files(http, service, trained):
     key = service["keys"]["acme"]
     assert trained["metrics"]["steps"] == 20 and trained["decision"]["variant"]
     assert "text_stage" in trained["decision"]
-    assert set(trained["files"]) >= {"contact_sheet.png", "loss.png"}
+    assert set(trained["files"]) >= {"contact_sheet.png", "loss.png", "health.png", "health.md"}
+    # the health report: a verdict on each of the seeds' symptoms, and its picture and Markdown to download
+    assert len(trained["health"]["symptoms"]) == 6 and trained["health"]["overall"] in ("ok", "warn", "fail")
+    assert trained["health"]["recommended_step"] in (10, 20)
+    report = http.get(trained["files"]["health.md"], headers=_auth(key))
+    assert report.status_code == 200 and report.text.startswith(f"# Health of LoRA `{trained['id']}`")
     sheet = http.get(trained["files"]["contact_sheet.png"], headers=_auth(key))
     assert sheet.status_code == 200 and sheet.headers["content-type"] == "image/png"
     Image.open(io.BytesIO(sheet.content)).verify()

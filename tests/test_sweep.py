@@ -22,6 +22,7 @@ from evaluation.sweep import (
     EXAMPLE_SWEEP,
     CONTENT_KEPT_AT,
     SweepError,
+    health_cell,
     SweepRun,
     SweepSpec,
     _cell_fingerprint,
@@ -220,6 +221,9 @@ def test_tables_count_wins_per_band_and_compare_the_auto_policy():
         _manifest("mid", "GEM+A", 6, {10: 0.6, 20: 0.5}, {10: 2.0, 20: 1.9}, 20),
         _manifest("mid", "B_r128", 6, {10: 0.6, 20: 0.5}, {10: 2.0, 20: 1.9}, 20),
     ]
+    # the cell's health column: the LoRA manifest's report in a few words (evaluation.sweep.health_cell)
+    manifests[1]["health"] = health_cell({"overall": "fail", "delivered_step": 20, "recommended_step": 10, "symptoms": [
+        {"id": "deep_fried", "verdict": "fail"}, {"id": "one_composition", "verdict": "warn"}, {"id": "poor_refs", "verdict": "ok"}]})
     pairs = (_pairs("small", ["B_r128", "B_r128", "B_r128", "GEM+A"]) + _pairs("big", ["GEM+A"] * 3 + ["B_r128"])
              + _pairs("mid", ["GEM+A", "GEM+A", "B_r128", "B_r128"]))
     tables = compute_tables(spec, manifests, pairs)
@@ -247,6 +251,9 @@ def test_tables_count_wins_per_band_and_compare_the_auto_policy():
     assert board_rows[("small", "B_r128")][5:8] == ["3", "4", "75%"]
     assert board_rows[("small", "B_r128")][8] == "0.700"  # style distance at the delivered step (10)
     assert board_rows[("small", "B_r128")][11] == "0%" and board_rows[("big", "GEM+A")][11] == "100%"  # content kept
+    assert tables["board_variant"]["columns"][15] == "health"
+    assert board_rows[("small", "B_r128")][15] == "fail (deep_fried fail, one_composition warn); use step 10"
+    assert board_rows[("big", "GEM+A")][15] == "—"
 
     conv = {(r[0], r[1]): r for r in tables["convergence"]["rows"]}
     assert conv[("small", "B_r128")][4] == "2.500@10 → 2.600@20"

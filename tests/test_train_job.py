@@ -29,6 +29,7 @@ from klein.model import load_pipeline
 from klein.style_score import style_distance
 from evaluation.board import make_board
 from train.cache import load_cache
+from train.health import SYMPTOMS
 from train.job import checkpoint_key, lora_prefix, run_training_job
 from train.recipe import TrainConfig
 
@@ -138,6 +139,16 @@ def test_job_writes_a_complete_verified_lora(clean, store):
     assert manifest["captions"] and all(not k.startswith("/") for k in manifest["dataset"]["refs"][0])
     assert statuses[0] == "preparing" and statuses[-1] == "done"
     assert storage.read_json("jobs/job-e2e/status.json")["state"] == "done"
+    # the health report came after delivery (train/health.py): every symptom of the seeds' table, with evidence
+    assert statuses.index("checking health") == len(statuses) - 2
+    health = manifest["health"]
+    assert [s["id"] for s in health["symptoms"]] == [key for key, _, _ in SYMPTOMS]
+    assert all(s["verdict"] in ("ok", "warn", "fail") and s["evidence"] for s in health["symptoms"])
+    assert [m["step"] for m in health["checkpoints"]] == [5, 10, 15, 20] and health["recommended_step"] in manifest["checkpoints"]
+    assert health["probe"]["prompts"] == ["a house"] and health["dataset"]["refs"] == 8
+    assert "samples/health.png" in manifest["files"] and "samples/health.md" in manifest["files"]
+    md = storage.read_verified(f"{prefix}/samples/health.md", manifest["files"]["samples/health.md"]).decode()
+    assert md.startswith("# Health of LoRA `job-e2e`") and "the trigger word has no effect" in md
 
 
 @pytest.mark.reliability("faults")
@@ -304,6 +315,19 @@ def test_a_worker_error_fails_the_job_with_its_reason_and_stores_no_lora(clean, 
     assert "adamw8bit runs only on CUDA" in status["error"] and statuses[-1]["state"] == "failed"
     assert status["error"].endswith("rank 0: ConfigError: optimizer: adamw8bit runs only on CUDA GPUs (bitsandbytes); use adamw or adafactor on CPU")
     assert not Storage.from_uri(store).exists(lora_prefix("default", "job-worker-error"))
+
+
+def test_an_out_of_memory_job_fails_with_the_seeds_fix_for_its_settings(clean, board, store):
+    """A worker that runs out of GPU memory (torch.OutOfMemoryError, raised by the oom_at_step hook as CUDA raises
+    it) fails the job in one line that names the fix not yet on (at batch 1: gradient checkpointing; the order of
+    the fixes is tests/test_health.py's)."""
+    from train.job import JobError
+
+    with pytest.raises(JobError, match="out of memory: set gradient_checkpointing: true$"):
+        run_training_job(board, _cfg(store, "job-oom", oom_at_step=2, max_failures=0))
+    status = Storage.from_uri(store).read_json("jobs/job-oom/status.json")
+    assert status["state"] == "failed" and "OutOfMemoryError" in status["error"]
+    assert status["error"].endswith("out of memory: set gradient_checkpointing: true")
 
 
 def test_a_model_the_cache_task_cannot_load_fails_the_job_at_caching_in_one_line(ray_cluster, board, store):

@@ -24,6 +24,8 @@ from cluster.pools import TRAIN_RESOURCE, cluster_has_gpus, queued_train_loop, t
 from cluster.storage import Storage
 from contracts import (
     CONTACT_SHEET,
+    HEALTH_IMAGE,
+    HEALTH_MARKDOWN,
     JOB_ID_RULE,
     LORA_FILE,
     LOSS_PLOT,
@@ -46,9 +48,10 @@ from klein.lora import export_lora, lora_to_bytes, read_lora
 from klein.model import model_id, native_resolution
 from train.cache import build_cache
 from train.captions import check_trigger
-from train.dataset import load_refs
+from train.dataset import load_refs, near_duplicate_pairs
 from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
+from train.health import is_out_of_memory, loss_is_finite, out_of_memory_fix, render_health, summary_line
 from train.status import JobStatus
 from train.report import image_grid, loss_plot_png
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
@@ -171,12 +174,18 @@ def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, s
         final_state = _fit(cfg, cache_key, storage)
         status.stage = "finishing"
         manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
+        # the LoRA is delivered (its manifest is written); the health report follows on the inference pool
+        status.stage = "checking health"
+        status("checking health", manifest=manifest_key(cfg.tenant, cfg.job_id))
+        manifest = add_health_report(cfg, prepared, final_state, storage, manifest)
     except Exception as e:
         # whichever stage failed (a model folder the cache task cannot load, a worker error, a contact sheet),
         # the job's own status says so in one line; checkpoints stay, and resubmitting the job id resumes
         reason = str(e) if isinstance(e, JobError) else f"job {cfg.job_id} failed while {status.stage}: {failure_reason(e)}"
+        if is_out_of_memory(reason):  # the seeds' fix for this job, not a generic one
+            reason += f" — out of memory: {out_of_memory_fix(public_config(cfg))}"
         status("failed", error=reason, stage=status.stage)
-        if isinstance(e, JobError):
+        if isinstance(e, JobError) and reason == str(e):
             raise
         raise JobError(reason) from e
     status("done", manifest=manifest_key(cfg.tenant, cfg.job_id), best_step=manifest["best_step"])
@@ -308,6 +317,52 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
     return manifest
 
 
+def add_health_report(cfg: TrainConfig, prepared: PreparedDataset, state: dict, storage: Storage, manifest: dict) -> dict:
+    """The health report (train/health.py), rendered on the inference pool after the LoRA is delivered, added to the
+    manifest with `samples/health.png` and `samples/health.md`. A report that cannot be made never takes the
+    delivered LoRA back: the manifest then says why under `health.error`."""
+    if not cfg.health:
+        return manifest
+    key = manifest_key(cfg.tenant, cfg.job_id)
+    refs = prepared.ref_set.refs
+    try:
+        checkpoints = [(step, storage.read_bytes(checkpoint_key(cfg.job_id, step))) for step in manifest["checkpoints"]]
+        report, png, md = ray.get(render_health_task(bool(cfg.use_gpu)).remote(
+            cfg.model, checkpoints, manifest["delivered_step"], [_probe_ref(r.image) for r in refs],
+            [(r.width, r.height) for r in refs], prepared.captions, [r.sidecar_caption or "" for r in refs], cfg.trigger,
+            public_config(cfg),
+            len(near_duplicate_pairs(refs)), _sample_size(cfg), min(cfg.sample_steps, HEALTH_MAX_STEPS),
+            loss_is_finite(state["log"]), bool(cfg.use_gpu), cfg.job_id))
+    except Exception as e:  # the LoRA stays delivered; the manifest says why it has no report
+        log.warning("job %s: no health report: %s", cfg.job_id, failure_reason(e))
+        manifest = {**manifest, "health": {"error": f"no health report: {failure_reason(e)}"}}
+        storage.write_json(key, manifest)
+        return manifest
+    prefix = lora_prefix(cfg.tenant, cfg.job_id)
+    hashes = {HEALTH_IMAGE: storage.write_bytes(f"{prefix}/{HEALTH_IMAGE}", png),
+              HEALTH_MARKDOWN: storage.write_bytes(f"{prefix}/{HEALTH_MARKDOWN}", md.encode())}
+    manifest = {**manifest, "health": report, "files": {**manifest["files"], **hashes}}
+    Manifest.model_validate(manifest)
+    storage.write_json(key, manifest)  # the files it names are in place first, as for the first manifest
+    log.info("job %s %s", cfg.job_id, summary_line(report))
+    return manifest
+
+
+HEALTH_MAX_STEPS = 20  # the probe's sampler steps (at most the job's sample_steps): 12+ images per checkpoint
+PROBE_REF_SIDE = 256  # refs travel to the health task at this size at most: the measures look at 128 px
+
+
+def _probe_ref(image):
+    small = image.copy()
+    small.thumbnail((PROBE_REF_SIDE, PROBE_REF_SIDE))
+    return small
+
+
+def render_health_task(use_gpu: bool):
+    """The health probe runs on the inference pool, like the contact sheet."""
+    return ray.remote(render_health).options(**sample_task_options(use_gpu))
+
+
 def _style_profile(prepared: PreparedDataset) -> dict:
     """L1 STYLE_PROFILE, computed once per LoRA (Gemini when the policy allows it, else offline)."""
     use = prepared.decision["text_stage"]["use_gemini"]
@@ -316,7 +371,7 @@ def _style_profile(prepared: PreparedDataset) -> dict:
     return extract_style_profile(images, client=client).to_manifest()
 
 
-PRIVATE_CONFIG_KEYS = ("fail_at_step", "step_delay_s", "content_lora")
+PRIVATE_CONFIG_KEYS = ("fail_at_step", "step_delay_s", "oom_at_step", "content_lora")
 
 
 def public_config(cfg: TrainConfig) -> dict:

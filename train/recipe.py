@@ -158,6 +158,7 @@ class TrainConfig(BaseModel):
     sample_steps: int = 20
     sample_size: int | None = None  # None: 64 for tiny, 1024 otherwise
     early_stopping: bool = False
+    health: bool = True  # the health report after delivery (train/health.py); false skips it
     keep_checkpoints: int = 3
     # text stage
     use_gemini: bool | None = None  # None: as the variant says
@@ -176,9 +177,11 @@ class TrainConfig(BaseModel):
     deepspeed_gather: str = "auto"
     max_failures: int = 2
     max_refs: int = 50
-    # testing hooks: kill this worker process once at this step (fault injection), slow each step down
+    # testing hooks: kill this worker process once at this step (fault injection), slow each step down, raise
+    # torch.OutOfMemoryError at this step (what a GPU too small for the job does)
     fail_at_step: int | None = None
     step_delay_s: float = 0.0
+    oom_at_step: int | None = None
     # where an ai-toolkit job file put things that are not TrainConfig keys (from_yaml fills them)
     _dataset_folder: str | None = PrivateAttr(default=None)
     _load_notes: list[str] = PrivateAttr(default_factory=list)
@@ -366,6 +369,6 @@ ALIASES = {"alpha": "linear_alpha", "learning_rate": "lr", "max_train_steps": "s
            "linear": "rank", "trigger_word": "trigger", "prompts": "sample_prompts",
            "max_step_saves_to_keep": "keep_checkpoints"}
 # testing hooks: accepted, but not offered in the known-keys list of an error
-TESTING_KEYS = frozenset({"fail_at_step", "step_delay_s"})
+TESTING_KEYS = frozenset({"fail_at_step", "step_delay_s", "oom_at_step"})
 # the keys a YAML file may spell as `1e-4` (see TrainConfig.from_dict)
 FLOAT_KEYS = frozenset(name for name, f in TrainConfig.model_fields.items() if f.annotation in (float, float | None))

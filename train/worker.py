@@ -75,6 +75,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if not storage.exists(marker):  # once per job: the resumed attempt must get past it
                     storage.write_bytes(marker, b"killed mid-step by fail_at_step")
                     os.kill(os.getpid(), signal.SIGKILL)
+            if cfg.oom_at_step == step and micro == 0:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (testing hook oom_at_step={step})")
 
         loss_total = trainer.step(micro_batch, after_micro=fault_hook)
         if cfg.step_delay_s:

@@ -77,6 +77,8 @@ async def get_lora(lora_id: str, request: Request) -> dict:
             "metrics": manifest.get("metrics"),
             "best_step": manifest.get("best_step"),
             "style_profile": manifest.get("style_profile"),
+            # the health report (train/health.py); written just after delivery, so briefly pending
+            "health": manifest.get("health") or {"state": "pending" if status.get("state") == "checking health" else "none"},
             "files": {name: f"{API_PREFIX}/loras/{lora_id}/files/{name}" for name in jobstore.public_files(manifest)},
         })
     return body
@@ -103,6 +105,8 @@ async def get_lora_file(lora_id: str, name: str, request: Request) -> Response:
                                    manifest["files"][path])
     if name.endswith(".png"):
         return Response(data, media_type="image/png")
+    if name.endswith(".md"):
+        return Response(data, media_type="text/markdown; charset=utf-8")
     # a LoRA download keeps its name (the ComfyUI export's is unique per job: ComfyUI's loras folder is flat)
     return Response(data, media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})

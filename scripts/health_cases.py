@@ -1,0 +1,153 @@
+"""Induce each failure of the seeds' table in the `mini` world, and check that the health report names it.
+
+    python scripts/health_cases.py --work out/health-cases [--cases healthy_s0,lr_x50,...] [--ship tests/data/health]
+
+Every case is a real job (`train.job.run_training_job` on a local Ray cluster, the `mini` preset, a board of 12
+world pictures of the held-out style `risograph`), so its health report is the one the product writes into the
+manifest (`train/health.py`, run on the inference pool after the LoRA is delivered). Beside it the exact world
+judge (`evaluation.world_judge`) measures what really happened to each checkpoint: style probability and content
+recognised, with and without the trigger. The judge is the ground truth the report's judge-free measures are
+checked against; the report itself never sees it.
+
+The cases (a healthy job per seed, and one job per failure) are `evaluation/health_cases.py`'s.
+
+`--ship DIR` copies each case's delivered LoRA and checkpoints (fp16) and its refs recipe to DIR for the tests.
+Results: `<work>/health_cases.json` and a Markdown table on stdout (kept in bench/results/health/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from cluster.pools import init_local_ray  # noqa: E402
+from cluster.storage import Storage  # noqa: E402
+from contracts import checkpoint_key, manifest_key  # noqa: E402
+from evaluation.health_cases import CASES, STYLE, case_config, write_board  # noqa: E402
+from evaluation.quality import side_quality  # noqa: E402
+from evaluation.world_judge import WorldJudge  # noqa: E402
+from klein.lora import lora_to_bytes, read_lora  # noqa: E402
+from klein.mini import MINI_RESOLUTION  # noqa: E402
+from klein.model import load_pipeline  # noqa: E402
+from train.dataset import near_duplicate_pairs  # noqa: E402
+from train.health import SYMPTOMS, loss_is_finite, render_health, summary_line  # noqa: E402
+from train.job import HEALTH_MAX_STEPS, _probe_ref, prepare_dataset, public_config, run_training_job  # noqa: E402
+
+def train_case(case: str, work: Path) -> dict:
+    """The case's job (skipped when its manifest exists: a re-run only reports)."""
+    board = work / "boards" / case
+    write_board(case, board)
+    cfg = case_config(case, work / "storage")
+    storage = Storage.from_uri(cfg.storage)
+    key = manifest_key(cfg.tenant, cfg.job_id)
+    if storage.exists(key):
+        return storage.read_json(key)
+    return run_training_job(board, cfg)
+
+
+def report_case(case: str, work: Path, manifest: dict, pipe, judge: WorldJudge) -> dict:
+    """The product's health report on this case's checkpoints (train.health.render_health, what the job's
+    inference-pool task runs), and the exact judge's view of the same checkpoints."""
+    cfg = case_config(case, work / "storage")
+    storage = Storage.from_uri(cfg.storage)
+    prepared, resolved = prepare_dataset(work / "boards" / case, cfg, on_gpu=False)
+    refs = prepared.ref_set.refs
+    checkpoints = [(step, storage.read_bytes(checkpoint_key(cfg.job_id, step))) for step in manifest["checkpoints"]]
+    state_log = [{"loss": e["loss"]} for e in manifest["metrics"]["loss_curve"]]
+    report, png, md = render_health(cfg.model, checkpoints, manifest["delivered_step"], [_probe_ref(r.image) for r in refs],
+                                    [(r.width, r.height) for r in refs], prepared.captions,
+                                    [r.sidecar_caption or "" for r in refs], resolved.trigger,
+                                    public_config(resolved), len(near_duplicate_pairs(refs)), MINI_RESOLUTION,
+                                    min(resolved.sample_steps, HEALTH_MAX_STEPS), loss_is_finite(state_log), False, cfg.job_id)
+    out = work / "reports" / case
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "health.png").write_bytes(png)
+    (out / "health.md").write_text(md)
+    truth = {}
+    base_t = side_quality(pipe, None, resolved.trigger, STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
+    base_p = side_quality(pipe, None, "", STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
+    truth["base"] = {"style_prob": base_t.style_prob, "content_ok": base_t.content_ok, "content_ok_plain": base_p.content_ok}
+    for step, data in checkpoints:
+        lora = read_lora(data)
+        t = side_quality(pipe, lora, resolved.trigger, STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
+        p = side_quality(pipe, lora, "", STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
+        truth[str(step)] = {"style_prob": t.style_prob, "content_ok": t.content_ok, "style_prob_plain": p.style_prob,
+                            "content_ok_plain": p.content_ok}
+    return {"job_id": cfg.job_id, "checkpoints": manifest["checkpoints"], "health": report, "judge": truth}
+
+
+JUDGE_CONTENTS = ("lighthouse", "cat", "boat", "house", "tree", "car")
+JUDGE_SEEDS = (0, 1)
+
+
+def table(results: dict) -> str:
+    ids = [key for key, _, _ in SYMPTOMS]
+    lines = ["| case | " + " | ".join(ids) + " | recommended / delivered | judge: style with trigger, content with / "
+             "without trigger (delivered) |", "| --- " * (len(ids) + 3) + "|"]
+    for case, r in results.items():
+        h = r["health"]
+        verdicts = {s["id"]: s["verdict"] for s in h["symptoms"]}
+        j = r["judge"][str(h["delivered_step"])]
+        lines.append(f"| {case} | " + " | ".join(verdicts[i] for i in ids)
+                     + f" | {h['recommended_step']} / {h['delivered_step']} | {j['style_prob']:.2f}, {j['content_ok']:.2f} / "
+                       f"{j['content_ok_plain']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="out/health-cases")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--report-only", action="store_true", help="report on jobs already trained under --work")
+    parser.add_argument("--ship", help="write each case's delivered (and recommended) checkpoint here, fp16")
+    args = parser.parse_args(argv)
+    work = Path(args.work).resolve()
+    cases = args.cases.split(",")
+    manifests = {}
+    if not args.report_only:
+        init_local_ray(num_cpus=2, object_store_memory=300 * 1024**2, log_to_driver=False)
+    for case in cases:
+        started = time.time()
+        if args.report_only:
+            cfg = case_config(case, work / "storage")
+            manifests[case] = Storage.from_uri(cfg.storage).read_json(manifest_key(cfg.tenant, cfg.job_id))
+        else:
+            manifests[case] = train_case(case, work)
+        print(f"{case}: trained in {time.time() - started:.0f} s", flush=True)
+    summary_path = work / "health_cases.json"
+    results = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    pipe, judge = load_pipeline("mini"), WorldJudge.load()
+    for case in cases:
+        results[case] = report_case(case, work, manifests[case], pipe, judge)
+        summary_path.write_text(json.dumps(results, indent=1))
+        print(f"{case}: {summary_line(results[case]['health'])}", flush=True)
+    print(table(results))
+    if args.ship:
+        ship(results, work, Path(args.ship))
+    return 0
+
+
+def ship(results: dict, work: Path, out: Path) -> None:
+    """`<case>_step<N>.safetensors` in fp16 for the delivered and the recommended checkpoint of each case (what
+    tests/test_health.py runs the report on)."""
+    out.mkdir(parents=True, exist_ok=True)
+    storage = Storage.from_uri(str(work / "storage"))
+    for case, r in results.items():
+        h = r["health"]
+        for step in sorted({h["delivered_step"], h["recommended_step"]}):
+            lora = read_lora(storage.read_bytes(checkpoint_key(r["job_id"], step)))
+            (out / f"{case}_step{step}.safetensors").write_bytes(lora_to_bytes(lora, dtype=torch.float16))
+            print(f"shipped {case} step {step}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
