@@ -10,7 +10,7 @@ Cases (the healthy settings are the demo's, `cli/train.py`, at half its steps):
   lr_div50              the learning rate / 50: the style is barely learnt -> the trigger has no effect
   steps_x10             10x the steps                                   -> forgetting, an earlier checkpoint
   one_composition       12 refs of one subject (lighthouses)            -> one composition comes out
-  poor_refs             12 refs at 48 px, JPEG quality 8                -> poor training images
+  poor_refs             12 refs blown up from 40 px, JPEG quality 8     -> poor training images
 """
 
 from __future__ import annotations
@@ -47,13 +47,16 @@ def write_board(case: str, out: Path) -> None:
     if case == "long_captions":
         for txt in sorted(out.glob("*.txt")):
             txt.write_text(txt.read_text().strip() + LONG_CAPTION_TAIL + "\n")
-    if case == "poor_refs":
+    if case == "poor_refs":  # 40 px pictures, crushed by JPEG and blown up to 256 px (the loader's minimum)
         for png in sorted(out.glob("*.png")):
-            small = Image.open(png).convert("RGB").resize((48, 48), Image.Resampling.BILINEAR)
-            buffer = io.BytesIO()
-            small.save(buffer, "JPEG", quality=8)
+            image = Image.open(png).convert("RGB")
+            crushed = io.BytesIO()
+            image.resize((40, 40), Image.Resampling.BILINEAR).save(crushed, "JPEG", quality=8)
+            blown_up = Image.open(crushed).convert("RGB").resize(image.size, Image.Resampling.BICUBIC)
+            out_bytes = io.BytesIO()
+            blown_up.save(out_bytes, "JPEG", quality=90)
+            png.with_suffix(".jpg").write_bytes(out_bytes.getvalue())
             png.unlink()
-            png.with_suffix(".jpg").write_bytes(buffer.getvalue())
 
 
 def case_config(case: str, storage: Path) -> TrainConfig:

@@ -39,7 +39,7 @@ from klein.lora import lora_to_bytes, read_lora  # noqa: E402
 from klein.mini import MINI_RESOLUTION  # noqa: E402
 from klein.model import load_pipeline  # noqa: E402
 from train.dataset import near_duplicate_pairs  # noqa: E402
-from train.health import SYMPTOMS, loss_is_finite, render_health, summary_line  # noqa: E402
+from train.health import SYMPTOMS, detail_side, loss_is_finite, render_health, summary_line  # noqa: E402
 from train.job import HEALTH_MAX_STEPS, _probe_ref, prepare_dataset, public_config, run_training_job  # noqa: E402
 
 def train_case(case: str, work: Path) -> dict:
@@ -64,7 +64,7 @@ def report_case(case: str, work: Path, manifest: dict, pipe, judge: WorldJudge) 
     checkpoints = [(step, storage.read_bytes(checkpoint_key(cfg.job_id, step))) for step in manifest["checkpoints"]]
     state_log = [{"loss": e["loss"]} for e in manifest["metrics"]["loss_curve"]]
     report, png, md = render_health(cfg.model, checkpoints, manifest["delivered_step"], [_probe_ref(r.image) for r in refs],
-                                    [(r.width, r.height) for r in refs], prepared.captions,
+                                    [detail_side(r.image, min(r.width, r.height)) for r in refs], prepared.captions,
                                     [r.sidecar_caption or "" for r in refs], resolved.trigger,
                                     public_config(resolved), len(near_duplicate_pairs(refs)), MINI_RESOLUTION,
                                     min(resolved.sample_steps, HEALTH_MAX_STEPS), loss_is_finite(state_log), False, cfg.job_id)
@@ -100,6 +100,11 @@ def table(results: dict) -> str:
         lines.append(f"| {case} | " + " | ".join(verdicts[i] for i in ids)
                      + f" | {h['recommended_step']} / {h['delivered_step']} | {j['style_prob']:.2f}, {j['content_ok']:.2f} / "
                        f"{j['content_ok_plain']:.2f} |")
+    healthy = [r for case, r in results.items() if case.startswith("healthy_s")]
+    verdicts = [s["verdict"] for r in healthy for s in r["health"]["symptoms"]]
+    alarms = sum(v != "ok" for v in verdicts)
+    lines.append(f"\nfalse alarms on healthy jobs: {alarms} of {len(verdicts)} verdicts ({len(healthy)} jobs x "
+                 f"{len(SYMPTOMS)} symptoms) are not ok")
     return "\n".join(lines)
 
 

@@ -24,11 +24,13 @@ The measures, each on the probe images:
   without it, LoRA on);
 - drift: how far the LoRA moves the base model's compositions for prompts *without* the trigger (1 − the
   correlation of z-normalised 16×16 grey thumbnails, against the same distance between unrelated base images);
-- diversity: the spread of the triggered images' compositions across prompts and seeds, against the base's;
+- seed spread: how much the triggered images of one prompt differ from seed to seed, against the base model's
+  (an over-trained or single-picture LoRA draws one picture whatever the seed);
 - over-cooking: high-frequency energy and saturation of the triggered images against the refs', and whether the
   training loss stayed finite;
-- the dataset: refs smaller than the training resolution, near-duplicates, how varied the refs' compositions are,
-  caption length, and the trigger appearing as an ordinary word in the captions.
+- the dataset: refs with less detail than the training resolution (small, upscaled, blurred or over-compressed:
+  `detail_side`), near-duplicates, one subject in most captions, caption length, and the trigger appearing as an
+  ordinary word in the user's captions.
 """
 
 from __future__ import annotations
@@ -69,10 +71,14 @@ FRY_WARN, FRY_FAIL = 1.6, 2.5  # detail-to-shape ratio of the triggered images /
 SHAPE_WARN, SHAPE_FAIL = 0.6, 0.4  # shape contrast of the triggered images / the base model's
 SATURATION_RATIO_WARN = 1.6  # saturation of the triggered images / the refs' (not induced in mini: warn only)
 STYLE_GAIN_MIN = 0.05  # below: the trigger calls up (almost) nothing of the refs' style
-DRIFT_WARN, DRIFT_FAIL = 0.4, 0.6  # composition drift of trigger-less prompts, 1 = as far as unrelated images
-DIVERSITY_WARN, DIVERSITY_FAIL = 0.6, 0.4  # spread of the triggered compositions / the base's
+DRIFT_WARN, DRIFT_FAIL = 0.35, 0.6  # composition drift of trigger-less prompts, 1 = as far as unrelated images
+SEED_SPREAD_WARN, SEED_SPREAD_FAIL = 0.4, 0.25  # how much the seeds of one prompt differ, against the base's
 SUBJECT_SHARE_WARN = 0.5  # of the captions that name a subject, the share naming the most common one
-SMALL_REF_FRACTION_FAIL = 0.5
+SMALL_REF_FRACTION_FAIL = 0.5  # of the refs with less detail than SMALL_REF_SIDE x the training resolution
+SMALL_REF_SIDE = 0.75
+# a picture that shrinks and grows back within this mean grey error (about 2/255) had no more detail than the
+# shrunk size: sharp 256 px world pictures come back 0.03 off at 3/4, a 256 px blow-up of 40 px within 0.008 at 1/8
+DETAIL_ERROR = 0.008
 LONG_CAPTION_WORDS = 20  # median caption words (trigger excluded) above which the trigger has competition
 
 
@@ -82,15 +88,24 @@ def _grey(image: Image.Image, side: int) -> np.ndarray:
 
 
 def composition_vectors(images: list[Image.Image]) -> np.ndarray:
-    """(N, THUMB²) grey thumbnails less their mean: where light and dark sit, not colours or fine texture. Not
-    normalised: a picture without shapes (flat, or fine noise) has a small vector, close to every other such one."""
-    return np.stack([(g := _grey(image, THUMB).ravel()) - g.mean() for image in images])
+    """(N, THUMB²) z-normalised grey thumbnails: where light and dark sit, not colours or fine texture."""
+    rows = []
+    for image in images:
+        v = _grey(image, THUMB).ravel()
+        v = v - v.mean()
+        rows.append(v / (np.linalg.norm(v) + 1e-8))
+    return np.stack(rows)
 
 
 def composition_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """RMS difference between every row of `a` and every row of `b`."""
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.clip(sq, 0, None) / a.shape[1])
+    """1 − correlation between every row of `a` and every row of `b`."""
+    return 1.0 - a @ b.T
+
+
+def seed_spread(vectors: np.ndarray, seeds: int) -> float:
+    """Mean composition distance between the seeds of each prompt (vectors prompt-major, `seeds` per prompt)."""
+    groups = vectors.reshape(-1, seeds, vectors.shape[1])
+    return float(np.mean([mean_pairwise(g) for g in groups]))
 
 
 def shape_contrast(images: list[Image.Image]) -> float:
@@ -107,12 +122,30 @@ def mean_pairwise(vectors: np.ndarray) -> float:
 
 def high_frequency(images: list[Image.Image], side: int = 128) -> float:
     """Mean absolute Laplacian of the grey image at `side` px: fine detail, noise and speckle raise it."""
-    values = []
-    for image in images:
-        g = _grey(image, side)
-        lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
-        values.append(float(np.abs(lap).mean()))
-    return float(np.mean(values))
+    return float(np.mean([_laplacian_energy(_grey(image, side)) for image in images]))
+
+
+def detail_side(image: Image.Image, file_side: int | None = None) -> int:
+    """The side the picture's detail really has: the smallest shrink (BOX down, BICUBIC back up) after which the
+    picture comes back within DETAIL_ERROR (mean absolute grey error). A 1024 px upscale of a 200 px picture has
+    about 200 px of detail; a blurred one less than its size. `file_side`: the file's shorter side when `image`
+    was downscaled on loading."""
+    grey = image.convert("L")
+    w, h = grey.size
+    pixels = np.asarray(grey, dtype=np.float64) / 255.0
+    found = 1.0
+    for scale in (0.75, 0.5, 0.375, 0.25, 0.1875, 0.125):
+        small = grey.resize((max(8, round(w * scale)), max(8, round(h * scale))), Image.Resampling.BOX)
+        back = np.asarray(small.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
+        if float(np.abs(back - pixels).mean()) > DETAIL_ERROR:
+            break
+        found = scale
+    return round((file_side or min(w, h)) * found)
+
+
+def _laplacian_energy(g: np.ndarray) -> float:
+    lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+    return float(np.abs(lap).mean())
 
 
 def saturation(images: list[Image.Image]) -> float:
@@ -196,11 +229,12 @@ def main_subject(captions: list[str]) -> tuple[str | None, float]:
     return top, round(subjects.count(top) / len(subjects), 4)
 
 
-def dataset_measures(refs: list[Image.Image], sizes: list[tuple[int, int]], captions: list[str],
+def dataset_measures(refs: list[Image.Image], detail_sides: list[int], captions: list[str],
                      source_captions: list[str], trigger: str, resolution: int, near_duplicates: int) -> dict:
-    """What the refs and captions themselves say, before any image is drawn. `captions` are the trained ones
-    (trigger first); `source_captions` the user's own (sidecars), where the trigger may be an ordinary word."""
-    small = [i for i, (w, h) in enumerate(sizes) if min(w, h) < resolution / 2]
+    """What the refs and captions themselves say, before any image is drawn. `detail_sides`: each ref's
+    `detail_side`; `captions` are the trained ones (trigger first); `source_captions` the user's own (sidecars),
+    where the trigger may be an ordinary word."""
+    small = [i for i, side in enumerate(detail_sides) if side < SMALL_REF_SIDE * resolution]
     words = [len(re.sub(re.escape(trigger), " ", c, flags=re.IGNORECASE).split()) for c in captions]
     word_re = re.compile(r"(?<![A-Za-z0-9_-])" + re.escape(trigger) + r"(?![A-Za-z0-9_-])", flags=re.IGNORECASE)
     inside = sum(1 for c in source_captions if word_re.search(c))
@@ -208,10 +242,9 @@ def dataset_measures(refs: list[Image.Image], sizes: list[tuple[int, int]], capt
     return {
         "refs": len(refs),
         "small_refs": len(small),
-        "smallest_side": min(min(s) for s in sizes) if sizes else 0,
+        "least_detail_side": min(detail_sides) if detail_sides else 0,
         "resolution": resolution,
         "near_duplicate_pairs": near_duplicates,
-        "refs_variety": round(mean_pairwise(composition_vectors(refs)), 4) if len(refs) > 1 else 0.0,
         "caption_words_median": float(np.median(words)) if words else 0.0,
         "main_subject": subject,
         "main_subject_share": share,
@@ -230,7 +263,8 @@ def checkpoint_measures(probe: Probe, step: int, scorer: StyleScorer, base_style
     plain_v, trig_v = composition_vectors(plain), composition_vectors(triggered)
     unrelated = mean_pairwise(base_plain_v)
     drift = float(np.mean(np.diag(composition_distance(plain_v, base_plain_v)))) / max(unrelated, 1e-6)
-    diversity = mean_pairwise(trig_v) / max(mean_pairwise(composition_vectors(probe.base_triggered)), 1e-6)
+    base_spread = seed_spread(composition_vectors(probe.base_triggered), len(probe.seeds))
+    spread = seed_spread(trig_v, len(probe.seeds)) / max(base_spread, 1e-6)
     shape_t, shape_b = shape_contrast(triggered), shape_contrast(probe.base_triggered)
     fry = (high_frequency(triggered) / max(shape_t, 1e-4)) / (high_frequency(probe.base_triggered) / max(shape_b, 1e-4))
     return {
@@ -238,7 +272,7 @@ def checkpoint_measures(probe: Probe, step: int, scorer: StyleScorer, base_style
         "style_gain": round(gain_t, 4),
         "style_gain_without_trigger": round(gain_p, 4),
         "drift": round(drift, 4),
-        "diversity": round(diversity, 4),
+        "seed_spread": round(spread, 4),
         "fry": round(fry, 4),
         "shape_contrast": round(shape_t / max(shape_b, 1e-4), 4),
         "saturation_ratio": round(saturation(triggered) / max(dataset["refs_saturation"], 1e-3), 4),
@@ -295,10 +329,11 @@ def _poor_refs(dataset: dict) -> tuple[str, str, str]:
     n = max(dataset["refs"], 1)
     small, dups = dataset["small_refs"], dataset["near_duplicate_pairs"]
     verdict = "fail" if small / n >= SMALL_REF_FRACTION_FAIL else ("warn" if small or dups else "ok")
-    evidence = (f"{small} of {n} refs are under half the training resolution ({dataset['resolution']} px; the "
-                f"smallest side is {dataset['smallest_side']} px); {dups} near-duplicate pair(s)")
+    evidence = (f"{small} of {n} refs have less detail than {SMALL_REF_SIDE:.0%} of the training resolution "
+                f"({dataset['resolution']} px): small, upscaled, blurred or over-compressed (the least: "
+                f"{dataset['least_detail_side']} px of detail); {dups} near-duplicate pair(s)")
     keep = max(1, min(15, n - small - dups))
-    fix = (f"replace the {small} small ref(s) with ones at {dataset['resolution']} px or more" if small else
+    fix = (f"replace the {small} soft or small ref(s) with sharp ones at {dataset['resolution']} px or more" if small else
            "drop the near-duplicates") + f"; curate the best {keep} images"
     return verdict, evidence, fix
 
@@ -314,18 +349,25 @@ def _forgetting(m: dict, recommended: int, delivered: int, cfg: dict) -> tuple[s
     return verdict, evidence, fix
 
 
-def _one_composition(m: dict, dataset: dict) -> tuple[str, str, str]:
-    div, subject, share = m["diversity"], dataset["main_subject"], dataset["main_subject_share"]
-    verdict = "fail" if div < DIVERSITY_FAIL else ("warn" if div < DIVERSITY_WARN else "ok")
+def _one_composition(m: dict, dataset: dict, measures: list[dict]) -> tuple[str, str, str]:
+    spread, subject, share = m["seed_spread"], dataset["main_subject"], dataset["main_subject_share"]
+    verdict = "fail" if spread < SEED_SPREAD_FAIL else ("warn" if spread < SEED_SPREAD_WARN else "ok")
     one_subject = subject is not None and share >= SUBJECT_SHARE_WARN
     if verdict == "ok" and one_subject:
         verdict = "warn"
-    evidence = (f"the triggered images spread {div:.2f}x as much as the base model's across prompts and seeds "
-                f"(warn under {DIVERSITY_WARN}, fail under {DIVERSITY_FAIL})")
+    evidence = (f"the seeds of one prompt differ {spread:.2f}x as much as the base model's (warn under "
+                f"{SEED_SPREAD_WARN}, fail under {SEED_SPREAD_FAIL})")
     if subject is not None:
         evidence += f"; {share:.0%} of the captions are of one subject (`{subject}`; warn at {SUBJECT_SHARE_WARN:.0%})"
-    fix = (f"add refs of other subjects than `{subject}`, " if one_subject else "add refs with ") + \
-        "other framings and angles (the style, not one picture, is what should repeat)"
+    # an earlier checkpoint whose seeds still differ: the steps, not the refs, made one picture of every seed
+    varied = [e["step"] for e in measures if e["step"] < m["step"] and e["seed_spread"] >= SEED_SPREAD_WARN
+              and not _is_fried(e)]
+    if spread < SEED_SPREAD_WARN and varied:
+        evidence += f"; checkpoint {max(varied)} still varied with the seed"
+        fix = f"use checkpoint {max(varied)} or retrain with fewer steps (later checkpoints draw one picture whatever the seed)"
+    else:
+        fix = (f"add refs of other subjects than `{subject}`, " if one_subject else "add refs with ") + \
+            "other framings and angles (the style, not one picture, is what should repeat)"
     return verdict, evidence, fix
 
 
@@ -350,7 +392,7 @@ def recommend(measures: list[dict], delivered: int) -> int:
     """The checkpoint to use: the one with the most style gain among those that neither fry, forget nor collapse;
     if every one does, the earliest (the least trained)."""
     def clean(m):
-        return not _is_fried(m) and m["drift"] < DRIFT_FAIL and m["diversity"] >= DIVERSITY_FAIL
+        return not _is_fried(m) and m["drift"] < DRIFT_FAIL and m["seed_spread"] >= SEED_SPREAD_FAIL
 
     healthy = [m for m in measures if clean(m)]
     if not healthy:
@@ -373,7 +415,7 @@ def diagnose(dataset: dict, measures: list[dict], delivered_step: int, cfg: dict
         "trigger_no_effect": _trigger(m, dataset, trigger),
         "poor_refs": _poor_refs(dataset),
         "forgot_the_rest": _forgetting(m, recommended, delivered_step, cfg),
-        "one_composition": _one_composition(m, dataset),
+        "one_composition": _one_composition(m, dataset, measures),
         "out_of_memory": ("ok", "the job finished within its memory", out_of_memory_fix(cfg)),
     }
     symptoms = []
@@ -410,11 +452,11 @@ def markdown(report: dict, job_id: str) -> str:
              "| symptom | verdict | evidence | fix |", "| --- | --- | --- | --- |"]
     for s in report["symptoms"]:
         lines.append(f"| {s['symptom']} ({s['cause']}) | {s['verdict']} | {s['evidence']} | {s['fix'] or '—'} |")
-    lines += ["", "| step | style gain | without trigger | drift | diversity | fry | shape contrast | saturation |",
+    lines += ["", "| step | style gain | without trigger | drift | seed spread | fry | shape contrast | saturation |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in report["checkpoints"]:
         lines.append(f"| {m['step']} | {m['style_gain']:.2f} | {m['style_gain_without_trigger']:.2f} | {m['drift']:.2f} "
-                     f"| {m['diversity']:.2f} | {m['fry']:.2f} | {m['shape_contrast']:.2f} | {m['saturation_ratio']:.2f} |")
+                     f"| {m['seed_spread']:.2f} | {m['fry']:.2f} | {m['shape_contrast']:.2f} | {m['saturation_ratio']:.2f} |")
     lines += ["", "How to read it: `samples/health.png` shows the refs, the base model's probe images with the trigger, "
               "then each checkpoint's with the trigger and the delivered one's without it; the README's \"Health report\" "
               "section explains each measure."]
@@ -448,7 +490,7 @@ def health_png(report: dict, probe: Probe, refs: list[Image.Image]) -> bytes:
 
 
 def render_health(model: str, checkpoints: list[tuple[int, bytes]], delivered_step: int, refs: list[Image.Image],
-                  sizes: list[tuple[int, int]], captions: list[str], source_captions: list[str], trigger: str, cfg: dict,
+                  detail_sides: list[int], captions: list[str], source_captions: list[str], trigger: str, cfg: dict,
                   near_duplicates: int,
                   size: int, sample_steps: int, loss_finite: bool, use_gpu: bool, job_id: str) -> tuple[dict, bytes, str]:
     """The whole report (manifest dict, health.png, health.md): what the inference-pool task runs."""
@@ -457,7 +499,7 @@ def render_health(model: str, checkpoints: list[tuple[int, bytes]], delivered_st
     if not prompts:
         raise ValueError("the health probe needs at least one sample prompt")
     probe = render_probe(pipe, checkpoints, prompts, trigger, int(cfg.get("seed", 0)), size, sample_steps)
-    dataset = dataset_measures(refs, sizes, captions, source_captions, trigger, int(cfg.get("resolution", size)),
+    dataset = dataset_measures(refs, detail_sides, captions, source_captions, trigger, int(cfg.get("resolution", size)),
                                near_duplicates)
     scorer = StyleScorer(refs)
     base_style = {"triggered": scorer.distance(probe.base_triggered), "plain": scorer.distance(probe.base_plain)}

@@ -51,7 +51,7 @@ from train.captions import check_trigger
 from train.dataset import load_refs, near_duplicate_pairs
 from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
-from train.health import is_out_of_memory, loss_is_finite, out_of_memory_fix, render_health, summary_line
+from train.health import detail_side, is_out_of_memory, loss_is_finite, out_of_memory_fix, render_health, summary_line
 from train.status import JobStatus
 from train.report import image_grid, loss_plot_png
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
@@ -329,7 +329,7 @@ def add_health_report(cfg: TrainConfig, prepared: PreparedDataset, state: dict, 
         checkpoints = [(step, storage.read_bytes(checkpoint_key(cfg.job_id, step))) for step in manifest["checkpoints"]]
         report, png, md = ray.get(render_health_task(bool(cfg.use_gpu)).remote(
             cfg.model, checkpoints, manifest["delivered_step"], [_probe_ref(r.image) for r in refs],
-            [(r.width, r.height) for r in refs], prepared.captions, [r.sidecar_caption or "" for r in refs], cfg.trigger,
+            [detail_side(r.image, min(r.width, r.height)) for r in refs], prepared.captions, [r.sidecar_caption or "" for r in refs], cfg.trigger,
             public_config(cfg),
             len(near_duplicate_pairs(refs)), _sample_size(cfg), min(cfg.sample_steps, HEALTH_MAX_STEPS),
             loss_is_finite(state["log"]), bool(cfg.use_gpu), cfg.job_id))
