@@ -15,13 +15,14 @@
    checkpoints (each save's extra time over the steady step rate), samples (last step → the delivered files:
    Ray Train shutdown + contact sheet), finish (files → `done`) and the process exit.
 3. serve (`--serve`): `klein-style serve` on the same folder and storage; cold start to ready, first image,
-   then p50/p99 latency and images/hour at each `--concurrency` with the trained LoRA and with 10 imported
-   copies of it (each scaled by a different factor, so they are 10 distinct LoRAs) in round-robin.
+   then p50/p99 latency and images/hour at each `--concurrency` with the trained LoRA alone and with it and 9
+   imported copies of it (each scaled by a different factor, so they are 10 distinct LoRAs) in round-robin.
    `--skip-train --random-lora` serves without training: a random rank-32 LoRA at the model's shapes is
    imported through `POST /v1/loras/import` once the service is ready (files uploaded as `--upload-dtype`,
    bf16 by default: a full-size rank-32 LoRA is ~350 MB in fp32, past the default 200 MiB upload limit).
-   The 10 copies are warmed (`--warm-steps`: one short request each, timed as each LoRA's first use) so the
-   round-robin phases see resident LoRAs; `--phase-images 1:3,4:8` caps the images of each phase.
+   The round-robin set is that LoRA and 9 copies (10 adapter sets: all resident at max_loras_per_replica 10),
+   warmed (`--warm-steps`: one short request each, timed as each LoRA's first use) so the round-robin phases
+   see resident LoRAs; `--phase-images 1:3,4:8` caps the images of each phase.
 4. text encoder (`--text-encoder`): after the service stops, the Qwen3 encoder alone in this process: its
    weights' memory, the peak while encoding one prompt, and the time per call (what each request pays).
 
@@ -169,7 +170,8 @@ def markdown(data: dict) -> str:
                       f"{rl['file_bytes'] / 2**20:.0f} MiB as {rl['file_dtype']}, {rl['fp32_bytes'] / 2**20:.0f} MiB as fp32) "
                       f"imported in {rl['import_s']} s", ""]
         if ci:
-            lines += [f"{ci['n']} distinct copies ({ci['file_bytes'] / 2**20:.0f} MiB {ci['file_dtype']} each) imported "
+            how = "imported" if ci.get("via", "api") == "api" else "written into storage"
+            lines += [f"{ci['n']} distinct copies ({ci['file_bytes'] / 2**20:.0f} MiB {ci['file_dtype']} each) {how} "
                       f"{ci['parallel']} at a time in {ci['wall_s']} s (each {ci['import_s_each']} s)", ""]
         if warm:
             lines += [f"first use of each LoRA ({warm['steps']}-step requests): {warm['first_use_s']} s, against "
@@ -513,17 +515,29 @@ def serve_config_file(args, path: Path, on_gpu: bool) -> Path:
     return path
 
 
-def perturbed_copies(lora_bytes: bytes, n: int, dtype=None) -> list[bytes]:
-    """`n` distinct LoRAs from one: every up-projection scaled by 1 + i/100, so each copy has its own bytes
-    (and sha256), as 10 tenants' styles would; the cost of loading and switching is what is measured.
-    `dtype` is the files' tensor type (default float32, ours; bfloat16 halves an upload)."""
+def perturbed_copies(lora_bytes: bytes, n: int, dtype=None, first: int = 0) -> list[bytes]:
+    """`n` distinct LoRAs from one: every up-projection scaled by 1 + i/100 (i from `first`), so each copy has
+    its own bytes (and sha256), as 10 tenants' styles would; the cost of loading and switching is what is
+    measured. `dtype` is the files' tensor type (default float32, ours; bfloat16 halves an upload)."""
     import torch
 
     base = read_lora(lora_bytes)
     return [lora_to_bytes(LoraWeights(layers={name: LoraLayer(down=layer.down, up=layer.up * (1.0 + i / 100), alpha=layer.alpha)
                                               for name, layer in base.layers.items()}, meta=dict(base.meta)),
                           dtype=dtype or torch.float32)
-            for i in range(n)]
+            for i in range(first, first + n)]
+
+
+def store_copy(storage: Storage, data: bytes, lora_id: str) -> tuple[str, float]:
+    """A copy written into storage as the import endpoint writes one (`lora.safetensors`, then the manifest):
+    faster than uploading it when what is measured is serving, not importing."""
+    t = time.time()
+    prefix = lora_prefix(TENANT, lora_id)
+    sha = storage.write_bytes(f"{prefix}/lora.safetensors", data)
+    storage.write_json(f"{prefix}/manifest.json", {"id": lora_id, "tenant": TENANT, "trigger": TRIGGER,
+                                                   "files": {"lora.safetensors": sha}, "style_profile": None,
+                                                   "decision": {"variant": "imported", "reason": "bench copy"}})
+    return lora_id, round(time.time() - t, 2)
 
 
 def _dtype(name: str):
@@ -665,19 +679,29 @@ def run_serve(args, results: Results, gpu: GpuSampler, deadline: float, lora_id:
                 try:
                     t1 = time.time()
                     lora_bytes = storage.read_bytes(f"{lora_prefix(TENANT, lora_id)}/lora.safetensors")
-                    # uploaded in `--upload-dtype` (bf16 by default): a full-size rank-32 LoRA is ~350 MB in
+                    # the round-robin set is the served LoRA and n-1 copies: n adapter sets in all, so with
+                    # max_loras_per_replica >= n every one stays resident (n copies besides it would be n+1
+                    # sets, and an LRU of n would evict one at every request of the round: each a cold load).
+                    # Uploaded in `--upload-dtype` (bf16 by default): a full-size rank-32 LoRA is ~350 MB in
                     # fp32, past the service's default upload limit (max_upload_bytes, 200 MiB)
-                    copies = perturbed_copies(lora_bytes, args.n_loras, dtype=_dtype(args.upload_dtype))
+                    via_api = args.copies_via == "api"
+                    copies = perturbed_copies(lora_bytes, args.n_loras - 1, first=1,
+                                              dtype=_dtype(args.upload_dtype) if via_api else None)
                     made_s = time.time() - t1
                     with ThreadPoolExecutor(min(4, len(copies))) as pool:
-                        imported = list(pool.map(lambda ic: import_lora(client, ic[1], f"copy{ic[0]}.safetensors"),
-                                                 enumerate(copies)))
+                        if via_api:
+                            imported = list(pool.map(lambda ic: import_lora(client, ic[1], f"copy{ic[0]}.safetensors"),
+                                                     enumerate(copies)))
+                        else:
+                            imported = list(pool.map(lambda ic: store_copy(storage, ic[1], f"copy{ic[0] + 1}-{lora_id}"),
+                                                     enumerate(copies)))
                     ids = [i for i, _ in imported]
-                    payload["copies_import"] = {"n": len(ids), "file_bytes": len(copies[0]), "file_dtype": args.upload_dtype,
+                    payload["copies_import"] = {"n": len(ids), "via": args.copies_via, "file_bytes": len(copies[0]),
+                                                "file_dtype": args.upload_dtype if via_api else "fp32",
                                                 "make_s": round(made_s, 2), "import_s_each": [s for _, s in imported],
                                                 "wall_s": round(time.time() - t1, 2), "parallel": min(4, len(copies))}
                     del copies
-                    lora_sets[f"{args.n_loras}_loras"] = ids
+                    lora_sets[f"{args.n_loras}_loras"] = [lora_id] + ids
                     results.phase("serve", payload)
                     if args.warm_steps > 0:
                         payload["lora_warmup"] = warm_loras(client, args, lora_id, ids)
@@ -811,7 +835,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--serve-steps", type=int, default=50)
     p.add_argument("--serve-cpus", type=int, default=8)
     p.add_argument("--concurrency", default="1,4", help="comma-separated (default 1,4)")
-    p.add_argument("--n-loras", type=int, default=10)
+    p.add_argument("--n-loras", type=int, default=10,
+                   help="LoRAs in the round-robin phases: the served one and n-1 distinct copies (default 10)")
+    p.add_argument("--copies-via", default="api", choices=("api", "storage"),
+                   help="the copies through POST /v1/loras/import (default), or written into storage as it writes them")
     p.add_argument("--phase-images", default="",
                    help="images per load phase by concurrency, e.g. '1:3,4:8,16:16' (default: the time budget only)")
     p.add_argument("--warm-steps", type=int, default=1,
