@@ -1,6 +1,7 @@
 """Time to a style, measured from outside the product: `klein-style train` (and `klein-style serve`) as subprocesses.
 
     python bench/time_to_style.py --model FOLDER --out $OUT --steps 500 [--serve] [--budget-s 540]
+    python bench/time_to_style.py --model FOLDER --out $OUT --skip-train --random-lora --serve --text-encoder
 
 1. board: a 12-image procedural board at 1024² (`evaluation.board.make_board`, what `klein-style make-board` runs).
 2. train: `klein-style train REFS --trigger zxy_style --model FOLDER --storage ... --config CFG` as a
@@ -14,8 +15,16 @@
    checkpoints (each save's extra time over the steady step rate), samples (last step → the delivered files:
    Ray Train shutdown + contact sheet), finish (files → `done`) and the process exit.
 3. serve (`--serve`): `klein-style serve` on the same folder and storage; cold start to ready, first image,
-   then p50/p99 latency and images/hour at each `--concurrency` with the trained LoRA and with 10 imported
-   copies of it (each scaled by a different factor, so they are 10 distinct LoRAs) in round-robin.
+   then p50/p99 latency and images/hour at each `--concurrency` with the trained LoRA alone and with it and 9
+   imported copies of it (each scaled by a different factor, so they are 10 distinct LoRAs) in round-robin.
+   `--skip-train --random-lora` serves without training: a random rank-32 LoRA at the model's shapes is
+   imported through `POST /v1/loras/import` once the service is ready (files uploaded as `--upload-dtype`,
+   bf16 by default: a full-size rank-32 LoRA is ~350 MB in fp32, past the default 200 MiB upload limit).
+   The round-robin set is that LoRA and 9 copies (10 adapter sets: all resident at max_loras_per_replica 10),
+   warmed (`--warm-steps`: one short request each, timed as each LoRA's first use) so the round-robin phases
+   see resident LoRAs; `--phase-images 1:3,4:8` caps the images of each phase.
+4. text encoder (`--text-encoder`): after the service stops, the Qwen3 encoder alone in this process: its
+   weights' memory, the peak while encoding one prompt, and the time per call (what each request pays).
 
 Every phase has a time budget inside `--budget-s` and is guarded: a failure is recorded in the JSON and the
 script goes on. `$OUT/time_to_style.json` and `$OUT/time_to_style.md` are rewritten after every phase, so a
@@ -50,7 +59,9 @@ if str(REPO) not in sys.path:
 
 from cluster.storage import Storage, StorageError  # noqa: E402
 from klein.lora import LoraLayer, LoraWeights, lora_to_bytes, read_lora  # noqa: E402
+from klein.model import resolve_model_source  # noqa: E402
 from serve.tenants import create_api_key  # noqa: E402
+from serve.testing import random_lora  # noqa: E402
 from evaluation.board import make_board  # noqa: E402
 from train.job import checkpoint_key, lora_prefix  # noqa: E402
 
@@ -147,14 +158,39 @@ def markdown(data: dict) -> str:
         lines.append("")
     serve = data["phases"].get("serve")
     if serve:
-        lines += ["## Serving through `klein-style serve`", "", f"cold start to ready: {_fmt(serve.get('ready_s'))} s; "
-                  f"first image: {_fmt(serve.get('first_image_s'))} s", "",
-                  "| phase | concurrency | LoRAs | images | p50 s | p99 s | images/hour | errors |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        args = data["args"]
+        lines += ["## Serving through `klein-style serve`", "",
+                  f"{args.get('serve_size')}² px, {args.get('serve_steps')} steps, CFG, accel {args.get('accel')}; "
+                  f"cold start to ready: {_fmt(serve.get('ready_s'))} s; first image: {_fmt(serve.get('first_image_s'))} s "
+                  f"(cold start to first image {_fmt(serve.get('cold_to_first_image_s'))} s); peak GPU memory while "
+                  f"serving {_fmt((serve.get('serve_gpu') or {}).get('gpu_peak_mib'), 0)} MiB (nvidia-smi)", ""]
+        rl, ci, warm = serve.get("random_lora"), serve.get("copies_import"), serve.get("lora_warmup")
+        if rl:
+            lines += [f"random rank-{rl['rank']} LoRA ({rl['layers']} layers, {rl['parameters'] / 1e6:.1f} M parameters; "
+                      f"{rl['file_bytes'] / 2**20:.0f} MiB as {rl['file_dtype']}, {rl['fp32_bytes'] / 2**20:.0f} MiB as fp32) "
+                      f"imported in {rl['import_s']} s", ""]
+        if ci:
+            how = "imported" if ci.get("via", "api") == "api" else "written into storage"
+            lines += [f"{ci['n']} distinct copies ({ci['file_bytes'] / 2**20:.0f} MiB {ci['file_dtype']} each) {how} "
+                      f"{ci['parallel']} at a time in {ci['wall_s']} s (each {ci['import_s_each']} s)", ""]
+        if warm:
+            lines += [f"first use of each LoRA ({warm['steps']}-step requests): {warm['first_use_s']} s, against "
+                      f"{warm['resident_s']} s with a resident LoRA (median extra {warm['first_use_extra_s_median']} s)", ""]
+        lines += ["| phase | concurrency | LoRAs | images | p50 s | p99 s | mean s | images/hour | errors | GPU busy | peak GPU MiB |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, ph in serve.get("load", {}).items():
             lines.append(f"| {name} | {ph.get('concurrency')} | {ph.get('loras')} | {ph.get('ok')} | {_fmt(ph.get('p50_s'), 2)} | "
-                         f"{_fmt(ph.get('p99_s'), 2)} | {_fmt(ph.get('images_per_hour'), 0)} | {ph.get('errors')} |")
+                         f"{_fmt(ph.get('p99_s'), 2)} | {_fmt(ph.get('mean_s'), 2)} | {_fmt(ph.get('images_per_hour'), 0)} | "
+                         f"{ph.get('errors')} | {_fmt(ph.get('gpu_busy'), 2)} | {_fmt(ph.get('gpu_peak_mib'), 0)} |")
         lines.append("")
+    te = data["phases"].get("text_encoder")
+    if te:
+        lines += ["## Text encoder (in-process, as the generator calls it once per request)", "",
+                  f"{te['layers']} layers x {te['hidden']}, {te['dtype']}: weights {te['weights_gib']} GiB, peak "
+                  f"{_fmt(te.get('peak_allocated_gib'), 2)} GiB allocated while encoding (activations "
+                  f"{_fmt(te.get('activation_peak_gib'), 2)} GiB); one prompt at max_sequence_length "
+                  f"{te['max_sequence_length']}: median {te['median_s']} s, max {te['max_s']} s over {te['calls']} calls "
+                  f"(first call {te['first_call_s']} s); loaded in {te['load_s']} s", ""]
     for err in data.get("errors", []):
         lines.append(f"- **{err['phase']} failed**: {err['error']}")
     return "\n".join(lines) + "\n"
@@ -479,13 +515,107 @@ def serve_config_file(args, path: Path, on_gpu: bool) -> Path:
     return path
 
 
-def perturbed_copies(lora_bytes: bytes, n: int) -> list[bytes]:
-    """`n` distinct LoRAs from one: every up-projection scaled by 1 + i/100, so each copy has its own bytes
-    (and sha256), as 10 tenants' styles would; the cost of loading and switching is what is measured."""
+def perturbed_copies(lora_bytes: bytes, n: int, dtype=None, first: int = 0) -> list[bytes]:
+    """`n` distinct LoRAs from one: every up-projection scaled by 1 + i/100 (i from `first`), so each copy has
+    its own bytes (and sha256), as 10 tenants' styles would; the cost of loading and switching is what is
+    measured. `dtype` is the files' tensor type (default float32, ours; bfloat16 halves an upload)."""
+    import torch
+
     base = read_lora(lora_bytes)
     return [lora_to_bytes(LoraWeights(layers={name: LoraLayer(down=layer.down, up=layer.up * (1.0 + i / 100), alpha=layer.alpha)
-                                              for name, layer in base.layers.items()}, meta=dict(base.meta)))
-            for i in range(n)]
+                                              for name, layer in base.layers.items()}, meta=dict(base.meta)),
+                          dtype=dtype or torch.float32)
+            for i in range(first, first + n)]
+
+
+def store_copy(storage: Storage, data: bytes, lora_id: str) -> tuple[str, float]:
+    """A copy written into storage as the import endpoint writes one (`lora.safetensors`, then the manifest):
+    faster than uploading it when what is measured is serving, not importing."""
+    t = time.time()
+    prefix = lora_prefix(TENANT, lora_id)
+    sha = storage.write_bytes(f"{prefix}/lora.safetensors", data)
+    storage.write_json(f"{prefix}/manifest.json", {"id": lora_id, "tenant": TENANT, "trigger": TRIGGER,
+                                                   "files": {"lora.safetensors": sha}, "style_profile": None,
+                                                   "decision": {"variant": "imported", "reason": "bench copy"}})
+    return lora_id, round(time.time() - t, 2)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def random_lora_bytes(model: str, rank: int, dtype_name: str, seed: int = 0) -> tuple[bytes, dict]:
+    """A random rank-`rank` LoRA on every Linear of the served blocks at `model`'s shapes (the transformer
+    built on the `meta` device from the folder's config: no weights read), as .safetensors bytes."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+
+    config = Flux2Transformer2DModel.load_config(str(resolve_model_source(model) / "transformer"))
+    with torch.device("meta"):
+        skeleton = Flux2Transformer2DModel.from_config(config)
+    # scale 0.02, as the random base weights: the adapter changes the output without overflowing it
+    lora = random_lora(skeleton, rank=rank, scale=0.02, seed=seed)
+    lora.meta["trigger"] = TRIGGER
+    data = lora_to_bytes(lora, dtype=_dtype(dtype_name))
+    params = sum(layer.down.numel() + layer.up.numel() for layer in lora.layers.values())
+    return data, {"rank": rank, "layers": len(lora.layers), "parameters": params, "file_dtype": dtype_name,
+                  "file_bytes": len(data), "fp32_bytes": params * 4}
+
+
+def import_lora(client: httpx.Client, data: bytes, name: str) -> tuple[str, float]:
+    """POST /v1/loras/import (the product's bring-your-own-LoRA path); (id, seconds)."""
+    t = time.time()
+    r = client.post("/v1/loras/import", files={"lora": (name, data)}, data={"trigger": TRIGGER})
+    if r.status_code != 201:
+        raise RuntimeError(f"import {name} ({len(data)} bytes): HTTP {r.status_code}: {r.text[:300]}")
+    return r.json()["id"], round(time.time() - t, 2)
+
+
+def measure_text_encoder(args, n: int = 10) -> dict:
+    """The Qwen3 text encoder alone, as the generator runs it once per request (`pipe.encode_prompt` of the
+    prompt at the model's max_sequence_length; the empty negative is cached): its weights' memory, the peak
+    while encoding, and the time of each call. In this process, after the service is stopped (GPU free)."""
+    import torch
+
+    from klein.model import load_pipeline, max_sequence_length
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    t = time.time()
+    pipe = load_pipeline(args.model, device=device, components=("text_encoder", "tokenizer"))
+    if on_gpu:
+        torch.cuda.synchronize()
+    load_s = time.time() - t
+    weights = sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters())
+    msl = max_sequence_length(args.model)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
+    times = []
+    with torch.no_grad():
+        for i in range(n + 2):  # two warm-ups
+            if on_gpu:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            embeds, _ = pipe.encode_prompt(prompt=f"{TRIGGER}. {PROMPTS[i % len(PROMPTS)]}", device=device,
+                                           max_sequence_length=msl)
+            if on_gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    out = {"load_s": round(load_s, 2), "weights_gib": round(weights / 2**30, 2), "dtype": str(pipe.text_encoder.dtype),
+           "layers": pipe.text_encoder.config.num_hidden_layers, "hidden": pipe.text_encoder.config.hidden_size,
+           "max_sequence_length": msl, "embeds_shape": list(embeds.shape), "calls": n,
+           "first_call_s": round(times[0], 4), "median_s": round(statistics.median(times[2:]), 4),
+           "max_s": round(max(times[2:]), 4)}
+    if on_gpu:
+        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out["activation_peak_gib"] = round((torch.cuda.max_memory_allocated() - resident) / 2**30, 2)
+    del pipe, embeds
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return out
 
 
 def run_serve(args, results: Results, gpu: GpuSampler, deadline: float, lora_id: str | None) -> dict:
@@ -525,6 +655,16 @@ def run_serve(args, results: Results, gpu: GpuSampler, deadline: float, lora_id:
             health = client.get("/healthz")
             payload["healthz"] = health.json() if health.status_code == 200 else health.text[:300]
             results.phase("serve", payload)
+            if lora_id is None and args.random_lora:
+                t1 = time.time()
+                data, info = random_lora_bytes(args.model, args.random_lora_rank, args.upload_dtype)
+                info["make_s"] = round(time.time() - t1, 2)
+                lora_id, info["import_s"] = import_lora(client, data, "random.safetensors")
+                info["id"] = lora_id
+                payload["random_lora"] = info
+                log(f"serve: imported a random rank-{info['rank']} LoRA ({info['file_bytes'] / 2**20:.0f} MiB "
+                    f"{args.upload_dtype}) in {info['import_s']} s: {lora_id}")
+                results.phase("serve", payload)
             body = request_body(args, 0, lora_id)
             t1 = time.time()
             r = client.post("/v1/generate", json=body)
@@ -537,15 +677,35 @@ def run_serve(args, results: Results, gpu: GpuSampler, deadline: float, lora_id:
             lora_sets = {"no_lora": [None]} if lora_id is None else {"1_lora": [lora_id]}
             if lora_id is not None and args.n_loras > 1:
                 try:
+                    t1 = time.time()
                     lora_bytes = storage.read_bytes(f"{lora_prefix(TENANT, lora_id)}/lora.safetensors")
-                    ids = []
-                    for i, data in enumerate(perturbed_copies(lora_bytes, args.n_loras)):
-                        r = client.post("/v1/loras/import", files={"lora": (f"copy{i}.safetensors", data)},
-                                        data={"trigger": TRIGGER})
-                        if r.status_code != 201:
-                            raise RuntimeError(f"import {i}: HTTP {r.status_code}: {r.text[:300]}")
-                        ids.append(r.json()["id"])
-                    lora_sets[f"{args.n_loras}_loras"] = ids
+                    # the round-robin set is the served LoRA and n-1 copies: n adapter sets in all, so with
+                    # max_loras_per_replica >= n every one stays resident (n copies besides it would be n+1
+                    # sets, and an LRU of n would evict one at every request of the round: each a cold load).
+                    # Uploaded in `--upload-dtype` (bf16 by default): a full-size rank-32 LoRA is ~350 MB in
+                    # fp32, past the service's default upload limit (max_upload_bytes, 200 MiB)
+                    via_api = args.copies_via == "api"
+                    copies = perturbed_copies(lora_bytes, args.n_loras - 1, first=1,
+                                              dtype=_dtype(args.upload_dtype) if via_api else None)
+                    made_s = time.time() - t1
+                    with ThreadPoolExecutor(min(4, len(copies))) as pool:
+                        if via_api:
+                            imported = list(pool.map(lambda ic: import_lora(client, ic[1], f"copy{ic[0]}.safetensors"),
+                                                     enumerate(copies)))
+                        else:
+                            imported = list(pool.map(lambda ic: store_copy(storage, ic[1], f"copy{ic[0] + 1}-{lora_id}"),
+                                                     enumerate(copies)))
+                    ids = [i for i, _ in imported]
+                    payload["copies_import"] = {"n": len(ids), "via": args.copies_via, "file_bytes": len(copies[0]),
+                                                "file_dtype": args.upload_dtype if via_api else "fp32",
+                                                "make_s": round(made_s, 2), "import_s_each": [s for _, s in imported],
+                                                "wall_s": round(time.time() - t1, 2), "parallel": min(4, len(copies))}
+                    del copies
+                    lora_sets[f"{args.n_loras}_loras"] = [lora_id] + ids
+                    results.phase("serve", payload)
+                    if args.warm_steps > 0:
+                        payload["lora_warmup"] = warm_loras(client, args, lora_id, ids)
+                        results.phase("serve", payload)
                 except Exception as e:  # noqa: BLE001 - the 1-LoRA phases still run
                     results.error("serve.import", e)
             phases = [(c, set_name, ids) for c in args.concurrency for set_name, ids in lora_sets.items()]
@@ -557,7 +717,8 @@ def run_serve(args, results: Results, gpu: GpuSampler, deadline: float, lora_id:
                     results.error(f"serve.{name}", f"skipped: {max(0.0, deadline - time.time()):.0f} s of the budget left")
                     continue
                 try:
-                    payload["load"][name] = load_phase(client, args, ids, concurrency, budget, gpu)
+                    payload["load"][name] = load_phase(client, args, ids, concurrency, budget, gpu,
+                                                       max_images=args.phase_images.get(concurrency))
                 except Exception as e:  # noqa: BLE001
                     results.error(f"serve.{name}", e)
                 results.phase("serve", payload)
@@ -571,16 +732,35 @@ def run_serve(args, results: Results, gpu: GpuSampler, deadline: float, lora_id:
     return payload
 
 
-def request_body(args, i: int, lora_id: str | None) -> dict:
-    body = {"prompt": f"{TRIGGER}. {PROMPTS[i % len(PROMPTS)]}", "seed": i, "steps": args.serve_steps,
+def warm_loras(client: httpx.Client, args, resident_id: str, ids: list[str]) -> dict:
+    """One `--warm-steps` request per LoRA of the round-robin set, in turn, so its phases measure LoRAs that
+    are resident (as 10 tenants' styles in steady use are): each one's first use (read from storage, checked,
+    made resident on the GPU, fused) costs its request's time over the same request with a resident LoRA."""
+    def timed(lora: str, i: int) -> float:
+        t = time.time()
+        r = client.post("/v1/generate", json=request_body(args, i, lora, steps=args.warm_steps))
+        if r.status_code != 200:
+            raise RuntimeError(f"warm-up with {lora}: HTTP {r.status_code}: {r.text[:300]}")
+        return round(time.time() - t, 3)
+
+    resident = [timed(resident_id, i) for i in range(2)]
+    first_use = [timed(lora, i) for i, lora in enumerate(ids)]
+    return {"steps": args.warm_steps, "resident_s": resident, "first_use_s": first_use,
+            "first_use_extra_s_median": round(statistics.median(first_use) - min(resident), 3)}
+
+
+def request_body(args, i: int, lora_id: str | None, steps: int | None = None) -> dict:
+    body = {"prompt": f"{TRIGGER}. {PROMPTS[i % len(PROMPTS)]}", "seed": i, "steps": steps or args.serve_steps,
             "width": args.serve_size, "height": args.serve_size, "response": "png"}
     if lora_id is not None:
         body["lora_id"] = lora_id
     return body
 
 
-def load_phase(client: httpx.Client, args, lora_ids: list, concurrency: int, budget_s: float, gpu: GpuSampler) -> dict:
-    """`concurrency` clients loop until `budget_s` is spent (no request starts after it), LoRAs round-robin."""
+def load_phase(client: httpx.Client, args, lora_ids: list, concurrency: int, budget_s: float, gpu: GpuSampler,
+               max_images: int | None = None) -> dict:
+    """`concurrency` clients loop until `budget_s` is spent (no request starts after it) or `max_images`
+    requests have started, LoRAs round-robin."""
     counter = iter(range(10**9))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -592,6 +772,8 @@ def load_phase(client: httpx.Client, args, lora_ids: list, concurrency: int, bud
         while time.time() < stop_at:
             with lock:
                 i = next(counter)
+            if max_images is not None and i >= max_images:
+                return
             t = time.time()
             try:
                 r = client.post("/v1/generate", json=request_body(args, i, lora_ids[i % len(lora_ids)]))
@@ -613,7 +795,7 @@ def load_phase(client: httpx.Client, args, lora_ids: list, concurrency: int, bud
             "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
             "mean_s": round(statistics.mean(lat), 3) if lat else None,
             "images_per_hour": round(len(lat) / wall * 3600, 1) if lat and wall > 0 else None,
-            "budget_s": round(budget_s, 1), **gpu.window(start, time.time())}
+            "budget_s": round(budget_s, 1), "max_images": max_images, **gpu.window(start, time.time())}
 
 
 # -- main ---------------------------------------------------------------------------------------------------
@@ -639,6 +821,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gemini", action="store_true", help="keep the Gemini key (default: offline fallback)")
     p.add_argument("--skip-train", action="store_true", help="serve only: LoRA id from --lora-id")
     p.add_argument("--lora-id", default=None, help="serve this LoRA (default: the trained one)")
+    p.add_argument("--random-lora", action="store_true",
+                   help="with --skip-train and no --lora-id: serve a random LoRA at the model's shapes, imported "
+                        "through POST /v1/loras/import once the service is ready (no training needed)")
+    p.add_argument("--random-lora-rank", type=int, default=32, help="its rank (default 32, the product's)")
+    p.add_argument("--upload-dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="tensor type of the LoRA files uploaded to /v1/loras/import (default bf16: a full-size "
+                        "rank-32 LoRA in fp32 is past the default 200 MiB upload limit)")
     p.add_argument("--serve", action="store_true", help="also measure `klein-style serve`")
     p.add_argument("--serve-reserve-s", type=float, default=240, help="with --serve: budget kept for serving")
     p.add_argument("--serve-start-timeout-s", type=float, default=300)
@@ -646,7 +835,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--serve-steps", type=int, default=50)
     p.add_argument("--serve-cpus", type=int, default=8)
     p.add_argument("--concurrency", default="1,4", help="comma-separated (default 1,4)")
-    p.add_argument("--n-loras", type=int, default=10)
+    p.add_argument("--n-loras", type=int, default=10,
+                   help="LoRAs in the round-robin phases: the served one and n-1 distinct copies (default 10)")
+    p.add_argument("--copies-via", default="api", choices=("api", "storage"),
+                   help="the copies through POST /v1/loras/import (default), or written into storage as it writes them")
+    p.add_argument("--phase-images", default="",
+                   help="images per load phase by concurrency, e.g. '1:3,4:8,16:16' (default: the time budget only)")
+    p.add_argument("--warm-steps", type=int, default=1,
+                   help="before the round-robin phases, one request of this many steps per LoRA so they are "
+                        "resident; its times are each LoRA's first use (0: no warm-up)")
+    p.add_argument("--text-encoder", action="store_true",
+                   help="after serving: the text encoder's memory and time per call, in this process")
     p.add_argument("--max-loras-per-replica", type=int, default=10)
     p.add_argument("--phase-budget-s", type=float, default=45, help="each serving load phase (default 45)")
     p.add_argument("--request-timeout-s", type=float, default=240)
@@ -658,6 +857,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.storage = args.storage or str(args.out / "storage")
     args.job_id = args.job_id or time.strftime("tts-%Y%m%d-%H%M%S", time.gmtime())
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    args.phase_images = {int(c): int(n) for c, n in (part.split(":") for part in str(args.phase_images).split(",")
+                                                     if part.strip())}
     if args.device is None:
         args.device = "cuda" if _has_gpu() else "cpu"
     if args.model != "tiny":
@@ -728,9 +929,18 @@ def main(argv=None) -> int:
                 results.error("train", e)
         if args.serve:
             try:
-                results.phase("serve", run_serve(args, results, gpu, deadline - 5, lora_id))
+                # the text encoder's figures need ~60 s at 9B size after the service is stopped
+                serve_deadline = deadline - 5 - (60 if args.text_encoder else 0)
+                results.phase("serve", run_serve(args, results, gpu, serve_deadline, lora_id))
             except Exception as e:  # noqa: BLE001
                 results.error("serve", e)
+        if args.text_encoder:
+            try:
+                t = time.time()
+                te = measure_text_encoder(args)
+                results.phase("text_encoder", {**te, **gpu.window(t, time.time())})
+            except Exception as e:  # noqa: BLE001
+                results.error("text_encoder", e)
     finally:
         gpu.stop()
         results.data["total_s"] = round(time.time() - started, 2)
