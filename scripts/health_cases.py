@@ -39,7 +39,7 @@ from klein.lora import lora_to_bytes, read_lora  # noqa: E402
 from klein.mini import MINI_RESOLUTION  # noqa: E402
 from klein.model import load_pipeline  # noqa: E402
 from train.dataset import near_duplicate_pairs  # noqa: E402
-from train.health import SYMPTOMS, detail_side, loss_is_finite, render_health, summary_line  # noqa: E402
+from train.health import SYMPTOMS, detail_side, diagnose, loss_is_finite, render_health, summary_line  # noqa: E402
 from train.job import HEALTH_MAX_STEPS, _probe_ref, prepare_dataset, public_config, run_training_job  # noqa: E402
 
 def train_case(case: str, work: Path) -> dict:
@@ -72,17 +72,30 @@ def report_case(case: str, work: Path, manifest: dict, pipe, judge: WorldJudge) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "health.png").write_bytes(png)
     (out / "health.md").write_text(md)
-    truth = {}
-    base_t = side_quality(pipe, None, resolved.trigger, STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
-    base_p = side_quality(pipe, None, "", STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
-    truth["base"] = {"style_prob": base_t.style_prob, "content_ok": base_t.content_ok, "content_ok_plain": base_p.content_ok}
+    truth = {"base": _judged_base(pipe, judge, resolved.trigger)}
+    judged_steps = {report["delivered_step"], report["recommended_step"]}
     for step, data in checkpoints:
+        if step not in judged_steps:  # the judge looks at what the report speaks of: delivered and recommended
+            continue
         lora = read_lora(data)
         t = side_quality(pipe, lora, resolved.trigger, STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
         p = side_quality(pipe, lora, "", STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
         truth[str(step)] = {"style_prob": t.style_prob, "content_ok": t.content_ok, "style_prob_plain": p.style_prob,
                             "content_ok_plain": p.content_ok}
     return {"job_id": cfg.job_id, "checkpoints": manifest["checkpoints"], "health": report, "judge": truth}
+
+
+_BASE_JUDGED: dict[str, dict] = {}
+
+
+def _judged_base(pipe, judge: WorldJudge, trigger: str) -> dict:
+    """The base model's judge figures for the probe with `trigger` (once per trigger)."""
+    if trigger not in _BASE_JUDGED:
+        base_t = side_quality(pipe, None, trigger, STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
+        base_p = side_quality(pipe, None, "", STYLE, JUDGE_CONTENTS, JUDGE_SEEDS, judge=judge)
+        _BASE_JUDGED[trigger] = {"style_prob": base_t.style_prob, "content_ok": base_t.content_ok,
+                                 "content_ok_plain": base_p.content_ok}
+    return _BASE_JUDGED[trigger]
 
 
 JUDGE_CONTENTS = ("lighthouse", "cat", "boat", "house", "tree", "car")
@@ -114,9 +127,24 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--report-only", action="store_true", help="report on jobs already trained under --work")
     parser.add_argument("--ship", help="write each case's delivered (and recommended) checkpoint here, fp16")
+    parser.add_argument("--rediagnose", action="store_true",
+                        help="only recompute the verdicts (train.health.diagnose) from the measures already in the JSON")
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
     cases = args.cases.split(",")
+    summary_path = work / "health_cases.json"
+    if args.rediagnose:
+        results = json.loads(summary_path.read_text())
+        for case, r in results.items():
+            cfg = public_config(case_config(case, work / "storage"))
+            old = r["health"]
+            new = diagnose(old["dataset"], old["checkpoints"], old["delivered_step"], cfg,
+                           case_config(case, work / "storage").trigger)
+            r["health"] = {**old, **new}
+            print(f"{case}: {summary_line(r['health'])}")
+        summary_path.write_text(json.dumps(results, indent=1))
+        print(table(results))
+        return 0
     manifests = {}
     if not args.report_only:
         init_local_ray(num_cpus=2, object_store_memory=300 * 1024**2, log_to_driver=False)
@@ -128,7 +156,6 @@ def main(argv=None) -> int:
         else:
             manifests[case] = train_case(case, work)
         print(f"{case}: trained in {time.time() - started:.0f} s", flush=True)
-    summary_path = work / "health_cases.json"
     results = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     pipe, judge = load_pipeline("mini"), WorldJudge.load()
     for case in cases:

@@ -43,7 +43,7 @@ def test_out_of_memory_fix_names_the_first_remedy_not_yet_on():
 
 
 def _measures(step: int, **kw) -> dict:
-    m = {"step": step, "style_gain": 0.25, "style_gain_without_trigger": 0.25, "drift": 0.3, "seed_spread": 0.9,
+    m = {"step": step, "style_gain": 0.25, "style_gain_without_trigger": 0.25, "effect": 0.3, "drift": 0.3, "seed_spread": 0.9,
          "fry": 0.7, "shape_contrast": 1.2, "saturation_ratio": 1.0}
     m.update(kw)
     return m
