@@ -183,6 +183,19 @@ MUTATIONS: list[Mutation] = [
     M("healthz-always-ok", "/healthz answers 200 while the Generator is still starting",
       "serve/routers/service.py", "    if ready is False:", "    if False:",
       ("tests/test_serve_health.py",)),
+    # -- issue 22: the health report -------------------------------------------------------------------------
+    M("health-fry-blind", "a deep-fried LoRA (lr x 50) is not called fried",
+      "train/health.py", "    return m[\"fry\"] >= FRY_FAIL or m[\"shape_contrast\"] <= SHAPE_FAIL",
+      "    return False", ("tests/test_health.py::test_lr_x50_is_deep_fried",)),
+    M("health-seed-spread-blind", "a LoRA that draws one picture whatever the seed is not flagged",
+      "train/health.py", "    return float(np.mean([mean_pairwise(g) for g in groups]))", "    return 1.0",
+      ("tests/test_health.py::test_steps_x10_draws_one_picture_whatever_the_seed_and_an_earlier_checkpoint_is_recommended",)),
+    M("health-refs-detail-blind", "refs blown up from 40 px count as sharp",
+      "train/health.py", "        if float(np.abs(back - pixels).mean()) > DETAIL_ERROR:", "        if True:",
+      ("tests/test_health.py::test_the_refs_and_captions_of_each_case_say_what_is_wrong_with_them",)),
+    M("oom-generic-reason", "an out-of-memory job fails without the fix for its settings",
+      "train/job.py", "        if is_out_of_memory(reason):", "        if False:",
+      ("tests/test_train_job.py::test_an_out_of_memory_job_fails_with_the_seeds_fix_for_its_settings",), slow=True),
 ]
 
 
