@@ -36,11 +36,10 @@ from evaluation.health_cases import CASES, STYLE, case_config, write_board  # no
 from evaluation.quality import side_quality  # noqa: E402
 from evaluation.world_judge import WorldJudge  # noqa: E402
 from klein.lora import lora_to_bytes, read_lora  # noqa: E402
-from klein.mini import MINI_RESOLUTION  # noqa: E402
 from klein.model import load_pipeline  # noqa: E402
-from train.dataset import near_duplicate_pairs  # noqa: E402
-from train.health import SYMPTOMS, detail_side, diagnose, loss_is_finite, render_health, summary_line  # noqa: E402
-from train.job import HEALTH_MAX_STEPS, _probe_ref, prepare_dataset, public_config, run_training_job  # noqa: E402
+from train.health import SYMPTOMS, diagnose, loss_is_finite, render_health, summary_line  # noqa: E402
+from train.job import health_task_args, prepare_dataset, public_config, run_training_job  # noqa: E402
+
 
 def train_case(case: str, work: Path) -> dict:
     """The case's job (skipped when its manifest exists: a re-run only reports)."""
@@ -60,14 +59,10 @@ def report_case(case: str, work: Path, manifest: dict, pipe, judge: WorldJudge) 
     cfg = case_config(case, work / "storage")
     storage = Storage.from_uri(cfg.storage)
     prepared, resolved = prepare_dataset(work / "boards" / case, cfg, on_gpu=False)
-    refs = prepared.ref_set.refs
     checkpoints = [(step, storage.read_bytes(checkpoint_key(cfg.job_id, step))) for step in manifest["checkpoints"]]
     state_log = [{"loss": e["loss"]} for e in manifest["metrics"]["loss_curve"]]
-    report, png, md = render_health(cfg.model, checkpoints, manifest["delivered_step"], [_probe_ref(r.image) for r in refs],
-                                    [detail_side(r.image, min(r.width, r.height)) for r in refs], prepared.captions,
-                                    [r.sidecar_caption or "" for r in refs], resolved.trigger,
-                                    public_config(resolved), len(near_duplicate_pairs(refs)), MINI_RESOLUTION,
-                                    min(resolved.sample_steps, HEALTH_MAX_STEPS), loss_is_finite(state_log), False, cfg.job_id)
+    report, png, md = render_health(**health_task_args(resolved, prepared, checkpoints, manifest["delivered_step"],
+                                                       loss_is_finite(state_log)))
     out = work / "reports" / case
     out.mkdir(parents=True, exist_ok=True)
     (out / "health.png").write_bytes(png)

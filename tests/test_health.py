@@ -15,10 +15,9 @@ from pathlib import Path
 from PIL import Image
 
 from evaluation.health_cases import case_config, write_board
-from train.dataset import near_duplicate_pairs
 from klein.mini import MINI_RESOLUTION
-from train.health import dataset_measures, detail_side, diagnose, out_of_memory_fix, recommend, render_health
-from train.job import HEALTH_MAX_STEPS, _probe_ref, prepare_dataset, public_config
+from train.health import dataset_measures, diagnose, out_of_memory_fix, recommend, render_health
+from train.job import health_task_args, prepare_dataset
 
 DATA = Path(__file__).parent / "data" / "health"
 STEPS_X10_SHIPPED = [800, 2000]  # its delivered checkpoint and the one its report recommends (scripts/health_cases.py)
@@ -72,10 +71,9 @@ def _dataset(case: str, root: Path) -> dict:
     board = root / case
     write_board(case, board)
     prepared, resolved = prepare_dataset(board, case_config(case, root / "storage"), on_gpu=False)
-    refs = prepared.ref_set.refs
-    return dataset_measures([_probe_ref(r.image) for r in refs], [detail_side(r.image, min(r.width, r.height)) for r in refs],
-                            prepared.captions, [r.sidecar_caption or "" for r in refs], resolved.trigger,
-                            resolved.resolution, len(near_duplicate_pairs(refs)))
+    args = health_task_args(resolved, prepared, [], 0, True)
+    return dataset_measures(args["refs"], args["detail_sides"], args["captions"], args["source_captions"],
+                            resolved.trigger, resolved.resolution, args["near_duplicates"])
 
 
 def test_the_refs_and_captions_of_each_case_say_what_is_wrong_with_them(tmp_path):
@@ -102,17 +100,12 @@ def test_the_refs_and_captions_of_each_case_say_what_is_wrong_with_them(tmp_path
 
 # -- the mini world: the LoRAs the cases' jobs delivered -------------------------------------------------------
 def _report(case: str, root: Path, steps: list[int], delivered: int) -> dict:
-    """render_health on the case's shipped checkpoints, with the arguments the job's task gets."""
+    """render_health on the case's shipped checkpoints, with the arguments the job gives its task."""
     board = root / case
     write_board(case, board)
     prepared, resolved = prepare_dataset(board, case_config(case, root / "storage"), on_gpu=False)
-    refs = prepared.ref_set.refs
     checkpoints = [(step, (DATA / f"{case}_step{step}.safetensors").read_bytes()) for step in steps]
-    report, png, md = render_health(resolved.model, checkpoints, delivered, [_probe_ref(r.image) for r in refs],
-                                    [detail_side(r.image, min(r.width, r.height)) for r in refs], prepared.captions,
-                                    [r.sidecar_caption or "" for r in refs], resolved.trigger, public_config(resolved),
-                                    len(near_duplicate_pairs(refs)), MINI_RESOLUTION,
-                                    min(resolved.sample_steps, HEALTH_MAX_STEPS), True, False, case)
+    report, png, md = render_health(**health_task_args(resolved, prepared, checkpoints, delivered, True))
     assert Image.open(io.BytesIO(png)).height > MINI_RESOLUTION and md.startswith(f"# Health of LoRA `{case}`")
     return report
 

@@ -499,8 +499,8 @@ def health_png(report: dict, probe: Probe, refs: list[Image.Image]) -> bytes:
 
 def render_health(model: str, checkpoints: list[tuple[int, bytes]], delivered_step: int, refs: list[Image.Image],
                   detail_sides: list[int], captions: list[str], source_captions: list[str], trigger: str, cfg: dict,
-                  near_duplicates: int,
-                  size: int, sample_steps: int, loss_finite: bool, use_gpu: bool, job_id: str) -> tuple[dict, bytes, str]:
+                  near_duplicates: int, size: int, sample_steps: int, loss_finite: bool, use_gpu: bool,
+                  job_id: str) -> tuple[dict, bytes, str]:
     """The whole report (manifest dict, health.png, health.md): what the inference-pool task runs."""
     pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
     prompts = probe_prompts(cfg.get("sample_prompts") or [], trigger)

@@ -324,15 +324,10 @@ def add_health_report(cfg: TrainConfig, prepared: PreparedDataset, state: dict, 
     if not cfg.health:
         return manifest
     key = manifest_key(cfg.tenant, cfg.job_id)
-    refs = prepared.ref_set.refs
     try:
         checkpoints = [(step, storage.read_bytes(checkpoint_key(cfg.job_id, step))) for step in manifest["checkpoints"]]
-        report, png, md = ray.get(render_health_task(bool(cfg.use_gpu)).remote(
-            cfg.model, checkpoints, manifest["delivered_step"], [_probe_ref(r.image) for r in refs],
-            [detail_side(r.image, min(r.width, r.height)) for r in refs], prepared.captions, [r.sidecar_caption or "" for r in refs], cfg.trigger,
-            public_config(cfg),
-            len(near_duplicate_pairs(refs)), _sample_size(cfg), min(cfg.sample_steps, HEALTH_MAX_STEPS),
-            loss_is_finite(state["log"]), bool(cfg.use_gpu), cfg.job_id))
+        args = health_task_args(cfg, prepared, checkpoints, manifest["delivered_step"], loss_is_finite(state["log"]))
+        report, png, md = ray.get(render_health_task(bool(cfg.use_gpu)).remote(**args))
     except Exception as e:  # the LoRA stays delivered; the manifest says why it has no report
         log.warning("job %s: no health report: %s", cfg.job_id, failure_reason(e))
         manifest = {**manifest, "health": {"error": f"no health report: {failure_reason(e)}"}}
@@ -352,10 +347,22 @@ HEALTH_MAX_STEPS = 20  # the probe's sampler steps (at most the job's sample_ste
 PROBE_REF_SIDE = 256  # refs travel to the health task at this size at most: the measures look at 128 px
 
 
-def _probe_ref(image):
-    small = image.copy()
-    small.thumbnail((PROBE_REF_SIDE, PROBE_REF_SIDE))
-    return small
+def health_task_args(cfg: TrainConfig, prepared: PreparedDataset, checkpoints: list[tuple[int, bytes]],
+                     delivered_step: int, loss_finite: bool) -> dict:
+    """`render_health`'s arguments for this job (its refs' detail is measured here, on the full pictures, before
+    they travel small)."""
+    refs = prepared.ref_set.refs
+    small = []
+    for ref in refs:
+        image = ref.image.copy()
+        image.thumbnail((PROBE_REF_SIDE, PROBE_REF_SIDE))
+        small.append(image)
+    return dict(model=cfg.model, checkpoints=checkpoints, delivered_step=delivered_step, refs=small,
+                detail_sides=[detail_side(r.image, min(r.width, r.height)) for r in refs], captions=prepared.captions,
+                source_captions=[r.sidecar_caption or "" for r in refs], trigger=cfg.trigger, cfg=public_config(cfg),
+                near_duplicates=len(near_duplicate_pairs(refs)), size=_sample_size(cfg),
+                sample_steps=min(cfg.sample_steps, HEALTH_MAX_STEPS), loss_finite=loss_finite,
+                use_gpu=bool(cfg.use_gpu), job_id=cfg.job_id)
 
 
 def render_health_task(use_gpu: bool):
