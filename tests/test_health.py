@@ -106,7 +106,7 @@ def _report(case: str, root: Path, steps: list[int], delivered: int) -> dict:
     prepared, resolved = prepare_dataset(board, case_config(case, root / "storage"), on_gpu=False)
     checkpoints = [(step, (DATA / f"{case}_step{step}.safetensors").read_bytes()) for step in steps]
     report, png, md = render_health(**health_task_args(resolved, prepared, checkpoints, delivered, True))
-    assert Image.open(io.BytesIO(png)).height > MINI_RESOLUTION and md.startswith(f"# Health of LoRA `{case}`")
+    assert Image.open(io.BytesIO(png)).height > MINI_RESOLUTION and md.startswith(f"# Health of LoRA `{case.replace('_', '-')}`")
     return report
 
 
