@@ -2,7 +2,8 @@
 stays quiet on a healthy one, in the `mini` world.
 
 The LoRAs are what real jobs delivered (scripts/health_cases.py: the product's own run_training_job on the mini
-preset, one setting changed per case, evaluation/health_cases.py), shipped in fp16 under tests/data/health/. Each
+preset, one setting changed per case, evaluation/health_cases.py), shipped under tests/data/health/ in fp16,
+cut by SVD to their strongest 8 (steps_x10 step 800: 24) directions to fit the repository's weight budget. Each
 test runs `render_health`, the function the job's inference-pool task runs, on the case's refs and checkpoints.
 The exact world judge's view of the same LoRAs is in bench/results/health/ (the report never sees it).
 """
