@@ -110,6 +110,7 @@ from train.captions import TriggerError, check_trigger
 from train.dataset import DatasetError, load_refs
 from train.job import run_training_job
 from train.recipe import VARIANTS, ConfigError, TrainConfig, choose_variant, unknown_keys_message
+from train.health import flagged_symptoms
 from train.report import image_grid
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
 from train.status import stop_jobs_on_signals
@@ -1105,7 +1106,7 @@ def health_cell(health: dict | None) -> str:
     and the checkpoint it recommends when that is not the delivered one."""
     if not health or "symptoms" not in health:
         return "—" if not health else "no report"
-    flagged = [f"{s['id']} {s['verdict']}" for s in health["symptoms"] if s["verdict"] != "ok"]
+    flagged = flagged_symptoms(health)
     text = health["overall"] + (f" ({', '.join(flagged)})" if flagged else "")
     if health["recommended_step"] != health["delivered_step"]:
         text += f"; use step {health['recommended_step']}"

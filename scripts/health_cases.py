@@ -131,10 +131,9 @@ def main(argv=None) -> int:
     if args.rediagnose:
         results = json.loads(summary_path.read_text())
         for case, r in results.items():
-            cfg = public_config(case_config(case, work / "storage"))
+            cfg = case_config(case, work / "storage")
             old = r["health"]
-            new = diagnose(old["dataset"], old["checkpoints"], old["delivered_step"], cfg,
-                           case_config(case, work / "storage").trigger)
+            new = diagnose(old["dataset"], old["checkpoints"], old["delivered_step"], public_config(cfg), cfg.trigger)
             r["health"] = {**old, **new}
             print(f"{case}: {summary_line(r['health'])}")
         summary_path.write_text(json.dumps(results, indent=1))

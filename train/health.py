@@ -50,7 +50,7 @@ from train.report import image_grid
 from train.samples import cached_pipeline, render_with_lora
 
 HEALTH_VERSION = 1
-PROBE_SEEDS = 2  # seeds per prompt: diversity needs more than one image per prompt
+PROBE_SEEDS = 2  # seeds per prompt: the seed spread needs more than one image per prompt
 PROBE_PROMPTS = 3  # the job's first sample prompts
 THUMB = 16  # the side of the grey thumbnails compositions are compared on
 
@@ -250,7 +250,6 @@ def dataset_measures(refs: list[Image.Image], detail_sides: list[int], captions:
         "main_subject": subject,
         "main_subject_share": share,
         "trigger_inside_captions": inside,
-        "refs_high_frequency": round(high_frequency(refs), 5),
         "refs_saturation": round(saturation(refs), 4),
     }
 
@@ -444,9 +443,14 @@ def diagnose(dataset: dict, measures: list[dict], delivered_step: int, cfg: dict
     }
 
 
+def flagged_symptoms(report: dict) -> list[str]:
+    """`<id> <verdict>` of each symptom that is not ok."""
+    return [f"{s['id']} {s['verdict']}" for s in report["symptoms"] if s["verdict"] != "ok"]
+
+
 def summary_line(report: dict) -> str:
     """One line: overall verdict, each symptom that is not ok, the checkpoint to use."""
-    flagged = [f"{s['id']} {s['verdict']}" for s in report["symptoms"] if s["verdict"] != "ok"]
+    flagged = flagged_symptoms(report)
     line = f"health: {report['overall']}" + (f" ({', '.join(flagged)})" if flagged else " on every symptom")
     if report["recommended_step"] != report["delivered_step"]:
         line += f"; use checkpoint {report['recommended_step']} (delivered: {report['delivered_step']})"
