@@ -9,7 +9,7 @@
    the keys are removed from its environment). The job's `status.json` is polled every 0.2 s to time each
    stage transition; checkpoint and delivered files are watched the same way; `nvidia-smi` is sampled every
    second for the GPU's busy fraction and memory; Ray start comes from the CLI's first `[preparing]` line.
-   Stages: ray_start (process start → `[preparing]`, less the CLI's import time measured separately),
+   Stages: cli_import (process start → the CLI's `[starting ray]`), ray_start (→ `[preparing]`),
    captions (preparing), cache (VAE latents + Qwen3 embeddings), model_load_and_compile (the driver's
    `training` status → the worker's first step: worker start, transformer load, compile, step 1), steps,
    checkpoints (each save's extra time over the steady step rate), samples (last step → the delivered files:
@@ -288,18 +288,6 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30.0, first_signal=sig
             continue
 
 
-def measure_cli_import_s(env: dict) -> float | None:
-    """The CLI's own Python imports (Ray, the CLI's modules), timed apart so Ray start is not charged with them."""
-    code = ("import time; t = time.perf_counter(); import cli.main as c; c.build_parser(); import ray, train.job, cluster.pools; "
-            "print('IMPORT_S', time.perf_counter() - t)")
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300).stdout
-        match = re.search(r"IMPORT_S ([0-9.]+)", out)
-        return float(match.group(1)) if match else None
-    except subprocess.SubprocessError:
-        return None
-
-
 def train_config(args: argparse.Namespace) -> dict:
     """The YAML handed to `klein-style train --config`: only what this run sets; everything else is the
     product's default (rank 32, Adafactor, cosine, ...)."""
@@ -370,7 +358,7 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
             break
         if now - written > 10:  # what is known so far, in case this run is killed from outside (a call's limit)
             written = now
-            results.phase("train", {**analyse_training(t0, now, transitions, files_seen, reader, save_steps, gpu, None, args),
+            results.phase("train", {**analyse_training(t0, now, transitions, files_seen, reader, save_steps, gpu, args),
                                     "in_progress": True, "command": cmd, "config": cfg})
         if now > deadline:
             timed_out = True
@@ -381,8 +369,7 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
     t_exit = time.time()
     poll(t_exit)  # what the last 0.2 s (or a stop at the budget's end) left unseen
     reader.join()
-    import_s = measure_cli_import_s(env)  # after the run: warm file cache, as the CLI's own imports were
-    payload = analyse_training(t0, t_exit, transitions, files_seen, reader, save_steps, gpu, import_s, args)
+    payload = analyse_training(t0, t_exit, transitions, files_seen, reader, save_steps, gpu, args)
     payload.update(command=cmd, config=cfg, returncode=proc.returncode, timed_out=timed_out, existed_before=existed,
                    last_status=statuses[-1] if statuses else None, output_tail=[l for _, l in reader.lines[-15:]])
     try:
@@ -411,7 +398,7 @@ def _first(transitions: list[dict], pred) -> float | None:
     return next((tr["t"] for tr in transitions if pred(tr)), None)
 
 
-def analyse_training(t0, t_exit, transitions, files_seen, reader, save_steps, gpu, import_s, args) -> dict:
+def analyse_training(t0, t_exit, transitions, files_seen, reader, save_steps, gpu, args) -> dict:
     preparing_line = reader.first(r"^\[preparing\]")
     t_prep = preparing_line[0] if preparing_line else _first(transitions, lambda tr: tr["state"] == "preparing")
     t_cache = _first(transitions, lambda tr: tr["state"] == "caching")
@@ -436,12 +423,12 @@ def analyse_training(t0, t_exit, transitions, files_seen, reader, save_steps, gp
             checkpoints.append({"step": s, "extra_s": round(extra, 2), "file_seen_s": _rel(files_seen.get(f"checkpoint_{s}"), t0)})
         else:
             checkpoints.append({"step": s, "extra_s": None, "file_seen_s": _rel(files_seen.get(f"checkpoint_{s}"), t0)})
-    ray_start = None
-    if t_prep is not None:
-        ray_start = (t_prep - t0) - (import_s or 0.0)
+    # the CLI says "[starting ray]" (or "[joining ray]") once its imports are done and before it waits on Ray
+    ray_line = reader.first(r"^\[(starting|joining) ray\]")
+    t_ray = ray_line[0] if ray_line else None
     bounds = {
-        "cli_import": (t0, t0 + import_s if import_s is not None and t_prep else None),
-        "ray_start": (t0 + (import_s or 0.0) if t_prep else None, t_prep),
+        "cli_import": (t0, t_ray),
+        "ray_start": (t_ray, t_prep),
         "captions": (t_prep, t_cache),
         "cache": (t_cache, t_train0),
         "model_load_and_compile": (t_train0, t_step1),
@@ -454,7 +441,6 @@ def analyse_training(t0, t_exit, transitions, files_seen, reader, save_steps, gp
     for name, (a, b) in bounds.items():
         stages[name] = {"start_s": _rel(a, t0), "end_s": _rel(b, t0), "seconds": round(b - a, 2) if a is not None and b is not None else None,
                         **gpu.window(a, b)}
-    stages["ray_start"]["seconds"] = round(ray_start, 2) if ray_start is not None else None
     stages["checkpoints"] = {"seconds": round(sum(c["extra_s"] for c in checkpoints if c["extra_s"] is not None), 2)
                              if any(c["extra_s"] is not None for c in checkpoints) else None, "each": checkpoints}
     whole = gpu.window(t0, t_exit)
@@ -470,7 +456,7 @@ def analyse_training(t0, t_exit, transitions, files_seen, reader, save_steps, gp
         "gpu_busy_during_steps": stages["steps"].get("gpu_busy"),
         "gpu_busy_whole": whole.get("gpu_busy"),
         "gpu_peak_mib": whole.get("gpu_peak_mib"),
-        "cli_import_s": round(import_s, 2) if import_s is not None else None,
+        "cli_import_s": stages["cli_import"]["seconds"],
     }
     summary.update(bench_reference())
     return {"stages": stages, "summary": summary,

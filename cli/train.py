@@ -68,9 +68,12 @@ def register(sub) -> None:
 
 
 def _start_ray(address: str | None) -> None:
+    # said before the wait (a local cluster takes ~10 s to start); bench/time_to_style.py times Ray's start from it
     if address:
+        print(f"[joining ray] {address}", flush=True)
         ray.init(address=address)
     else:
+        print("[starting ray] a local cluster", flush=True)
         init_local_ray(num_cpus=2, object_store_memory=300 * 1024 * 1024, log_to_driver=False)
 
 

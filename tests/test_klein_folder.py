@@ -15,11 +15,9 @@ import torch
 from safetensors import safe_open
 
 from cluster.ports import free_port
-from cluster.storage import Storage
 from klein.generate import GenerateRequest, generate_image
 from klein.lora import LoraLayer, LoraWeights, lora_to_bytes, read_lora
-from klein.model import KleinVariant, check_klein_folder, load_pipeline, load_transformer
-from serve.testing import random_lora, store_lora
+from klein.model import KleinVariant, check_klein_folder, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -88,14 +86,18 @@ def test_existing_folder_is_refused_unless_overwrite(test_folder, tmp_path):
         make_klein_folder.make_klein_folder(tmp_path / "x", "13b")
 
 
-@pytest.mark.slow  # ~160 s on two shared CPU cores: a real Ray Train job, cache task and contact sheet
-def test_time_to_style_runs_end_to_end_and_times_every_stage(test_folder, tmp_path):
-    """bench/time_to_style.py as the lead runs it, at toy sizes: board → `klein-style train` subprocess →
-    every stage timed from status.json, the checkpoints and the delivered files; the JSON and table written."""
+@pytest.mark.slow  # ~3 min on two shared CPU cores: a real Ray Train job, then a whole Ray Serve application
+def test_time_to_style_trains_then_serves_and_times_every_stage(test_folder, tmp_path):
+    """bench/time_to_style.py as the lead runs it, at toy sizes, in one run as on the GPU: board → `klein-style
+    train` subprocess → every stage timed from status.json, the checkpoints and the delivered files; then
+    `klein-style serve` with the LoRA just trained: cold start, first image, and each (concurrency x LoRA set)
+    phase with images, latencies and throughput, 3 copies round-robin; the JSON and table written."""
     out = tmp_path / "tts"
     cmd = [sys.executable, str(REPO / "bench" / "time_to_style.py"), "--model", str(test_folder), "--out", str(out),
-           "--refs", "3", "--ref-size", "256", "--steps", "4", "--save-every", "2", "--resolution", "64",
-           "--sample-size", "64", "--sample-steps", "2", "--variant", "GEM+A", "--budget-s", "500"]
+           "--storage", str(tmp_path / "storage"), "--job-id", "tts-test", "--refs", "3", "--ref-size", "256", "--steps", "4",
+           "--save-every", "2", "--resolution", "64", "--sample-size", "64", "--sample-steps", "2", "--variant", "GEM+A",
+           "--serve", "--serve-size", "64", "--serve-steps", "2", "--phase-budget-s", "4", "--concurrency", "1,2",
+           "--n-loras", "3", "--budget-s", "560", "--port", str(free_port())]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=time_to_style.child_env(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -105,23 +107,33 @@ def test_time_to_style_runs_end_to_end_and_times_every_stage(test_folder, tmp_pa
     train = data["phases"]["train"]
     assert train["returncode"] == 0 and train["summary"]["state"] == "done" and not train["timed_out"]
     stages = train["stages"]
-    for name in ("ray_start", "captions", "cache", "model_load_and_compile", "steps", "checkpoints", "samples", "finish"):
+    for name in ("cli_import", "ray_start", "captions", "cache", "model_load_and_compile", "steps", "checkpoints",
+                 "samples", "finish"):
         assert stages[name]["seconds"] is not None and stages[name]["seconds"] >= 0, (name, stages[name])
     # the stages follow one another in the order the job runs them
-    order = ["captions", "cache", "model_load_and_compile", "steps", "samples", "finish"]
+    order = ["cli_import", "ray_start", "captions", "cache", "model_load_and_compile", "steps", "samples", "finish"]
     ends = [stages[n]["end_s"] for n in order]
     assert ends == sorted(ends)
     assert [c["step"] for c in stages["checkpoints"]["each"]] == [2, 4]
     assert all(c["file_seen_s"] is not None for c in stages["checkpoints"]["each"])
     s = train["summary"]
     assert 0 < s["refs_to_lora_s"] <= s["refs_to_done_s"] <= s["process_s"] <= time.time() - started
-    assert s["steps_reached"] == 4 and s["s_per_step"] > 0
+    assert s["steps_reached"] == 4 and s["s_per_step"] > 0 and s["cli_import_s"] == stages["cli_import"]["seconds"]
     assert train["manifest"]["steps"] == 4 and train["manifest"]["steps_trained_once"] is True
     assert train["manifest"]["rank"] == 32 and "samples/contact_sheet.png" in train["manifest"]["files"]
     assert train["config"] == {"steps": 4, "save_every": 2, "resolution": 64, "sample_size": 64, "sample_steps": 2,
                                "variant": "GEM+A"}
+
+    serve = data["phases"]["serve"]
+    assert serve["ready_s"] > 0 and serve["first_image_s"] > 0 and serve["healthz"]["status"] == "ok"
+    assert serve["first_image_lora"] == "tts-test"  # the LoRA this run trained, not a random one
+    assert sorted(serve["load"]) == ["c1_1_lora", "c1_3_loras", "c2_1_lora", "c2_3_loras"]
+    for name, phase in serve["load"].items():
+        assert phase["ok"] >= 1 and phase["errors"] == 0, (name, phase)
+        assert 0 < phase["p50_s"] <= phase["p99_s"] and phase["images_per_hour"] > 0
+    assert serve["load"]["c2_3_loras"]["loras"] == 3 and serve["load"]["c1_1_lora"]["loras"] == 1
     table = (out / "time_to_style.md").read_text()
-    assert "| model_load_and_compile |" in table and "refs_to_lora_s" in table
+    assert "| model_load_and_compile |" in table and "refs_to_lora_s" in table and "| c2_3_loras | 2 | 3 |" in table
 
 
 def test_perturbed_copies_are_distinct_loras_of_the_same_shapes():
@@ -134,29 +146,3 @@ def test_perturbed_copies_are_distinct_loras_of_the_same_shapes():
         layer = read_lora(data).layers["transformer_blocks.0.attn.to_q"]
         assert layer.up.shape == (16, 4) and torch.equal(layer.down, base.layers["transformer_blocks.0.attn.to_q"].down)
         assert torch.allclose(layer.up, base.layers["transformer_blocks.0.attn.to_q"].up * (1 + i / 100))
-
-
-@pytest.mark.slow  # ~2 min on two shared CPU cores: a whole Ray Serve application
-def test_time_to_style_serve_phase_measures_every_load_phase(test_folder, tmp_path):
-    """`--serve` against the `--size test` folder with a stored LoRA: cold start, first image, and each
-    (concurrency x LoRA set) phase with images, latencies and throughput, 3 imported copies round-robin."""
-    storage_dir = tmp_path / "storage"
-    store_lora(Storage.from_uri(str(storage_dir)), "default", "base-lora", random_lora(load_transformer(test_folder)),
-               trigger="zxy_style")
-    out = tmp_path / "serve"
-    cmd = [sys.executable, str(REPO / "bench" / "time_to_style.py"), "--model", str(test_folder), "--out", str(out),
-           "--storage", str(storage_dir), "--skip-train", "--lora-id", "base-lora", "--serve", "--serve-size", "64",
-           "--serve-steps", "2", "--phase-budget-s", "4", "--concurrency", "1,2", "--n-loras", "3", "--budget-s", "400",
-           "--port", str(free_port())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=time_to_style.child_env(REPO))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads((out / "time_to_style.json").read_text())
-    assert data["errors"] == []
-    serve = data["phases"]["serve"]
-    assert serve["ready_s"] > 0 and serve["first_image_s"] > 0 and serve["healthz"]["status"] == "ok"
-    assert sorted(serve["load"]) == ["c1_1_lora", "c1_3_loras", "c2_1_lora", "c2_3_loras"]
-    for name, phase in serve["load"].items():
-        assert phase["ok"] >= 1 and phase["errors"] == 0, (name, phase)
-        assert 0 < phase["p50_s"] <= phase["p99_s"] and phase["images_per_hour"] > 0
-    assert serve["load"]["c2_3_loras"]["loras"] == 3 and serve["load"]["c1_1_lora"]["loras"] == 1
-    assert "| c2_3_loras | 2 | 3 |" in (out / "time_to_style.md").read_text()
