@@ -215,7 +215,7 @@ class _Endpoints:
     @staticmethod
     def _generate_call(body: GenerateBody, parse: Callable[[httpx.Response], T]) -> _Call[T]:
         # a seeded image is the same image twice: safe to send again; the service learns the deadline left
-        return _Call("POST", "/v1/generate", parse, json=body.model_dump(mode="json", exclude_unset=True),
+        return _Call("POST", "/v1/generate", parse, json=body.model_dump(mode="json", exclude_none=True),
                      idempotent=True, deadline_header=True)
 
     # -- style profile -------------------------------------------------------------------------------------
