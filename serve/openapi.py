@@ -57,12 +57,12 @@ _ERRORS = {
 V1_ERRORS = (400, 401, 408, 413, 429, 500, 503)
 
 
-def errors(*statuses: int, model: type[BaseModel] = ErrorBody) -> dict:
+def errors(*statuses: int, model: type[BaseModel] = ErrorBody, description: str | None = None) -> dict:
     """`responses=` entries: each status answers `model` (the one error shape), with its headers."""
     out = {}
     for status in statuses:
-        description, headers = _ERRORS[status]
-        out[status] = {"model": model, "description": description, **({"headers": headers} if headers else {})}
+        text, headers = _ERRORS[status]
+        out[status] = {"model": model, "description": description or text, **({"headers": headers} if headers else {})}
     return out
 
 

@@ -78,7 +78,8 @@ def health_response(ready: bool | None, why: str, model: str, replica: str) -> J
 
 
 @router.get("/healthz", response_model=Health,
-            responses={**errors(500), **errors(503, model=HealthStarting)})
+            responses={**errors(500), **errors(503, model=HealthStarting, description="no Generator replica runs yet "
+                                                "(`unavailable`, `state: starting`): retry after `Retry-After`")})
 async def healthz() -> JSONResponse:
     ready, why = await asyncio.to_thread(_current_readiness)
     return health_response(ready, why, RUNTIME["config"].model, replica_tag())
