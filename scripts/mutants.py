@@ -196,6 +196,25 @@ MUTATIONS: list[Mutation] = [
     M("oom-generic-reason", "an out-of-memory job fails without the fix for its settings",
       "train/job.py", "        if is_out_of_memory(reason):", "        if False:",
       ("tests/test_train_job.py::test_an_out_of_memory_job_fails_with_the_seeds_fix_for_its_settings",), slow=True),
+    # -- issue 21: the HTTP contract and its client ----------------------------------------------------------
+    M("error-body-renamed", "errors answer {error, detail, param}: the wire no longer matches the documented ErrorBody",
+      "serve/errors.py", '"field": field, **extra}', '"param": field, **extra}',
+      ("tests/test_serve_http.py::test_the_typed_clients_reach_every_endpoint_and_every_answer_matches_the_openapi_document",),
+      slow=True),
+    M("openapi-404-undocumented", "GET /v1/loras/{id} answers 404 but its OpenAPI operation no longer says so",
+      "serve/routers/loras.py", '@router.get("/loras/{lora_id}", response_model=LoraStatus, responses=errors(404))',
+      '@router.get("/loras/{lora_id}", response_model=LoraStatus)',
+      ("tests/test_serve_http.py::test_the_typed_clients_reach_every_endpoint_and_every_answer_matches_the_openapi_document",),
+      slow=True),
+    M("client-ignores-retry-after", "the client waits its own backoff instead of the service's Retry-After",
+      "klein_style_client/client.py",
+      "return error.retry_after if error.retry_after is not None else self.backoff_s * 2 ** attempt",
+      "return self.backoff_s * 2 ** attempt",
+      ("tests/test_client.py::test_429_and_503_are_retried_after_their_retry_after",)),
+    M("client-deadline-extended", "a retry's wait may run past the call's deadline",
+      "klein_style_client/client.py",
+      "if wait is None or time.monotonic() + wait >= deadline:  # retries never extend the deadline",
+      "if wait is None:", ("tests/test_client.py::test_retries_never_extend_the_deadline",)),
 ]
 
 

@@ -1,29 +1,41 @@
-"""The Serve application: Ingress → StyleStage → Generator, with Fusion beside them.
+"""The Serve application: Ingress → StyleStage → Generator, with Fusion beside them (and the RateLimiter).
 
-    serve run serve.app:app_builder storage=/data model=tiny      # args on the command line
-    serve deploy serve/serve_config.yaml                          # or a config file (serveConfigV2)
+Ray's own CLIs work on it, as Serve's builder pattern has them:
+
+    serve run serve/serve_config.yaml                             # the config file (serveConfigV2): args + options
+    serve deploy serve/serve_config.yaml                          # the same file, to a running cluster
+    serve run serve.app:app_builder storage=/data model=tiny      # the typed builder, args on the command line
+    serve build serve.app:app -o my_config.yaml                   # a config file listing every deployment
+
+`app_builder(args: ServeArgs)` is a typed application builder: Serve validates the file's `args` (or the
+`key=value` arguments) into `ServeArgs` before calling it, so a wrong option fails the deploy with a message that
+names it. `app` is the application at its defaults (storage: KLEIN_STORAGE), for `serve build`, which needs an
+Application rather than a builder.
 
 `build_app(config)` binds the graph; each deployment gets the same `ServeConfig` as a dict. Replica counts,
 autoscaling, queue limits and resources come from each deployment's defaults here, and a Serve config file
 overrides them per deployment (serve/serve_config.yaml).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Serve reads the builder's annotation (ServeArgs) at run time.
 
 import dataclasses
 import json
+import typing
 from dataclasses import asdict
 
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ray import serve
 
 from cluster.pools import serve_actor_options
-from serve.config import ServeConfig
+from serve.config import ServeConfig, ServeConfigError
 from serve.fusion import Fusion
 from serve.generator import Generator
 from serve.ingress import Ingress
 from serve.middleware import Limits
 from serve.style import StyleStage
 from serve.tenants import RateLimiter
+from train.recipe import unknown_keys_message
 
 APP_NAME = "klein-style"
 ROUTE_PREFIX = "/"
@@ -87,34 +99,80 @@ def build_app(config: dict | ServeConfig | None = None, *, replica_cpus: float =
     )).bind(style, generator, fusion, cfg_dict, rate_limiter=limiter, limits=request_limits)
 
 
-def app_builder(args: dict) -> serve.Application:
-    """Entry point for `serve run serve.app:app_builder key=value ...` and the `import_path` of a config file.
+class _ServeArgsBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    `args` are ServeConfig fields, or request limits (`serve.middleware.Limits`: body_timeout_s, ...);
-    `replica_cpus` sets the CPUs each replica reserves.
-    """
-    args = dict(args or {})
-    replica_cpus = float(args.pop("replica_cpus", 0.1))
-    limit_names = {f.name: f.type for f in dataclasses.fields(Limits)}
-    limits = {name: (int if limit_names[name] in (int, "int") else float)(args.pop(name))
-              for name in list(args) if name in limit_names}
-    return build_app(_coerce(args), replica_cpus=replica_cpus, limits=limits)
+    @model_validator(mode="before")
+    @classmethod
+    def _known_names_and_cli_text(cls, data):
+        """An unknown option is named with the closest known one; `serve run ... key=value` passes every value
+        as text, so dict and list options are read as JSON text (numbers and booleans pydantic reads itself)."""
+        if not isinstance(data, dict):
+            return data
+        known = cls.model_fields
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(unknown_keys_message(unknown, known, {}, "serve app args").replace(
+                "unknown keys", "unknown serve option(s)"))
+        out = dict(data)
+        for name, value in data.items():
+            annotation = known[name].annotation
+            if isinstance(value, str) and (typing.get_origin(annotation) or annotation) in (dict, list):
+                try:
+                    out[name] = json.loads(value)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{name} must be JSON text (a mapping or a list), got {value!r}") from None
+        return out
 
 
-def _coerce(args: dict) -> dict:
-    """`serve run` passes every CLI arg as a string: convert to the field's type."""
-    types = {f.name: f.type for f in dataclasses.fields(ServeConfig)}
+def _serve_args_fields() -> dict:
+    """ServeConfig's fields as they are, the request limits (unset: KLEIN_SERVE_* or their defaults) and
+    `replica_cpus`."""
+    hints = typing.get_type_hints(ServeConfig)
     out = {}
-    for key, value in args.items():
-        kind = str(types.get(key, "str"))
-        if isinstance(value, str) and key in types:
-            if kind.startswith("int"):
-                value = int(value)
-            elif kind.startswith("float"):
-                value = float(value)
-            elif kind.startswith("bool"):
-                value = value.lower() in ("1", "true", "yes", "on")
-            elif kind.startswith(("dict", "list")):
-                value = json.loads(value)
-        out[key] = value
+    for f in dataclasses.fields(ServeConfig):
+        default = Field(default_factory=f.default_factory) if f.default is dataclasses.MISSING else f.default
+        out[f.name] = (hints[f.name], default)
+    for f in dataclasses.fields(Limits):
+        kind = int if f.type in (int, "int") else float
+        out[f.name] = (typing.Optional[kind], Field(None, gt=0, description=f"request limit (default {f.default})"))
+    out["replica_cpus"] = (float, Field(0.1, gt=0, description="CPUs each CPU-only replica reserves"))
     return out
+
+
+ServeArgs = create_model(
+    "ServeArgs", __base__=_ServeArgsBase, __module__=__name__,
+    __doc__="The app's `args` (a Serve config file's `args:` or `serve run ... key=value`): ServeConfig's fields, "
+            "the request limits of `serve.middleware.Limits`, and `replica_cpus`.",
+    **_serve_args_fields())
+_LIMIT_NAMES = frozenset(f.name for f in dataclasses.fields(Limits))
+
+
+def app_builder(args: ServeArgs) -> serve.Application:
+    """The typed application builder: `import_path: serve.app:app_builder` in a config file, or `serve run
+    serve.app:app_builder key=value ...`. Serve validates the args into `ServeArgs` before the call."""
+    return application(args)
+
+
+def application(args: "ServeArgs | dict | None" = None, *,
+                deployment_options: dict[str, dict] | None = None) -> serve.Application:
+    """The application for `args` (ServeArgs or its dict); `deployment_options` as in `build_app` (a config file's
+    `deployments` list, by name). Only the options set explicitly count as the user's (`ServeConfig.sources`)."""
+    if not isinstance(args, ServeArgs):
+        try:
+            args = ServeArgs.model_validate(dict(args or {}))
+        except ValueError as e:  # pydantic's ValidationError: keep its message, name our error
+            raise ServeConfigError(str(e)) from None
+    limits = args.model_dump(include=set(_LIMIT_NAMES), exclude_unset=True, exclude_none=True)
+    return build_app(serve_config_of(args), replica_cpus=args.replica_cpus, limits=limits,
+                     deployment_options=deployment_options)
+
+
+def serve_config_of(args: "ServeArgs") -> ServeConfig:
+    """The ServeConfig of these args; the options set explicitly are the user's (`ServeConfig.sources`)."""
+    return ServeConfig.from_any(args.model_dump(exclude_unset=True, exclude={"replica_cpus", *_LIMIT_NAMES}))
+
+
+# The application at its defaults, for `serve build serve.app:app` (Serve's `build` takes an Application, not a
+# builder) and `serve run serve.app:app`. Binding is cheap: nothing starts until Serve deploys it.
+app = application()

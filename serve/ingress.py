@@ -23,7 +23,7 @@ from ray import serve
 
 from cluster.storage import Storage
 from serve import jobs as jobstore
-from serve import middleware
+from serve import middleware, openapi
 from serve.config import ServeConfig
 from serve.middleware import Limits
 from serve.routers import generate, jobs, loras, profile, service
@@ -33,13 +33,16 @@ api = FastAPI(
     title="Klein Style",
     version="1.0",
     description="Train style LoRAs for FLUX.2 Klein and generate images in those styles. "
-    "Authenticate with `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
+    "Authenticate with `Authorization: Bearer <key>` or `X-API-Key: <key>`. Every error is JSON "
+    "`{error, detail, field}` (`ErrorBody`); 429 and 503 carry `Retry-After`. A typed Python client: "
+    "`klein_style_client` (httpx + pydantic).",
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
 middleware.install(api)
 for part in (service, jobs, loras, generate, profile):
     api.include_router(part.router)
+openapi.install(api)
 
 
 @serve.deployment(name="Ingress")

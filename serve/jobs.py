@@ -16,12 +16,11 @@ import logging
 import time
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field
 
 import contracts
 from cluster.storage import Storage, StorageError, tenant_prefix
 from train.job import check_job_id, lora_prefix, new_job_id, run_training_job
-from train.recipe import VARIANTS, TrainConfig
+from train.recipe import TrainConfig
 from train.status import STOPPED
 
 log = logging.getLogger("klein.serve.jobs")
@@ -92,24 +91,6 @@ def read_manifest(storage: Storage, tenant: str, job_id: str) -> dict | None:
 
 # the TrainConfig keys a tenant may set over HTTP (everything else is the operator's)
 HTTP_TRAIN_KEYS = ("variant", "rank", "linear_alpha", "optimizer", "lr", "steps", "resolution", "targets", "seed")
-
-
-class TrainSourceBody(BaseModel):
-    """JSON body of `POST /v1/loras` (training from a storage URI). Every option given is the tenant's explicit
-    choice and wins over the variant's defaults (`variant: auto` picks one by dataset size)."""
-
-    model_config = ConfigDict(extra="forbid")
-    source_uri: str
-    trigger: str = "zxy_style"
-    variant: str | None = Field(None, description=f"auto, custom or one of {list(VARIANTS)}")
-    steps: int | None = Field(None, ge=1, le=100_000)
-    rank: int | None = Field(None, ge=1, le=512)
-    linear_alpha: float | None = Field(None, gt=0)
-    optimizer: str | None = None
-    lr: float | None = Field(None, gt=0, lt=1)
-    resolution: int | None = Field(None, ge=64, le=4096)
-    targets: str | None = None
-    seed: int | None = None
 
 
 def train_config(config_overrides: dict, tenant: str, job_id: str, trigger: str, storage_uri: str, model: str,

@@ -300,9 +300,10 @@ def test_serve_config_is_a_valid_serve_app_on_the_inference_pool(manifests):
     assert isinstance(app["args"], dict) and app["args"]
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == SERVE_DEPLOYMENTS
-    from serve.config import ServeConfig
+    from serve.app import ServeArgs, serve_config_of
 
-    args = ServeConfig.from_any(app["args"])  # the app's own config checks
+    # what Serve does with them: validated into the typed builder's ServeArgs, then the app's own config checks
+    args = serve_config_of(ServeArgs.model_validate(app["args"]))
     generator_gpus = deployments["Generator"]["ray_actor_options"]["num_gpus"]
     assert args.device.startswith("cuda") == (generator_gpus > 0), "a Generator that reserves a GPU must be told device: cuda"
     # Fusion holds no GPU: its K-LoRA scores go to the generator's GPU, never onto a CPU at 9B

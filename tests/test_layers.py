@@ -8,6 +8,7 @@ Layers, top to bottom (a package may import its own layer's package and any lowe
     train                       the training job on Ray Train
     klein, gemini, cluster      the ground floor: the model, the text stage, Ray pools and storage
     contracts                   ids, storage keys, the manifest, the trigger format, K-LoRA defaults
+    klein_style_client          the HTTP contract's models and the client: imports none of ours (httpx + pydantic)
 
 Among the ground packages (as the code stood when the layers were drawn): `klein` and `cluster` import none of
 ours but `contracts`; `gemini` may also import `klein` (the judge scores style with klein's style features)
@@ -26,7 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = {"cli": 5, "bench": 5, "evaluation": 4, "serve": 3, "train": 2, "klein": 1, "gemini": 1, "cluster": 1,
-         "contracts": 0}
+         "contracts": 0, "klein_style_client": 0}
 # what each ground package may import besides itself and contracts
 GROUND_ALLOWED = {"klein": set(), "gemini": {"klein", "cluster"}, "cluster": set()}
 TOP_ONLY = {"cli", "bench"}  # nothing else imports these
@@ -99,6 +100,13 @@ def test_nothing_imports_upward():
                 problems.append(f"{module}:{line} imports {target}: {package} may import only "
                                 f"{sorted(GROUND_ALLOWED[package]) or 'contracts'} on the ground floor")
     assert not problems, "\n".join(problems)
+
+
+def test_the_client_imports_none_of_ours():
+    """klein_style_client ships to users who have none of the rest (tests/test_client.py checks its imports too)."""
+    graph = import_graph()
+    assert not graph["klein_style_client"]
+    assert any(target.startswith("klein_style_client") for _, target, _ in graph["serve"])
 
 
 def test_no_cycles_between_packages():

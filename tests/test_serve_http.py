@@ -4,8 +4,10 @@ Training runs in the background from the first test on (it takes a while on 2 CP
 not need the trained LoRA run meanwhile, on synthetic LoRAs stored exactly where training puts them.
 """
 
+import asyncio
 import base64
 import io
+import re
 import socket
 import time
 import zipfile
@@ -14,9 +16,14 @@ import httpx
 import numpy as np
 import pytest
 import reliability  # the ledger plugin's own module (tests/ is on sys.path)
+import yaml
+from jsonschema import Draft202012Validator
 from PIL import Image
 
+from cli.serve import read_plan, start
 from cluster.ports import free_port
+from klein.lora import lora_to_bytes
+from klein_style_client import ApiError, AsyncClient, Client
 from klein.generate import GenerateRequest, generate_image, set_active_loras
 from klein.model import load_pipeline
 from serve.fusion import FUSED_PREFIX
@@ -40,14 +47,32 @@ def _auth(key):
     return {"Authorization": f"Bearer {key}"}
 
 
+# Every answer the module's HTTP clients get (raw httpx and the typed clients), checked against /openapi.json by
+# the module's last test.
+RECORDED: list[dict] = []
+
+
+def _answer(response: httpx.Response) -> dict:
+    return {"method": response.request.method, "path": response.request.url.path, "status": response.status_code,
+            "type": response.headers.get("content-type", ""), "body": response.content}
+
+
+def _record(response: httpx.Response) -> None:
+    response.read()
+    RECORDED.append(_answer(response))
+
+
+async def _record_async(response: httpx.Response) -> None:
+    await response.aread()
+    RECORDED.append(_answer(response))
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     import ray
     from ray import serve
 
-    from cluster.pools import init_local_ray
     from cluster.storage import Storage
-    from serve.app import build_app
     from serve.tenants import create_api_key
 
     root = tmp_path_factory.mktemp("serve-storage")
@@ -55,12 +80,17 @@ def service(tmp_path_factory):
     config = {"storage": str(root), "max_loras_per_replica": 2, "max_upload_bytes": 5 * 1024 * 1024,
               "rate_limit_per_s": 5.0, "rate_limit_burst": 40, "train_overrides": TRAIN_OVERRIDES,
               "max_training_jobs_per_tenant": 1, "max_inflight_requests": INFLIGHT}
-    init_local_ray(num_cpus=2)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(config, replica_cpus=0.1, limits=LIMITS), name=APP, route_prefix="/")
+    # started as `klein-style serve --config FILE` starts it: the file's http_options, app name and args
+    serve_file = tmp_path_factory.mktemp("serve-config") / "serve_config.yaml"
+    serve_file.write_text(yaml.safe_dump({
+        "http_options": {"host": "127.0.0.1", "port": PORT, "request_timeout_s": 300},
+        "applications": [{"name": APP, "route_prefix": "/", "import_path": "serve.app:app_builder",
+                          "args": {**config, **LIMITS, "replica_cpus": 0.1}}]}))
+    plan = read_plan(str(serve_file))
+    start(plan, num_cpus=2)
     keys = {t: create_api_key(storage, t) for t in ("acme", "globex", "hammer")}
-    client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120)
-    yield {"client": client, "keys": keys, "storage": storage}
+    client = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=120, event_hooks={"response": [_record]})
+    yield {"client": client, "keys": keys, "storage": storage, "plan": plan}
     client.close()
     serve.shutdown()
     ray.shutdown()
@@ -105,14 +135,12 @@ def training_job(service, tmp_path_factory):
     with zipfile.ZipFile(buf, "w") as z:
         for path in sorted(board.iterdir()):
             z.write(path, path.name)
-    r = service["client"].post("/v1/loras", headers=_auth(service["keys"]["acme"]),
-                               files={"refs": ("refs.zip", buf.getvalue(), "application/zip")},
-                               data={"trigger": "zxy_neon", "variant": "GEM+B"})
-    assert r.status_code == 202, r.text
-    answer = r.json()
+    with Client(f"http://127.0.0.1:{PORT}", api_key=service["keys"]["acme"], timeout=120,
+                event_hooks={"response": [_record]}) as client:
+        answer = client.train(buf.getvalue(), trigger="zxy_neon", variant="GEM+B")
     # the variant this request named is its explicit choice, and the answer says so
-    assert answer["variant"] == "GEM+B" and answer["config_sources"]["variant"] == "user", answer
-    return {"id": answer["id"], "zip": buf.getvalue()}
+    assert answer.status == "queued" and answer.variant == "GEM+B" and answer.config_sources["variant"] == "user"
+    return {"id": answer.id, "zip": buf.getvalue()}
 
 
 @pytest.fixture(scope="module")
@@ -523,3 +551,110 @@ def test_a_tampered_stored_lora_is_refused_by_generate_fusion_and_download(http,
     assert storage.list(FUSED_PREFIX, recursive=True) == fused_before  # no fusion of it stored
     # and the service is fine: the same LoRAs untampered still generate
     _generate(http, key, lora_id="syn-a1")
+
+
+# -- the HTTP contract: the typed client on every endpoint, and every answer of this module against /openapi.json --
+def test_klein_style_serve_listens_where_its_config_file_says(service):
+    http_options = service["plan"].start_options["http_options"]
+    assert http_options == {"host": "127.0.0.1", "port": PORT, "request_timeout_s": 300}  # the file's, as written
+    assert PORT != 8000  # neither Serve's default nor the command's: every test here reached the file's port
+
+
+@pytest.fixture(scope="module")
+def typed_client_calls(service, synthetic, transformer, training_job):
+    """Every endpoint through the typed clients (sync and async), each answer checked as it comes; the answers are
+    recorded for the contract test below."""
+    url, acme = f"http://127.0.0.1:{PORT}", service["keys"]["acme"]
+    lora = lora_to_bytes(random_lora(transformer, rank=4, scale=0.05, seed=7))
+    with Client(url, api_key=acme, timeout=120, event_hooks={"response": [_record]}) as client:
+        assert client.health().generator == "ready"
+        assert "klein_http_requests_total" in client.metrics()
+        imported = client.import_lora(lora, trigger="zxy_imp")
+        assert imported.status == "done" and imported.rank == 4
+        assert imported.id in {item.id for item in client.list_loras().loras}
+        status = client.get_lora(imported.id)
+        assert status.status == "done" and status.trigger == "zxy_imp" and "lora.safetensors" in status.files
+        assert client.download_file(imported.id, "lora.safetensors")[:8]  # our safetensors, as stored
+        result = client.generate("a house", lora_id=imported.id, steps=2, use_gemini="off", seed=5)
+        assert result.loras[0].id == imported.id and result.fusion.method == "single" and "zxy_imp" in result.prompt
+        png = client.generate_png("a house", loras=[{"id": "syn-a1", "weight": 0.5}, {"id": "syn-a2"}], steps=2,
+                                  use_gemini="off")
+        assert _pixels(png).shape == (64, 64, 3)
+        assert client.style_profile(imported.id, use_gemini="off").source == "lora"
+        with pytest.raises(ApiError) as missing:
+            client.get_lora("j-00000000-nothing")
+        assert missing.value.status == 404 and missing.value.error == "not_found"
+        with pytest.raises(ApiError) as bad:
+            client.generate("a house", width=70)
+        assert (bad.value.status, bad.value.field) == (422, "width")
+        assert client.delete_lora(imported.id).deleted is True
+
+    async def from_images():
+        async with AsyncClient(url, api_key=service["keys"]["globex"], timeout=120,
+                               event_hooks={"response": [_record_async]}) as client:
+            return await client.style_profile_from_images([png], use_gemini="off")
+
+    assert asyncio.run(from_images()).source == "images"
+    with Client(url, event_hooks={"response": [_record]}) as anonymous, pytest.raises(ApiError) as refused:
+        anonymous.list_loras()
+    assert refused.value.status == 401 and refused.value.field == "authorization"
+    return imported.id
+
+
+def _strict(node):
+    """A schema in which an object with listed properties has no others: a renamed or extra field fails."""
+    if isinstance(node, list):
+        return [_strict(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _strict(value) for key, value in node.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _operation(document: dict, method: str, path: str) -> tuple[str, dict] | tuple[None, None]:
+    for template, operations in document["paths"].items():
+        if method.lower() in operations and re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            return template, operations[method.lower()]
+    return None, None
+
+
+def test_the_typed_clients_reach_every_endpoint_and_every_answer_matches_the_openapi_document(http, typed_client_calls):
+    """The module's last test: each answer its clients got (every endpoint through the typed clients, and, in a run
+    of the whole module, the other tests' answers and errors of every kind) has a documented status and content type,
+    and its JSON body validates against the documented schema with jsonschema. Every documented operation answered
+    2xx at least once."""
+    document = http.get("/openapi.json").json()
+    components = _strict(document["components"])
+    assert {"bearerAuth", "apiKeyHeader"} <= set(components["securitySchemes"])
+    problems, answered = [], set()
+    for answer in RECORDED:
+        where = f"{answer['method']} {answer['path']} -> {answer['status']}"
+        template, operation = _operation(document, answer["method"], answer["path"])
+        media_type = answer["type"].split(";")[0].strip()
+        if operation is None:
+            if answer["path"] in ("/openapi.json", "/docs", "/metrics"):
+                continue
+            schema = {"$ref": "#/components/schemas/ErrorBody"}  # no such route: still the one error shape
+            if answer["status"] < 400:
+                problems.append(f"{where}: not in the document")
+                continue
+        else:
+            documented = operation["responses"].get(str(answer["status"]))
+            if documented is None:
+                problems.append(f"{where}: status not documented ({sorted(operation['responses'])})")
+                continue
+            if media_type not in documented.get("content", {}):
+                problems.append(f"{where}: content type {media_type} not documented ({sorted(documented['content'])})")
+                continue
+            if 200 <= answer["status"] < 300:
+                answered.add((answer["method"], template))
+            schema = documented["content"][media_type].get("schema", {})
+        if media_type == "application/json":
+            errors = list(Draft202012Validator({**schema, "components": components}).iter_errors(
+                httpx.Response(200, content=answer["body"]).json()))
+            problems += [f"{where}: {e.message} at {list(e.absolute_path)}" for e in errors[:2]]
+    every = {(method.upper(), template) for template, ops in document["paths"].items() for method in ops}
+    assert not problems, f"{len(problems)} answer(s) do not match /openapi.json:\n" + "\n".join(problems[:20])
+    assert every <= answered, f"documented but never answered 2xx: {sorted(every - answered)}"

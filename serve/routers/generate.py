@@ -5,67 +5,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from klein.generate import GenerateError, GenerateRequest
+from klein_style_client.models import MAX_LORAS_PER_REQUEST as MAX_LORAS
+from klein_style_client.models import FusionInfo, GenerateBody, GenerateResult, LoraRef, LoraWeight
 from serve import jobs as jobstore
 from serve import metrics
 from serve.errors import ApiError
 from serve.generator import NonFiniteOutput, adapter_set_id
 from serve.middleware import API_PREFIX, ctx, header_safe, parse_json_body, tenant_of
+from serve.openapi import API_KEY, V1_ERRORS, errors, request_body
 from serve.routers.common import downstream, owned
 from train.job import lora_prefix
 
-router = APIRouter(prefix=API_PREFIX, tags=["generate"])
-
-MAX_LORAS = 8
-_ALLOWED_CONTROLS = "\n\t"
-
-
-def _no_numbers_as_text(value):
-    """Numbers come as JSON numbers: "1" and true are refused, not coerced (1.0 for an integer is fine)."""
-    if isinstance(value, (str, bool)):
-        raise ValueError(f"must be a JSON number, not {'a boolean' if isinstance(value, bool) else 'a string'}")
-    return value
-
-
-def _no_control_characters(value: str) -> str:
-    bad = [ch for ch in value if (ord(ch) < 32 and ch not in _ALLOWED_CONTROLS) or 127 <= ord(ch) < 160]
-    if bad:
-        raise ValueError(f"must not contain control characters (found {bad[0]!r}); only newlines and tabs are allowed")
-    return value
-
-
-class LoraRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: StrictStr = Field(..., min_length=1, max_length=200)
-    weight: float = Field(1.0, ge=-4.0, le=4.0)
-
-    _weight_is_a_number = field_validator("weight", mode="before")(_no_numbers_as_text)
-
-
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: StrictStr = Field(..., min_length=1, max_length=4000)
-    lora_id: StrictStr | None = Field(None, min_length=1, max_length=200)
-    loras: list[LoraRef] | None = None
-    fusion: Literal["linear", "klora"] = "linear"
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int = 0
-    use_gemini: Literal["auto", "on", "off"] = "auto"
-    negative_prompt: StrictStr = Field("", max_length=4000)
-    response: Literal["png", "json"] = "png"
-
-    _numbers = field_validator("width", "height", "steps", "guidance", "seed", mode="before")(_no_numbers_as_text)
-    _texts = field_validator("prompt", "negative_prompt")(_no_control_characters)
-
+router = APIRouter(prefix=API_PREFIX, tags=["generate"], dependencies=API_KEY, responses=errors(*V1_ERRORS))
+_TEXT_HEADERS = {"X-Final-Prompt": {"description": "the prompt drawn (after the style stage), printable ASCII",
+                                   "schema": {"type": "string"}},
+                 "X-Gemini-Source": {"description": "gemini, offline or none", "schema": {"type": "string"}}}
 
 def _timeout_for(request: Request) -> float:
     """The request's deadline for downstream calls: `X-Request-Timeout` (seconds) if the client sets a
@@ -145,10 +104,12 @@ async def _adapters(loras: list[dict], fusion: str, left) -> tuple[str, list[flo
     return adapter_set_id([result]), [1.0], None, {"method": "linear", "cached": result["cached"], "rank": result["rank"]}
 
 
-@router.post("/generate", responses={200: {"content": {"image/png": {}, "application/json": {}}},
-                                     422: {"description": "invalid request"}},
-             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": GenerateBody.model_json_schema()}}}})
+@router.post("/generate", response_model=GenerateResult,
+             responses={200: {"description": "the image: a PNG (`response: png`, the default) or GenerateResult "
+                                             "(`response: json`)", "headers": _TEXT_HEADERS,
+                              "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                        **errors(404, 409, 415, 422)},
+             openapi_extra=request_body(json=GenerateBody))
 async def generate(request: Request) -> Response:
     state = ctx()
     tenant = await tenant_of(request)
@@ -180,15 +141,16 @@ async def generate(request: Request) -> Response:
     headers = {"X-Final-Prompt": header_safe(styled["prompt"]), "X-Gemini-Source": header_safe(styled["gemini_source"])}
     if body.response == "png":
         return Response(png, media_type="image/png", headers=headers)
-    return JSONResponse({
-        "image_base64": base64.b64encode(png).decode(),
-        "prompt": styled["prompt"],
-        "original_prompt": body.prompt,
-        "gemini_source": styled["gemini_source"],
-        "warnings": styled["warnings"],
-        "profile": primary["style_profile"] if primary else None,
-        "loras": [{"id": lora["id"], "weight": lora["weight"]} for lora in loras],
-        "fusion": fusion_info,
-        "seed": gen_request.seed, "steps": gen_request.steps, "width": gen_request.width,
-        "height": gen_request.height, "guidance": gen_request.guidance,
-    })
+    result = GenerateResult(
+        image_base64=base64.b64encode(png).decode(),
+        prompt=styled["prompt"],
+        original_prompt=body.prompt,
+        gemini_source=styled["gemini_source"],
+        warnings=styled["warnings"],
+        profile=primary["style_profile"] if primary else None,
+        loras=[LoraWeight(id=lora["id"], weight=lora["weight"]) for lora in loras],
+        fusion=FusionInfo(**fusion_info),
+        seed=gen_request.seed, steps=gen_request.steps, width=gen_request.width,
+        height=gen_request.height, guidance=gen_request.guidance,
+    )
+    return JSONResponse(result.model_dump(mode="json"), headers=headers)

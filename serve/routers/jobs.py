@@ -11,12 +11,12 @@ import zipfile
 from urllib.parse import urlparse
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from klein_style_client.models import Submission, TrainSourceBody, TrainUpload
 from serve import jobs as jobstore
 from serve.errors import ApiError
 from serve.middleware import API_PREFIX, ctx, parse_json_body, tenant_of
+from serve.openapi import API_KEY, V1_ERRORS, errors, request_body
 from serve.routers.common import checked_trigger, upload_label
 from serve.tenants import retry_after_header
 from train.dataset import DatasetError, load_refs
@@ -24,22 +24,7 @@ from train.recipe import ConfigError
 
 log = logging.getLogger("klein.serve.ingress")
 
-router = APIRouter(prefix=API_PREFIX, tags=["loras"])
-
-
-class TrainSourceBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source_uri: StrictStr = Field(..., min_length=1, max_length=2000)
-    trigger: StrictStr = "zxy_style"
-    variant: StrictStr | None = Field(None, min_length=1, max_length=32)
-    steps: StrictInt | None = Field(None, ge=1, le=100_000)
-    rank: StrictInt | None = Field(None, ge=1, le=512)
-    linear_alpha: StrictFloat | StrictInt | None = Field(None, gt=0, le=4096)
-    optimizer: StrictStr | None = Field(None, min_length=1, max_length=32)
-    lr: StrictFloat | None = Field(None, gt=0, lt=1)
-    resolution: StrictInt | None = Field(None, ge=64, le=4096)
-    targets: StrictStr | None = Field(None, min_length=1, max_length=32)
-    seed: StrictInt | None = Field(None, ge=0, le=2**31 - 1)
+router = APIRouter(prefix=API_PREFIX, tags=["loras"], dependencies=API_KEY, responses=errors(*V1_ERRORS))
 
 
 def _is_inside(uri: str, root: str) -> bool:
@@ -60,8 +45,9 @@ def _form_value(value, name: str) -> int:
     return int(text)
 
 
-@router.post("/loras", status_code=202)
-async def create_lora(request: Request) -> JSONResponse:
+@router.post("/loras", status_code=202, response_model=Submission, responses=errors(415, 422),
+             openapi_extra=request_body(json=TrainSourceBody, multipart=TrainUpload))
+async def create_lora(request: Request) -> Submission:
     """Start training: multipart (`refs`: a zip of images, `trigger`, optional `variant`/`steps`/`rank`/
     `resolution`), or JSON `{"source_uri": ..., "trigger": ..., "variant": ..., "rank": ...}`. Answers the job id
     and the keys this request set with their source (`user`): they win over the variant's defaults."""
@@ -87,7 +73,7 @@ async def create_lora(request: Request) -> JSONResponse:
         raise ApiError(422, str(e), None) from None
     state.jobs.submit(tenant, source, cfg)
     # the keys this request set, each with its source: they win over the variant's defaults
-    return JSONResponse(jobstore.submission_answer(cfg, state.config.train_overrides), status_code=202)
+    return Submission(**jobstore.submission_answer(cfg, state.config.train_overrides))
 
 
 async def _receive_zip(request: Request, tenant: str, job_id: str) -> tuple[str, dict]:

@@ -9,17 +9,19 @@ import time
 import torch
 from diffusers import Flux2Transformer2DModel
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from klein.lora import LoraError, LoraWeights, check_lora_fits, lora_to_bytes, read_lora
 from klein.model import model_id, resolve_model_source
+from klein_style_client.models import Deleted, ImportedLora, LoraImportUpload, LoraList, LoraStatus, LoraSummary, Progress
 from serve import jobs as jobstore
 from serve.errors import ApiError, not_found
 from serve.middleware import API_PREFIX, ctx, tenant_of
+from serve.openapi import API_KEY, V1_ERRORS, errors, request_body
 from serve.routers.common import checked_trigger, owned
 from train.job import lora_prefix
 
-router = APIRouter(prefix=API_PREFIX, tags=["loras"])
+router = APIRouter(prefix=API_PREFIX, tags=["loras"], dependencies=API_KEY, responses=errors(*V1_ERRORS))
 
 _SKELETONS: dict[str, torch.nn.Module] = {}
 
@@ -38,8 +40,8 @@ def model_skeleton(model: str) -> torch.nn.Module:
     return _SKELETONS[model]
 
 
-@router.get("/loras")
-async def list_loras(request: Request) -> dict:
+@router.get("/loras", response_model=LoraList)
+async def list_loras(request: Request) -> LoraList:
     state = ctx()
     tenant = await tenant_of(request)
     items = []
@@ -47,15 +49,15 @@ async def list_loras(request: Request) -> dict:
     for lora_id in await asyncio.to_thread(jobstore.list_jobs, state.storage, tenant):
         if lora_id in finished:  # trained or imported: the manifest says what it is
             manifest = await asyncio.to_thread(jobstore.read_manifest, state.storage, tenant, lora_id) or {}
-            items.append({"id": lora_id, "status": "done", "trigger": manifest.get("trigger")})
+            items.append(LoraSummary(id=lora_id, status="done", trigger=manifest.get("trigger")))
             continue
         status = await asyncio.to_thread(state.jobs.state_of, lora_id)
-        items.append({"id": lora_id, "status": _public_status(status.get("state")), "trigger": status.get("trigger")})
-    return {"loras": items}
+        items.append(LoraSummary(id=lora_id, status=_public_status(status.get("state")), trigger=status.get("trigger")))
+    return LoraList(loras=items)
 
 
-@router.get("/loras/{lora_id}")
-async def get_lora(lora_id: str, request: Request) -> dict:
+@router.get("/loras/{lora_id}", response_model=LoraStatus, responses=errors(404))
+async def get_lora(lora_id: str, request: Request) -> LoraStatus:
     state = ctx()
     tenant = await tenant_of(request)
     lora_id = owned(tenant, lora_id)
@@ -63,36 +65,44 @@ async def get_lora(lora_id: str, request: Request) -> dict:
     manifest = await asyncio.to_thread(jobstore.read_manifest, state.storage, tenant, lora_id)
     submission = state.storage.read_json(jobstore.submission_key(tenant, lora_id)) \
         if state.storage.exists(jobstore.submission_key(tenant, lora_id)) else {}
-    body = {
-        "id": lora_id,
-        "status": "done" if manifest is not None else _public_status(status.get("state")),
-        "progress": {k: status.get(k) for k in ("step", "steps", "loss", "eta_s") if k in status},
-        "trigger": (manifest or submission).get("trigger"),
-        "error": status.get("error"),
-        "decision": (manifest or {}).get("decision") or status.get("decision"),
-        "warnings": (manifest or {}).get("warnings") or status.get("warnings") or [],
-    }
-    if manifest is not None:
-        body.update({
-            "metrics": manifest.get("metrics"),
-            "best_step": manifest.get("best_step"),
-            "style_profile": manifest.get("style_profile"),
-            # the health report (train/health.py); written just after delivery, so briefly pending
-            "health": manifest.get("health") or {"state": "pending" if status.get("state") == "checking health" else "none"},
-            "files": {name: f"{API_PREFIX}/loras/{lora_id}/files/{name}" for name in jobstore.public_files(manifest)},
-        })
-    return body
+    done = manifest is not None
+    return LoraStatus(
+        id=lora_id,
+        status="done" if done else _public_status(status.get("state")),
+        progress=Progress(**{k: status.get(k) for k in ("step", "steps", "loss", "eta_s") if k in status}),
+        trigger=(manifest or submission).get("trigger"),
+        error=status.get("error"),
+        decision=(manifest or {}).get("decision") or status.get("decision"),
+        warnings=(manifest or {}).get("warnings") or status.get("warnings") or [],
+        # the rest once the LoRA is delivered; null until then
+        metrics=manifest.get("metrics") if done else None,
+        best_step=manifest.get("best_step") if done else None,
+        style_profile=manifest.get("style_profile") if done else None,
+        # the health report (train/health.py); written just after delivery, so briefly pending
+        health=(manifest.get("health") or {"state": "pending" if status.get("state") == "checking health" else "none"})
+        if done else None,
+        files={name: f"{API_PREFIX}/loras/{lora_id}/files/{name}" for name in jobstore.public_files(manifest)}
+        if done else None,
+    )
 
 
-@router.delete("/loras/{lora_id}")
-async def delete_lora(lora_id: str, request: Request) -> dict:
+@router.delete("/loras/{lora_id}", response_model=Deleted, responses=errors(404))
+async def delete_lora(lora_id: str, request: Request) -> Deleted:
     tenant = await tenant_of(request)
     lora_id = owned(tenant, lora_id)
     await asyncio.to_thread(ctx().jobs.delete, tenant, lora_id)
-    return {"id": lora_id, "deleted": True}
+    return Deleted(id=lora_id, deleted=True)
 
 
-@router.get("/loras/{lora_id}/files/{name}")
+_FILE_TYPES = {"image/png": {"schema": {"type": "string", "format": "binary"}},
+               "text/markdown": {"schema": {"type": "string"}},
+               "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+@router.get("/loras/{lora_id}/files/{name}", response_class=Response,
+            responses={200: {"description": "the file: a PNG (samples, contact sheet, plots), the health report "
+                                            "(Markdown) or a LoRA (.safetensors, as an attachment)",
+                             "content": _FILE_TYPES}, **errors(404)})
 async def get_lora_file(lora_id: str, name: str, request: Request) -> Response:
     storage = ctx().storage
     tenant = await tenant_of(request)
@@ -112,8 +122,9 @@ async def get_lora_file(lora_id: str, name: str, request: Request) -> Response:
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-@router.post("/loras/import", status_code=201)
-async def import_lora(request: Request) -> JSONResponse:
+@router.post("/loras/import", status_code=201, response_model=ImportedLora, responses=errors(415, 422),
+             openapi_extra=request_body(multipart=LoraImportUpload))
+async def import_lora(request: Request) -> ImportedLora:
     """Bring your own LoRA: multipart `lora` (a .safetensors file: diffusers/peft, ComfyUI, ai-toolkit or
     kohya keys) and an optional `trigger`. Only safetensors is read, never a pickle; the file passes the one
     LoRA validator (`klein.lora.validate_lora`: ranks, alphas, dtypes, finite weights, typed metadata) and
@@ -134,8 +145,8 @@ async def import_lora(request: Request) -> JSONResponse:
     data = await upload.read()
     lora_id = jobstore.new_id()
     manifest = await asyncio.to_thread(_import_lora, tenant, lora_id, data, trigger)
-    return JSONResponse({"id": lora_id, "status": "done", "trigger": manifest["trigger"],
-                         "layers": manifest["layers"], "rank": manifest["rank"]}, status_code=201)
+    return ImportedLora(id=lora_id, status="done", trigger=manifest["trigger"], layers=manifest["layers"],
+                        rank=manifest["rank"])
 
 
 def _import_lora(tenant: str, lora_id: str, data: bytes, trigger: str | None) -> dict:

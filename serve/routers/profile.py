@@ -6,27 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from klein_style_client.models import MAX_PICTURES, ProfileBody, ProfileResult, ProfileUpload
 from serve import jobs as jobstore
 from serve.errors import ApiError
 from serve.middleware import API_PREFIX, ctx, parse_json_body, tenant_of
+from serve.openapi import API_KEY, V1_ERRORS, errors, request_body
 from serve.routers.common import downstream, owned, upload_label
 from train.dataset import FileProblem, decode_image
 
-router = APIRouter(prefix=API_PREFIX, tags=["generate"])
+router = APIRouter(prefix=API_PREFIX, tags=["generate"], dependencies=API_KEY, responses=errors(*V1_ERRORS))
 
 MAX_PICTURE_PIXELS = 64_000_000
-MAX_PICTURES = 10
-
-
-class ProfileBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    lora_id: StrictStr = Field(..., min_length=1, max_length=200)
-    use_gemini: Literal["auto", "on", "off"] = "auto"
 
 
 def checked_picture(label: str, data: bytes) -> bytes:
@@ -39,8 +32,9 @@ def checked_picture(label: str, data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-@router.post("/style-profile")
-async def style_profile(request: Request) -> dict:
+@router.post("/style-profile", response_model=ProfileResult, responses=errors(404, 409, 415, 422),
+             openapi_extra=request_body(json=ProfileBody, multipart=ProfileUpload))
+async def style_profile(request: Request) -> ProfileResult:
     """JSON `{"lora_id": ...}` (the profile stored with the LoRA), or multipart `images` (1–10 pictures)."""
     state = ctx()
     tenant = await tenant_of(request)
@@ -51,7 +45,7 @@ async def style_profile(request: Request) -> dict:
         manifest = await asyncio.to_thread(jobstore.read_manifest, state.storage, tenant, lora_id)
         if manifest is None:
             raise ApiError(409, f"LoRA {lora_id} is not ready", "lora_id", error="lora_not_ready")
-        return {"profile": manifest.get("style_profile"), "source": "lora", "lora_id": lora_id}
+        return ProfileResult(profile=manifest.get("style_profile"), source="lora", lora_id=lora_id)
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(415, "send multipart/form-data with `images`, or JSON with `lora_id`", "content-type")
     form = await request.form(max_files=MAX_PICTURES, max_fields=4)
@@ -65,4 +59,4 @@ async def style_profile(request: Request) -> dict:
     # CMYK, 16-bit, alpha; bombs, truncation and animations refused), so the style stage gets plain RGB PNGs
     images = [await asyncio.to_thread(checked_picture, upload_label(f.filename), await f.read()) for f in uploads]
     result = await downstream(lambda: state.style.profile_from_images.remote(images, use_gemini), "style stage")
-    return {"profile": result["profile"], "source": "images", "text_stage": result["text_stage"]}
+    return ProfileResult(profile=result["profile"], source="images", text_stage=result["text_stage"])

@@ -11,9 +11,11 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.schema import ServeStatus
 
+from klein_style_client.models import Health, HealthStarting
 from serve import metrics
 from serve.errors import error_response
 from serve.middleware import RUNTIME
+from serve.openapi import errors
 
 router = APIRouter(tags=["service"])
 
@@ -71,11 +73,13 @@ def health_response(ready: bool | None, why: str, model: str, replica: str) -> J
     if ready is False:
         return error_response(503, "unavailable", why, None, headers={"Retry-After": str(STARTING_RETRY_AFTER_S)},
                               state="starting", replica=replica)
-    return JSONResponse({"status": "ok", "model": model, "replica": replica,
-                         "generator": "ready" if ready else "unknown", "detail": why})
+    return JSONResponse(Health(status="ok", model=model, replica=replica, generator="ready" if ready else "unknown",
+                               detail=why).model_dump(mode="json"))
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health,
+            responses={**errors(500), **errors(503, model=HealthStarting, description="no Generator replica runs yet "
+                                                "(`unavailable`, `state: starting`): retry after `Retry-After`")})
 async def healthz() -> JSONResponse:
     ready, why = await asyncio.to_thread(_current_readiness)
     return health_response(ready, why, RUNTIME["config"].model, replica_tag())
