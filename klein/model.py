@@ -170,9 +170,13 @@ def load_pipeline(
 
 
 def load_transformer(source: str | os.PathLike = "tiny", dtype: torch.dtype = torch.float32, device="cpu", cache_dir=None):
-    """Only the denoiser, for training workers (latents and prompt embeddings are cached beforehand)."""
+    """Only the denoiser, for training workers (latents and prompt embeddings are cached beforehand).
+
+    The safetensors shards are read straight onto `device` (diffusers' `device_map` with the one device): a
+    GPU worker never builds the 18 GB bf16 Klein 9B in host memory first and copies it over afterwards."""
     folder = resolve_model_source(source, cache_dir)
-    model = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype, local_files_only=True)
+    model = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype, local_files_only=True,
+                                                    device_map={"": torch.device(device)})
     return model.to(device)
 
 
