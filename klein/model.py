@@ -159,6 +159,10 @@ def load_pipeline(
         if unknown:
             raise ValueError(f"unknown pipeline components {sorted(unknown)}; choose from {list(KLEIN_COMPONENTS)}")
         kwargs = {name: None for name in KLEIN_COMPONENTS if name not in components}
+    if device.index in (None, 0):
+        # every component's shards read straight onto the device (diffusers' one-device map): the 16 GB Qwen3-8B
+        # and the 18 GB transformer are never built in host memory first and copied over afterwards
+        kwargs["device_map"] = device.type
     try:
         pipe = Flux2KleinPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
