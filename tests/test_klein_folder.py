@@ -95,9 +95,10 @@ def test_time_to_style_runs_end_to_end_and_times_every_stage(test_folder, tmp_pa
     out = tmp_path / "tts"
     cmd = [sys.executable, str(REPO / "bench" / "time_to_style.py"), "--model", str(test_folder), "--out", str(out),
            "--refs", "3", "--ref-size", "256", "--steps", "4", "--save-every", "2", "--resolution", "64",
-           "--sample-size", "64", "--sample-steps", "2", "--variant", "GEM+A", "--budget-s", "500"]
+           "--sample-size", "64", "--sample-steps", "2", "--variant", "GEM+A", "--budget-s", "700",
+           "--warm-job-steps", "2", "--fresh-compile-dirs", str(tmp_path / "compile")]
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=time_to_style.child_env(REPO))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=800, env=time_to_style.child_env(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "time_to_style.json").read_text())
     assert data["errors"] == []
@@ -120,8 +121,22 @@ def test_time_to_style_runs_end_to_end_and_times_every_stage(test_folder, tmp_pa
     assert train["manifest"]["rank"] == 32 and "samples/contact_sheet.png" in train["manifest"]["files"]
     assert train["config"] == {"steps": 4, "save_every": 2, "resolution": 64, "sample_size": 64, "sample_steps": 2,
                                "variant": "GEM+A"}
+    # the LoRA is delivered before its contact sheet renders
+    assert train["files_seen_s"]["manifest"] <= s["refs_to_sheet_s"] and s["refs_to_lora_s"] <= s["refs_to_sheet_s"]
+    # the worker's own account of its start-up and of each checkpoint
+    startup = train["worker"]["startup"]
+    for key in ("ray_train_start_s", "cache_load_s", "transformer_load_s", "setup_s", "first_step_s", "to_first_step_s"):
+        assert startup[key] is not None and startup[key] >= 0, (key, startup)
+    assert startup["compile_cache_artifacts_loaded"] == 0  # nothing compiled on the CPU by default
+    assert [save["step"] for save in train["worker"]["saves"]] == [2, 4]
+    assert all(save["validation_s"] >= 0 and save["write_s"] >= 0 for save in train["worker"]["saves"])
+    # the second job: its own board, its own data cache, same storage
+    warm = data["phases"]["train_warm"]
+    assert warm["returncode"] == 0 and warm["summary"]["state"] == "done" and warm["manifest"]["steps"] == 2
+    assert warm["stages"]["cache"]["seconds"] is not None and warm["worker"]["startup"]["first_step_s"] >= 0
     table = (out / "time_to_style.md").read_text()
-    assert "| model_load_and_compile |" in table and "refs_to_lora_s" in table
+    assert "| model_load_and_compile |" in table and "refs_to_lora_s" in table and "(train_warm: 2 steps)" in table
+    assert "worker start-up (s):" in table and "- checkpoint at step 2:" in table
 
 
 def test_perturbed_copies_are_distinct_loras_of_the_same_shapes():
