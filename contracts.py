@@ -80,6 +80,12 @@ def cache_prefix(cache_key: str) -> str:
     return f"cache/{cache_key}"
 
 
+def compile_cache_key(fingerprint: str) -> str:
+    """Compiled kernels shared by every job whose graphs match (klein.accel.compile_fingerprint): model, shapes,
+    LoRA settings, torch, GPU. Written by the first such job, read by the next ones on any node."""
+    return f"compile_cache/{fingerprint}.bin"
+
+
 def submission_key(tenant: str, job_id: str) -> str:
     return f"{TENANTS_ROOT}/{tenant}/submissions/{job_id}.json"
 

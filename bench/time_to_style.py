@@ -143,9 +143,10 @@ def markdown(data: dict) -> str:
     lines = [f"# Time to a style ({data['args'].get('model')}, {data['started_utc']})", "",
              f"{', '.join(env.get('gpus') or ['no GPU'])}; torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
              f"ray {env.get('ray')}", ""]
-    train = data["phases"].get("train")
-    if train:
-        lines += ["## Training through `klein-style train`", "",
+    for phase_name, train in data["phases"].items():
+        if not phase_name.startswith("train"):
+            continue
+        lines += [f"## Training through `klein-style train` ({phase_name}: {(train.get('config') or {}).get('steps')} steps)", "",
                   "| stage | s | GPU busy | peak GPU MiB |", "| --- | ---: | ---: | ---: |"]
         for name, st in train.get("stages", {}).items():
             lines.append(f"| {name} | {_fmt(st.get('seconds'))} | {_fmt(st.get('gpu_busy'), 2)} | {_fmt(st.get('gpu_peak_mib'))} |")
@@ -155,6 +156,11 @@ def markdown(data: dict) -> str:
                     "gpu_busy_during_steps", "gpu_peak_mib", "state", "returncode"):
             if key in s:
                 lines.append(f"| {key} | {_fmt(s[key], 3)} |")
+        worker = train.get("worker") or {}
+        if worker.get("startup"):
+            lines += ["", "worker start-up (s): " + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in worker["startup"].items())]
+        for save in worker.get("saves", []):
+            lines.append(f"- checkpoint at step {save.get('step')}: " + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in save.items() if k != "step"))
         lines.append("")
     serve = data["phases"].get("serve")
     if serve:
@@ -301,11 +307,17 @@ def train_config(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: float) -> dict:
+def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: float, phase: str = "train") -> dict:
+    """One `klein-style train` job, timed stage by stage; `phase` names it in the results (and its log files).
+    With `--fresh-compile-dirs` the job's processes get their own empty inductor and Triton cache folders, as a
+    fresh node would: then the only compiled code a job can reuse is what the job storage holds."""
     storage = Storage.from_uri(args.storage)
     env = child_env(REPO, gemini=args.gemini)
+    if args.fresh_compile_dirs:
+        for var, name in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+            env[var] = str(Path(args.fresh_compile_dirs) / f"{phase}-{name}")
     cfg = train_config(args)
-    cfg_path = args.out / "train_config.yaml"
+    cfg_path = args.out / f"{phase}_config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     status_key = f"jobs/{args.job_id}/status.json"
     prefix = lora_prefix(TENANT, args.job_id)
@@ -319,7 +331,7 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
                             start_new_session=True, bufsize=1)
-    reader = LineReader(proc, args.out / "train.log", "train")
+    reader = LineReader(proc, args.out / f"{phase}.log", phase)
     transitions: list[dict] = []  # every change of (state, step) seen in status.json, with the poll's time
     statuses: list[dict] = []
     files_seen: dict[str, float] = {}
@@ -358,8 +370,9 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
             break
         if now - written > 10:  # what is known so far, in case this run is killed from outside (a call's limit)
             written = now
-            results.phase("train", {**analyse_training(t0, now, transitions, files_seen, reader, save_steps, gpu, args),
-                                    "in_progress": True, "command": cmd, "config": cfg})
+            results.phase(phase, {**analyse_training(t0, now, transitions, files_seen, reader, save_steps, gpu, args),
+                                  "in_progress": True, "command": cmd, "config": cfg,
+                                  "worker": worker_timings(statuses, transitions, t0)})
         if now > deadline:
             timed_out = True
             log("train: the time budget is spent; stopping the job (rerun with the same --job-id to resume)")
@@ -371,7 +384,8 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
     reader.join()
     payload = analyse_training(t0, t_exit, transitions, files_seen, reader, save_steps, gpu, args)
     payload.update(command=cmd, config=cfg, returncode=proc.returncode, timed_out=timed_out, existed_before=existed,
-                   last_status=statuses[-1] if statuses else None, output_tail=[l for _, l in reader.lines[-15:]])
+                   last_status=statuses[-1] if statuses else None, output_tail=[l for _, l in reader.lines[-15:]],
+                   worker=worker_timings(statuses, transitions, t0))
     try:
         manifest = storage.read_json(manifest_key)
         m = manifest["metrics"]
@@ -385,6 +399,23 @@ def run_training(args, results: Results, gpu: GpuSampler, refs: Path, deadline: 
         payload["manifest_error"] = str(e)
     payload["summary"].update(returncode=proc.returncode, state=transitions[-1]["state"] if transitions else None)
     return payload
+
+
+def worker_timings(statuses: list[dict], transitions: list[dict], t0: float) -> dict:
+    """The worker's own account (train/worker.py writes it into status.json): where its start-up went (cache load,
+    transformer load, setup, compile-cache load, first step = compile + one step) and each checkpoint's cost on the
+    step path (validation, LoRA + state written, Ray Train report). `ray_train_start_s`: the driver's `training`
+    status to the worker function's first line (TorchTrainer's controller, placement group, worker processes)."""
+    last = next((st for st in reversed(statuses) if st.get("startup")), None)
+    if last is None:
+        return {}
+    startup = dict(last["startup"])
+    entered = startup.pop("worker_entered", None)
+    t_train0 = _first(transitions, lambda tr: tr["state"] == "training")
+    if entered is not None and t_train0 is not None:
+        startup["ray_train_start_s"] = round(entered - t_train0, 2)
+        startup["worker_entered_s"] = _rel(entered, t0)
+    return {"startup": startup, "saves": last.get("saves", [])}
 
 
 def _read_status(storage: Storage, key: str) -> dict | None:
@@ -803,6 +834,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=None)
     p.add_argument("--variant", default=None, help="TrainConfig variant (default: the product's auto)")
     p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--warm-job-steps", type=int, default=0,
+                   help="after the job, a second one of this many steps on another board and the same storage: "
+                        "its start-up with the first job's compiled kernels in the storage (0: none)")
+    p.add_argument("--fresh-compile-dirs", default=None,
+                   help="a folder: each job's processes get empty inductor and Triton cache folders under it, as a "
+                        "fresh node would (default: the machine's own, shared by the jobs)")
     p.add_argument("--train-extra", default=None, help="more TrainConfig keys as YAML/JSON, e.g. '{fp8: true}'")
     p.add_argument("--gemini", action="store_true", help="keep the Gemini key (default: offline fallback)")
     p.add_argument("--skip-train", action="store_true", help="serve only: LoRA id from --lora-id")
@@ -850,6 +887,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model != "tiny":
         args.model = str(Path(args.model).resolve())
     return args
+
+
+def run_warm_job(args, results: Results, gpu: GpuSampler, deadline: float) -> None:
+    """A second job on the same model and storage right after the first, on another board (so its data cache is
+    built, not found): what it can reuse is the first job's compiled kernels in the storage (with
+    `--fresh-compile-dirs`, nothing else). `--warm-job-steps` steps, one checkpoint, the contact sheet."""
+    need_s = 130 + args.warm_job_steps * 0.4  # a warm 10-step job at 9B on an H200: ~140 s with a 1-step sheet
+    if deadline - time.time() < need_s:
+        results.error("train_warm", f"skipped: {deadline - time.time():.0f} s left of the budget, ~{need_s:.0f} s needed")
+        return
+    try:
+        refs = args.out / "refs_warm"
+        make_board(args.style, args.refs, refs, size=args.ref_size, seed=1)
+        warm = argparse.Namespace(**{**vars(args), "job_id": f"{args.job_id}-warm", "steps": args.warm_job_steps,
+                                     "save_every": args.warm_job_steps, "sample_every": None})
+        payload = run_training(warm, results, gpu, refs, deadline, phase="train_warm")
+        results.phase("train_warm", payload)
+        s = payload["summary"]
+        log(f"train_warm: refs → LoRA {s['refs_to_lora_s']} s; worker start-up {(payload.get('worker') or {}).get('startup')}")
+        if s["state"] != "done" or payload["returncode"] != 0:
+            results.error("train_warm", f"the second job ended at state {s['state']!r}, rc {payload['returncode']}; "
+                                        f"last lines: {payload['output_tail'][-3:]}")
+    except Exception as e:  # noqa: BLE001
+        results.error("train_warm", e)
 
 
 def environment() -> dict:
@@ -913,6 +974,8 @@ def main(argv=None) -> int:
                     f"{s['gpu_busy_during_steps']}, peak {s['gpu_peak_mib']} MiB")
             except Exception as e:  # noqa: BLE001
                 results.error("train", e)
+            if args.warm_job_steps:
+                run_warm_job(args, results, gpu, deadline - (args.serve_reserve_s if args.serve else 0) - 5)
         if args.serve:
             try:
                 # the text encoder's figures need ~60 s at 9B size after the service is stopped

@@ -95,6 +95,41 @@ def compile_blocks(transformer, dynamic: bool | None = None) -> int:
     return len(blocks(transformer))
 
 
+def compile_fingerprint(transformer, device, **settings) -> str:
+    """A short name for what the compiled graphs depend on: the transformer's configuration, torch and Triton,
+    the GPU, and the caller's settings (LoRA rank and targets, fp8, resolution...). Two jobs with the same
+    fingerprint compile the same graphs, so the second can load the first's compiled kernels
+    (`load_compile_artifacts`). A stale or foreign file only costs misses: torch checks each artifact's own key."""
+    import hashlib
+    import json
+
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    payload = {"config": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")},
+               "torch": torch.__version__, "triton": triton_version, "gpu": gpu, "settings": settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def load_compile_artifacts(blob: bytes) -> int:
+    """Put another process's compiled graphs and kernels (`compile_artifacts`) into this process's compile caches
+    (inductor's FX graph cache, AOTAutograd's cache, Triton's kernels), so `torch.compile` finds them instead of
+    compiling; returns how many artifacts were loaded. Dynamo still traces the blocks (seconds), nothing more."""
+    info = torch.compiler.load_cache_artifacts(blob)
+    return sum(len(keys) for keys in info.artifacts.values()) if info is not None else 0
+
+
+def compile_artifacts() -> bytes | None:
+    """Everything this process compiled so far, as portable bytes (torch's "mega-cache"); None if nothing was."""
+    saved = torch.compiler.save_cache_artifacts()
+    return saved[0] if saved is not None else None
+
+
 def uncompile_blocks(transformer) -> None:
     for block in blocks(transformer):
         block._compiled_call_impl = None

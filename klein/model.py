@@ -159,6 +159,10 @@ def load_pipeline(
         if unknown:
             raise ValueError(f"unknown pipeline components {sorted(unknown)}; choose from {list(KLEIN_COMPONENTS)}")
         kwargs = {name: None for name in KLEIN_COMPONENTS if name not in components}
+    if device.index in (None, 0):
+        # every component's shards read straight onto the device (diffusers' one-device map): the 16 GB Qwen3-8B
+        # and the 18 GB transformer are never built in host memory first and copied over afterwards
+        kwargs["device_map"] = device.type
     try:
         pipe = Flux2KleinPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
@@ -170,9 +174,13 @@ def load_pipeline(
 
 
 def load_transformer(source: str | os.PathLike = "tiny", dtype: torch.dtype = torch.float32, device="cpu", cache_dir=None):
-    """Only the denoiser, for training workers (latents and prompt embeddings are cached beforehand)."""
+    """Only the denoiser, for training workers (latents and prompt embeddings are cached beforehand).
+
+    The safetensors shards are read straight onto `device` (diffusers' `device_map` with the one device): a
+    GPU worker never builds the 18 GB bf16 Klein 9B in host memory first and copies it over afterwards."""
     folder = resolve_model_source(source, cache_dir)
-    model = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype, local_files_only=True)
+    model = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype, local_files_only=True,
+                                                    device_map={"": torch.device(device)})
     return model.to(device)
 
 

@@ -96,10 +96,11 @@ def test_time_to_style_trains_then_serves_and_times_every_stage(test_folder, tmp
     cmd = [sys.executable, str(REPO / "bench" / "time_to_style.py"), "--model", str(test_folder), "--out", str(out),
            "--storage", str(tmp_path / "storage"), "--job-id", "tts-test", "--refs", "3", "--ref-size", "256", "--steps", "4",
            "--save-every", "2", "--resolution", "64", "--sample-size", "64", "--sample-steps", "2", "--variant", "GEM+A",
+           "--fresh-compile-dirs", str(tmp_path / "compile"),
            "--serve", "--serve-size", "64", "--serve-steps", "2", "--phase-budget-s", "4", "--concurrency", "1,2",
-           "--n-loras", "3", "--budget-s", "560", "--port", str(free_port())]
+           "--n-loras", "3", "--budget-s", "700", "--port", str(free_port())]
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=time_to_style.child_env(REPO))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=800, env=time_to_style.child_env(REPO))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "time_to_style.json").read_text())
     assert data["errors"] == []
@@ -123,6 +124,15 @@ def test_time_to_style_trains_then_serves_and_times_every_stage(test_folder, tmp
     assert train["manifest"]["rank"] == 32 and "samples/contact_sheet.png" in train["manifest"]["files"]
     assert train["config"] == {"steps": 4, "save_every": 2, "resolution": 64, "sample_size": 64, "sample_steps": 2,
                                "variant": "GEM+A"}
+    # the LoRA is delivered before its contact sheet renders
+    assert train["files_seen_s"]["manifest"] <= s["refs_to_sheet_s"] and s["refs_to_lora_s"] <= s["refs_to_sheet_s"]
+    # the worker's own account of its start-up and of each checkpoint
+    startup = train["worker"]["startup"]
+    for key in ("ray_train_start_s", "cache_load_s", "transformer_load_s", "setup_s", "first_step_s", "to_first_step_s"):
+        assert startup[key] is not None and startup[key] >= 0, (key, startup)
+    assert startup["compile_cache_artifacts_loaded"] == 0  # nothing compiled on the CPU by default
+    assert [save["step"] for save in train["worker"]["saves"]] == [2, 4]
+    assert all(save["validation_s"] >= 0 and save["write_s"] >= 0 for save in train["worker"]["saves"])
 
     serve = data["phases"]["serve"]
     assert serve["ready_s"] > 0 and serve["first_image_s"] > 0 and serve["healthz"]["status"] == "ok"
@@ -134,6 +144,7 @@ def test_time_to_style_trains_then_serves_and_times_every_stage(test_folder, tmp
     assert serve["load"]["c2_3_loras"]["loras"] == 3 and serve["load"]["c1_1_lora"]["loras"] == 1
     table = (out / "time_to_style.md").read_text()
     assert "| model_load_and_compile |" in table and "refs_to_lora_s" in table and "| c2_3_loras | 2 | 3 |" in table
+    assert "worker start-up (s):" in table and "- checkpoint at step 2:" in table
 
 
 def test_perturbed_copies_are_distinct_loras_of_the_same_shapes():

@@ -14,8 +14,12 @@ from train.loop import (
 from train.cache import CachedItem, TrainingData
 from train.job import midpoint_jumps
 from train.recipe import ConfigError, TrainConfig, choose_variant, default_steps
+from cluster.storage import Storage
+from contracts import compile_cache_key
+from klein.accel import compile_fingerprint
+from klein.model import load_transformer
 from train.step import Trainer
-from train.worker import midpoint_steps
+from train.worker import CompileCache, midpoint_steps
 
 
 def test_yaml_uses_ai_toolkit_keys(tmp_path):
@@ -314,3 +318,34 @@ def test_trainer_step_is_the_plain_training_step(tiny_dir):
         by_hand.append(total)
     assert ours == pytest.approx(by_hand, rel=1e-6, abs=1e-7)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(trainer.params, params))
+
+
+def test_the_compile_cache_key_names_the_model_and_the_settings_the_graphs_depend_on(tiny_dir):
+    transformer = load_transformer("tiny")
+    same = compile_fingerprint(transformer, "cpu", rank=32, resolution=1024)
+    assert same == compile_fingerprint(load_transformer("tiny"), "cpu", rank=32, resolution=1024)
+    assert same != compile_fingerprint(transformer, "cpu", rank=16, resolution=1024)
+    assert same != compile_fingerprint(transformer, "cpu", rank=32, resolution=512)
+    cfg = TrainConfig(model="tiny", trigger="zxy_style", rank=4, linear_alpha=4, steps=2)
+    key = CompileCache(Storage.from_uri("/tmp"), transformer, cfg, torch.device("cpu"), compiled=True).key
+    assert key.startswith("compile_cache/") and key == compile_cache_key(key.split("/")[1].removesuffix(".bin"))
+    assert CompileCache(Storage.from_uri("/tmp"), transformer, cfg, torch.device("cpu"), compiled=False).load() == 0
+
+
+@pytest.mark.slow  # inductor compiles C++ on the CPU: ~1 min on two shared cores
+def test_compiled_kernels_go_to_the_job_storage_and_come_back(tiny_dir, tmp_path):
+    """The first job's compiled code is written to the storage after its first step; the next job's cache loads it."""
+    storage = Storage.from_uri(str(tmp_path))
+    transformer = load_transformer("tiny")
+    cfg = TrainConfig(model="tiny", trigger="zxy_style", rank=4, linear_alpha=4, steps=2)
+    first = CompileCache(storage, transformer, cfg, torch.device("cpu"), compiled=True)
+    assert first.load() == 0 and not storage.exists(first.key)
+    compiled = torch.compile(lambda x: torch.nn.functional.gelu(x) * 3 + 1)
+    compiled(torch.randn(16))
+    first.save_in_background()
+    first.close()
+    assert storage.exists(first.key) and first.saved_bytes == len(storage.read_bytes(first.key)) > 0
+    second = CompileCache(storage, transformer, cfg, torch.device("cpu"), compiled=True)
+    assert second.key == first.key and second.load() > 0
+    second.save_in_background()  # a loaded cache already holds these graphs: nothing is written again
+    assert second.saved_bytes is None

@@ -174,7 +174,10 @@ def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, s
         final_state = _fit(cfg, cache_key, storage)
         status.stage = "finishing"
         manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
-        # the LoRA is delivered (its manifest is written); the health report follows on the inference pool
+        # the LoRA is delivered (its manifest is written); its contact sheet and health report follow on the inference pool
+        status.stage = "rendering samples"
+        status("rendering samples", manifest=manifest_key(cfg.tenant, cfg.job_id))
+        manifest = add_contact_sheet(cfg, storage, manifest)
         status.stage = "checking health"
         status("checking health", manifest=manifest_key(cfg.tenant, cfg.job_id))
         manifest = add_health_report(cfg, prepared, final_state, storage, manifest)
@@ -253,7 +256,8 @@ def midpoint_jumps(val: list[dict], steps: int, rel: float = 0.10, probes: list[
 
 def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_key: str, storage: Storage, started: float,
                consis: dict | None = None) -> dict:
-    """Pick the delivered checkpoint, render sheets and plots, write everything, manifest last."""
+    """Deliver the LoRA: pick the checkpoint, write it (ours and ComfyUI's) and the loss plot, the manifest last.
+    The contact sheet follows (`add_contact_sheet`): a user can take the LoRA while its samples render."""
     val = state["val"]
     best = min(val, key=lambda v: v["val_loss"])
     final_step = state["step"]
@@ -265,15 +269,12 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
     comfy_bytes = export_lora(lora, "comfyui")
     checkpoints = [v["step"] for v in val]
     sampled = sheet_steps(cfg, checkpoints)
-    sheet_png = ray.get(render_contact_sheet_task(bool(cfg.use_gpu)).remote(cfg.model, [storage.read_bytes(checkpoint_key(cfg.job_id, s)) for s in sampled],
-                                                           sampled, cfg.sample_prompts, cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
     loss_png = loss_plot_png(state["log"], val, best_step=best["step"])
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
     comfy_name = comfyui_file_name(cfg.job_id, cfg.trigger)
     files = {
         LORA_FILE: lora_bytes,
         comfy_name: comfy_bytes,
-        CONTACT_SHEET: sheet_png,
         LOSS_PLOT: loss_png,
     }
     hashes = {name: storage.write_bytes(f"{prefix}/{name}", data) for name, data in files.items()}
@@ -314,6 +315,20 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
     }
     Manifest.model_validate(manifest)  # the readers' contract (contracts.Manifest) holds before anything reads it
     storage.write_json(manifest_key(cfg.tenant, cfg.job_id), manifest)
+    return manifest
+
+
+def add_contact_sheet(cfg: TrainConfig, storage: Storage, manifest: dict) -> dict:
+    """The contact sheet of a delivered LoRA (its `sampled_steps`), rendered on the inference pool, written, then named
+    in the manifest. A failure here fails the job (the sheet is part of what a job promises); the LoRA stays delivered."""
+    sampled = manifest["sampled_steps"]
+    sheet_png = ray.get(render_contact_sheet_task(bool(cfg.use_gpu)).remote(
+        cfg.model, [storage.read_bytes(checkpoint_key(cfg.job_id, s)) for s in sampled], sampled, cfg.sample_prompts,
+        cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
+    sha = storage.write_bytes(f"{lora_prefix(cfg.tenant, cfg.job_id)}/{CONTACT_SHEET}", sheet_png)
+    manifest = {**manifest, "files": {**manifest["files"], CONTACT_SHEET: sha}}
+    Manifest.model_validate(manifest)
+    storage.write_json(manifest_key(cfg.tenant, cfg.job_id), manifest)  # the sheet is in place before the manifest names it
     return manifest
 
 
