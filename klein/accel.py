@@ -25,6 +25,8 @@ same code path for correctness.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -100,13 +102,10 @@ def compile_fingerprint(transformer, device, **settings) -> str:
     the GPU, and the caller's settings (LoRA rank and targets, fp8, resolution...). Two jobs with the same
     fingerprint compile the same graphs, so the second can load the first's compiled kernels
     (`load_compile_artifacts`). A stale or foreign file only costs misses: torch checks each artifact's own key."""
-    import hashlib
-    import json
-
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:
-        import triton
+        import triton  # only where a GPU build of torch brought it
 
         triton_version = triton.__version__
     except ImportError:
