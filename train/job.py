@@ -59,6 +59,12 @@ from train.samples import cached_pipeline, render_with_lora, sample_task_options
 log = logging.getLogger("klein.train")
 
 
+# the job's states after its LoRA is delivered (manifest written): the contact sheet, then the health report
+RENDERING_SAMPLES = "rendering samples"
+CHECKING_HEALTH = "checking health"
+AFTER_DELIVERY = (RENDERING_SAMPLES, CHECKING_HEALTH)
+
+
 class JobError(RuntimeError):
     """The job could not run or finish; the message says at which stage and why."""
 
@@ -175,11 +181,11 @@ def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, s
         status.stage = "finishing"
         manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
         # the LoRA is delivered (its manifest is written); its contact sheet and health report follow on the inference pool
-        status.stage = "rendering samples"
-        status("rendering samples", manifest=manifest_key(cfg.tenant, cfg.job_id))
+        status.stage = RENDERING_SAMPLES
+        status(RENDERING_SAMPLES, manifest=manifest_key(cfg.tenant, cfg.job_id))
         manifest = add_contact_sheet(cfg, storage, manifest)
-        status.stage = "checking health"
-        status("checking health", manifest=manifest_key(cfg.tenant, cfg.job_id))
+        status.stage = CHECKING_HEALTH
+        status(CHECKING_HEALTH, manifest=manifest_key(cfg.tenant, cfg.job_id))
         manifest = add_health_report(cfg, prepared, final_state, storage, manifest)
     except Exception as e:
         # whichever stage failed (a model folder the cache task cannot load, a worker error, a contact sheet),

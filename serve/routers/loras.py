@@ -19,7 +19,7 @@ from serve.errors import ApiError, not_found
 from serve.middleware import API_PREFIX, ctx, tenant_of
 from serve.openapi import API_KEY, V1_ERRORS, errors, request_body
 from serve.routers.common import checked_trigger, owned
-from train.job import lora_prefix
+from train.job import AFTER_DELIVERY, lora_prefix
 
 router = APIRouter(prefix=API_PREFIX, tags=["loras"], dependencies=API_KEY, responses=errors(*V1_ERRORS))
 
@@ -78,8 +78,9 @@ async def get_lora(lora_id: str, request: Request) -> LoraStatus:
         metrics=manifest.get("metrics") if done else None,
         best_step=manifest.get("best_step") if done else None,
         style_profile=manifest.get("style_profile") if done else None,
-        # the health report (train/health.py); written just after delivery, so briefly pending
-        health=(manifest.get("health") or {"state": "pending" if status.get("state") == "checking health" else "none"})
+        # the health report (train/health.py): rendered after delivery, once the contact sheet is (train/job.py), so
+        # pending through both of those stages
+        health=(manifest.get("health") or {"state": "pending" if status.get("state") in AFTER_DELIVERY else "none"})
         if done else None,
         files={name: f"{API_PREFIX}/loras/{lora_id}/files/{name}" for name in jobstore.public_files(manifest)}
         if done else None,
