@@ -52,17 +52,11 @@ from train.dataset import load_refs, near_duplicate_pairs
 from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
 from train.health import detail_side, is_out_of_memory, loss_is_finite, out_of_memory_fix, render_health, summary_line
-from train.status import JobStatus
+from train.status import CHECKING_HEALTH, RENDERING_SAMPLES, JobStatus
 from train.report import image_grid, loss_plot_png
 from train.samples import cached_pipeline, render_with_lora, sample_task_options
 
 log = logging.getLogger("klein.train")
-
-
-# the job's states after its LoRA is delivered (manifest written): the contact sheet, then the health report
-RENDERING_SAMPLES = "rendering samples"
-CHECKING_HEALTH = "checking health"
-AFTER_DELIVERY = (RENDERING_SAMPLES, CHECKING_HEALTH)
 
 
 class JobError(RuntimeError):

@@ -20,6 +20,10 @@ from cluster.storage import Storage, StorageError
 from contracts import status_key
 
 STOPPED = "stopped"
+# the job's states after its LoRA is delivered (manifest written): the contact sheet, then the health report
+RENDERING_SAMPLES = "rendering samples"
+CHECKING_HEALTH = "checking health"
+AFTER_DELIVERY = (RENDERING_SAMPLES, CHECKING_HEALTH)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

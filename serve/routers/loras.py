@@ -19,7 +19,8 @@ from serve.errors import ApiError, not_found
 from serve.middleware import API_PREFIX, ctx, tenant_of
 from serve.openapi import API_KEY, V1_ERRORS, errors, request_body
 from serve.routers.common import checked_trigger, owned
-from train.job import AFTER_DELIVERY, lora_prefix
+from train.job import lora_prefix
+from train.status import AFTER_DELIVERY
 
 router = APIRouter(prefix=API_PREFIX, tags=["loras"], dependencies=API_KEY, responses=errors(*V1_ERRORS))
 
