@@ -15,7 +15,7 @@ from PIL import Image
 from contracts import with_trigger
 from evaluation import world
 from evaluation.world_judge import WorldJudge
-from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.generate import GenerateRequest, generate_images, set_active_loras
 from klein.lora import LoraWeights
 from klein.mini import MINI_RESOLUTION
 
@@ -50,8 +50,8 @@ class LoraQuality:
 
 def draw(pipe, prompts: list[str], seeds: list[int], size: int, steps: int = MINI_STEPS,
          guidance: float = MINI_GUIDANCE) -> list[Image.Image]:
-    return [generate_image(pipe, GenerateRequest(prompt=p, seed=s, steps=steps, width=size, height=size, guidance=guidance))
-            for p, s in zip(prompts, seeds)]
+    return generate_images(pipe, [GenerateRequest(prompt=p, seed=s, steps=steps, width=size, height=size, guidance=guidance)
+                                  for p, s in zip(prompts, seeds)])
 
 
 def world_prompts(trigger: str, contents, seeds) -> tuple[list[str], list[int], list[str]]:

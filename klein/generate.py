@@ -18,6 +18,9 @@ from PIL import Image
 from klein.lora import LoraWeights, add_lora
 
 MAX_SIDE_DEFAULT = 2048
+# Images per pipeline call in `generate_images`: on two CPU cores 12 mini images take 23.8 s one at a time, 14.9 s in
+# fours, 12.9 s in twelves; on a GPU four 1024² Klein images with CFG are eight sequences of 4,608 tokens at once.
+BATCH_SIZE = {"cpu": 8, "cuda": 4}
 
 
 class GenerateError(ValueError):
@@ -121,6 +124,47 @@ def generate_image(
         callback_on_step_end=report_step if on_step is not None else None,
     )
     return out.images[0]
+
+
+def generate_images(pipe, requests: list[GenerateRequest], batch_size: int | None = None) -> list[Image.Image]:
+    """One image per request, drawn in batches: what samples, health probes and quality checks render.
+
+    Requests that share size, steps, guidance, negative prompt and text length run as one `Flux2KleinPipeline`
+    call with a generator per image, so each image starts from the noise its own seed gives in `generate_image`.
+    The batched matmuls sum in another order, so a pixel may differ from `generate_image`'s by a level: serving,
+    which promises `generate_image`'s pixels, calls that one. An accelerated pipeline draws one at a time.
+    `batch_size` None: `BATCH_SIZE` for the pipeline's device.
+    """
+    if getattr(pipe, "_klein_accel", None) is not None or len(requests) <= 1:
+        return [generate_image(pipe, request) for request in requests]
+    device = pipe._execution_device
+    size = batch_size or BATCH_SIZE.get(torch.device(device).type, 1)
+    groups: dict[tuple, list[int]] = {}
+    for i, request in enumerate(requests):
+        negative = request.negative_prompt if request.guidance > 1.0 else ""
+        key = (request.width, request.height, request.steps, float(request.guidance), negative, text_length(pipe, request))
+        groups.setdefault(key, []).append(i)
+    images: list[Image.Image | None] = [None] * len(requests)
+    for (width, height, steps, guidance, negative, msl), members in groups.items():
+        for start in range(0, len(members), size):
+            chunk = members[start:start + size]
+            negative_embeds = None
+            if negative:
+                negative_embeds, _ = pipe.encode_prompt(negative, device=device, max_sequence_length=msl)
+                negative_embeds = negative_embeds.repeat(len(chunk), 1, 1)
+            out = pipe(
+                prompt=[requests[i].prompt for i in chunk],
+                negative_prompt_embeds=negative_embeds,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=[torch.Generator(device="cpu").manual_seed(requests[i].seed) for i in chunk],
+                max_sequence_length=msl,
+            )
+            for i, image in zip(chunk, out.images):
+                images[i] = image
+    return images
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from cluster.pools import infer_task_options
-from klein.generate import generate_image, set_active_loras
+from klein.generate import generate_images, set_active_loras
 from klein.lora import read_lora
 from klein.model import load_pipeline
 
@@ -31,12 +31,12 @@ def cached_pipeline(model: str, device: str):
 
 
 def render_with_lora(pipe, lora_bytes: bytes | None, requests: list) -> list:
-    """One image per `GenerateRequest`, with the LoRA in `lora_bytes` active at weight 1 (None: the base model)."""
+    """One image per `GenerateRequest` (drawn in batches), with the LoRA in `lora_bytes` active at weight 1 (None: the base model)."""
     adapter = None if lora_bytes is None else "sample_" + hashlib.sha256(lora_bytes).hexdigest()[:16]
     with _PIPELINE_LOCK:  # adapters are per pipeline: one render at a time in this process
         try:
             set_active_loras(pipe, [] if adapter is None else [(adapter, read_lora(lora_bytes), 1.0)])
-            return [generate_image(pipe, req) for req in requests]
+            return generate_images(pipe, requests)
         finally:
             if adapter is not None:
                 set_active_loras(pipe, [])
