@@ -76,6 +76,16 @@ def checkpoint_key(job_id: str, step: int) -> str:
     return f"jobs/{job_id}/checkpoints/step_{step:06d}.safetensors"
 
 
+def tensorboard_key(job_id: str) -> str:
+    """The job's TensorBoard log folder: the worker's per-step scalars, the driver's sample images (train/live.py)."""
+    return f"jobs/{job_id}/tensorboard"
+
+
+def sample_column_prefix(job_id: str, settings_digest: str) -> str:
+    """The contact sheet's columns (one PNG per prompt per checkpoint), under a digest of the sample settings."""
+    return f"jobs/{job_id}/samples/{settings_digest}"
+
+
 def cache_prefix(cache_key: str) -> str:
     return f"cache/{cache_key}"
 

@@ -28,6 +28,7 @@ from klein.style_score import style_distance
 from train.captions import TriggerError
 from train.dataset import DatasetError
 from train.job import JobError, lora_prefix, new_job_id, run_training_job
+from train.live import logdir_of
 from train.recipe import ConfigError, TrainConfig
 from train.health import summary_line
 from train.status import stop_jobs_on_signals
@@ -101,6 +102,8 @@ def _watch_progress(cfg, stop: threading.Event) -> None:
 
 def run_with_progress(source, cfg):
     cfg.job_id = cfg.job_id or new_job_id()
+    if cfg.report_to == "tensorboard":  # the worker's per-step scalars and the samples as they render (train/live.py)
+        print(f"[watch] tensorboard --logdir {logdir_of(cfg)}", flush=True)
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_progress, args=(cfg, stop), daemon=True)
     watcher.start()

@@ -55,6 +55,13 @@ MUTATIONS: list[Mutation] = [
     M("objective-sign", "flow-matching target flipped (x0 - noise instead of noise - x0)",
       "train/loop.py", "target, _ = pack_latents(noise - x0)", "target, _ = pack_latents(x0 - noise)",
       ("tests/test_train_units.py::test_flow_matching_target_is_noise_minus_x0",)),
+    # -- training you can watch (train/live.py) --------------------------------------------------------------
+    M("samples-after-training", "the driver renders only the base column while training; checkpoints wait for the end",
+      "train/live.py", "        waiting = [None, *planned_sample_steps(self.cfg)]", "        waiting = [None]",
+      ("tests/test_train_job.py::test_resubmitting_a_job_after_its_driver_died_resumes_it",), slow=True),
+    M("no-step-scalars", "the worker logs only the checkpoints' validation loss to TensorBoard, not every step",
+      "train/worker.py", '            events.scalars(step, {"loss": loss_total,', '            events.scalars(step, {"loss_at_save": None, "loss": None,',
+      ("tests/test_train_job.py::test_the_job_logs_every_step_and_its_samples_for_tensorboard",), slow=True),
     M("objective-sign-e2e", "flipped target, judged only by what training draws (no unit test)",
       "train/loop.py", "target, _ = pack_latents(noise - x0)", "target, _ = pack_latents(x0 - noise)",
       ("tests/test_train_job.py::test_training_moves_generated_images_toward_the_refs",), slow=True),

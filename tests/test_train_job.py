@@ -32,6 +32,9 @@ from train.cache import load_cache
 from train.health import SYMPTOMS
 from train.job import checkpoint_key, lora_prefix, run_training_job
 from train.recipe import TrainConfig
+from train.report import image_grid
+from contracts import tensorboard_key
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import reliability  # the ledger plugin's own module (tests/ is on sys.path), also the workers' fault hook
 
@@ -151,6 +154,35 @@ def test_job_writes_a_complete_verified_lora(clean, store):
     assert md.startswith("# Health of LoRA `job-e2e`") and "the trigger word has no effect" in md
 
 
+def test_the_job_logs_every_step_and_its_samples_for_tensorboard(clean, store):
+    """TensorBoard event files under jobs/<id>/tensorboard: the worker's loss, lr, grad norm and s/step at every step
+    and the validation loss at each checkpoint, as the manifest has them; the driver's sample images for the base and
+    every checkpoint; and the contact sheet is exactly those stored columns side by side."""
+    manifest = clean["manifest"]
+    storage = Storage.from_uri(store)
+    events = EventAccumulator(str(storage.local_path(tensorboard_key("job-e2e"))), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 21))
+    assert np.allclose([e.value for e in loss], [e["loss"] for e in manifest["metrics"]["loss_curve"]], rtol=1e-6)
+    val = events.Scalars("train/val_loss")
+    assert [(e.step, round(e.value, 5)) for e in val] == [(v["step"], round(v["val_loss"], 5)) for v in manifest["metrics"]["val_curve"]]
+    for tag in ("train/lr", "train/grad_norm", "train/s_per_step"):
+        values = [e.value for e in events.Scalars(tag)]
+        assert len(values) == 20 and all(np.isfinite(v) and v >= 0 for v in values) and max(values) > 0, tag
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[0] <= 2e-3 and lrs[-1] < lrs[0]  # the cosine schedule from the config's lr
+    images = events.Images("samples/prompt_0")
+    assert [e.step for e in images] == [0, 5, 10, 15, 20]  # 0: the base model
+    # the sheet is assembled from the columns rendered during training, pixel for pixel
+    keys = sorted(k for k in storage.list("jobs/job-e2e/samples", recursive=True) if k.endswith("/00.png"))  # base, then the steps
+    assert [k.split("/")[-2] for k in keys] == ["base", "step_000005", "step_000010", "step_000015", "step_000020"]
+    stored = [Image.open(io.BytesIO(storage.read_bytes(k))) for k in keys]
+    expected = image_grid([stored], col_labels=["base"] + [f"step {s}" for s in (5, 10, 15, 20)], row_labels=["a house"])
+    sheet = Image.open(io.BytesIO(storage.read_bytes(f"{lora_prefix('default', 'job-e2e')}/samples/contact_sheet.png")))
+    assert np.array_equal(np.asarray(sheet.convert("RGB")), np.asarray(expected.convert("RGB")))
+
+
 @pytest.mark.reliability("faults")
 def test_a_killed_worker_resumes_exactly(clean, board, store):
     """Kill the worker process mid-step (after the step-10 checkpoint); Ray Train restarts it from that
@@ -210,6 +242,12 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(clean, 
     _assert_same_run(storage, clean, manifest, "job-ckptkill")
 
 
+def _columns(storage: Storage, job_id: str) -> set:
+    """The contact-sheet columns stored for a job: "base" and checkpoint steps."""
+    keys = [k for k in storage.list(f"jobs/{job_id}/samples", recursive=True) if k.endswith(".png")]
+    return {("base" if k.split("/")[-2] == "base" else int(k.split("/")[-2].split("_")[1])) for k in keys}
+
+
 DRIVER = textwrap.dedent("""
     import json, sys
     import ray
@@ -236,7 +274,8 @@ def test_resubmitting_a_job_after_its_driver_died_resumes_it(clean, board, store
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and driver.poll() is None:
             status = storage.read_json("jobs/job-driver/status.json") if storage.exists("jobs/job-driver/status.json") else {}
-            if status.get("state") == "training" and status.get("step", 0) >= 10:
+            # ...and once the step-5 checkpoint's samples are stored: they render while training goes on
+            if status.get("state") == "training" and status.get("step", 0) >= 10 and _columns(storage, "job-driver") >= {"base", 5}:
                 break
             time.sleep(0.2)
         assert driver.poll() is None, "the driver ended before it could be killed"
@@ -245,7 +284,16 @@ def test_resubmitting_a_job_after_its_driver_died_resumes_it(clean, board, store
         driver.kill()  # the driver dies; Ray ends its job: the trainer and its workers go with it
         driver.wait()
     assert not storage.exists(f"{lora_prefix('default', 'job-driver')}/manifest.json")
+    rendered_before = _columns(storage, "job-driver")
+    assert rendered_before >= {"base", 5}, rendered_before  # during training: the driver never got past it
     manifest = run_training_job(board, _cfg(store, "job-driver", **FAULT_RUN))
+    # the resubmitted driver rendered only what the first one had not: its images in TensorBoard start after those
+    logdir = storage.local_path(tensorboard_key("job-driver"))
+    second = max(logdir.glob("*.driver"), key=lambda p: p.stat().st_mtime)
+    events = EventAccumulator(str(second), size_guidance={"images": 0})
+    events.Reload()
+    assert {e.step for e in events.Images("samples/prompt_0")} == {5, 10, 15, 20} - rendered_before
+    assert _columns(storage, "job-driver") >= {"base", 5, 10, 15, 20}
     _assert_resumed_from(store, "job-driver", (5, 10, 15))  # the resubmission trained only what was left
     assert manifest["metrics"]["attempts"] == 2
     _assert_same_run(storage, clean, manifest, "job-driver")

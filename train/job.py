@@ -7,7 +7,6 @@ once every file it names is in place (with its sha256).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -36,25 +35,24 @@ from contracts import (
     lora_prefix,
     manifest_key,
     new_job_id,
-    with_trigger,
     without_trigger,
 )
 from gemini.captions import caption_images
 from gemini.client import GeminiClient, GeminiConfig
 from gemini.policy import text_stage_policy
 from gemini.profile import extract_style_profile
-from klein.generate import GenerateRequest
 from klein.lora import export_lora, lora_to_bytes, read_lora
-from klein.model import model_id, native_resolution
+from klein.model import model_id
 from train.cache import build_cache
 from train.captions import check_trigger
 from train.dataset import load_refs, near_duplicate_pairs
 from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
+from train.live import SampleColumns, sample_size
+from train.samples import sample_task_options
 from train.health import detail_side, is_out_of_memory, loss_is_finite, out_of_memory_fix, render_health, summary_line
 from train.status import CHECKING_HEALTH, RENDERING_SAMPLES, JobStatus
-from train.report import image_grid, loss_plot_png
-from train.samples import cached_pipeline, render_with_lora, sample_task_options
+from train.report import loss_plot_png
 
 log = logging.getLogger("klein.train")
 
@@ -171,13 +169,20 @@ def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, s
             consis = {"content_job": content_cfg.job_id, "content_steps": content_state["step"], "content_val": content_state["val"],
                       "content_lora": cfg.content_lora}
         status("training", step=0, steps=cfg.steps, decision=prepared.decision)
-        final_state = _fit(cfg, cache_key, storage)
+        # the contact sheet's columns render on the inference pool as the checkpoints appear (train/live.py)
+        samples = SampleColumns(cfg, storage)
+        try:
+            with samples.watching():
+                final_state = _fit(cfg, cache_key, storage)
+        except BaseException:
+            samples.close()
+            raise
         status.stage = "finishing"
         manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
         # the LoRA is delivered (its manifest is written); its contact sheet and health report follow on the inference pool
         status.stage = RENDERING_SAMPLES
         status(RENDERING_SAMPLES, manifest=manifest_key(cfg.tenant, cfg.job_id))
-        manifest = add_contact_sheet(cfg, storage, manifest)
+        manifest = add_contact_sheet(cfg, storage, manifest, samples)
         status.stage = CHECKING_HEALTH
         status(CHECKING_HEALTH, manifest=manifest_key(cfg.tenant, cfg.job_id))
         manifest = add_health_report(cfg, prepared, final_state, storage, manifest)
@@ -318,13 +323,11 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
     return manifest
 
 
-def add_contact_sheet(cfg: TrainConfig, storage: Storage, manifest: dict) -> dict:
-    """The contact sheet of a delivered LoRA (its `sampled_steps`), rendered on the inference pool, written, then named
-    in the manifest. A failure here fails the job (the sheet is part of what a job promises); the LoRA stays delivered."""
-    sampled = manifest["sampled_steps"]
-    sheet_png = ray.get(render_contact_sheet_task(bool(cfg.use_gpu)).remote(
-        cfg.model, [storage.read_bytes(checkpoint_key(cfg.job_id, s)) for s in sampled], sampled, cfg.sample_prompts,
-        cfg.trigger, _sample_size(cfg), cfg.sample_steps, cfg.seed, bool(cfg.use_gpu)))
+def add_contact_sheet(cfg: TrainConfig, storage: Storage, manifest: dict, samples: SampleColumns) -> dict:
+    """The contact sheet of a delivered LoRA (its `sampled_steps`), assembled from the columns rendered on the inference
+    pool during training (the missing ones render now), written, then named in the manifest. A failure here fails the
+    job (the sheet is part of what a job promises); the LoRA stays delivered."""
+    sheet_png = samples.sheet(manifest["sampled_steps"])
     sha = storage.write_bytes(f"{lora_prefix(cfg.tenant, cfg.job_id)}/{CONTACT_SHEET}", sheet_png)
     manifest = {**manifest, "files": {**manifest["files"], CONTACT_SHEET: sha}}
     Manifest.model_validate(manifest)
@@ -375,7 +378,7 @@ def health_task_args(cfg: TrainConfig, prepared: PreparedDataset, checkpoints: l
     return dict(model=cfg.model, checkpoints=checkpoints, delivered_step=delivered_step, refs=small,
                 detail_sides=[detail_side(r.image, min(r.width, r.height)) for r in refs], captions=prepared.captions,
                 source_captions=[r.sidecar_caption or "" for r in refs], trigger=cfg.trigger, cfg=public_config(cfg),
-                near_duplicates=len(near_duplicate_pairs(refs)), size=_sample_size(cfg),
+                near_duplicates=len(near_duplicate_pairs(refs)), size=sample_size(cfg),
                 sample_steps=min(cfg.sample_steps, HEALTH_MAX_STEPS), loss_finite=loss_finite,
                 use_gpu=bool(cfg.use_gpu), job_id=cfg.job_id)
 
@@ -403,26 +406,3 @@ def public_config(cfg: TrainConfig) -> dict:
 
 def public_sources(sources: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in sources.items() if k not in PRIVATE_CONFIG_KEYS}
-
-
-def _sample_size(cfg: TrainConfig) -> int:
-    return cfg.sample_size or native_resolution(cfg.model)
-
-
-def render_contact_sheet_task(use_gpu: bool):
-    """The contact sheet runs on the inference pool: sampling must not compete with training GPUs."""
-    return ray.remote(render_contact_sheet).options(**sample_task_options(use_gpu))
-
-
-def render_contact_sheet(model: str, lora_files: list[bytes], steps_of: list[int], prompts: list[str], trigger: str,
-                         size: int, sample_steps: int, seed: int, use_gpu: bool) -> bytes:
-    """A grid: one row per prompt, the base model in the first column, then one column per checkpoint."""
-    pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
-    requests = [GenerateRequest(prompt=with_trigger(trigger, prompt), seed=seed + p_idx, steps=sample_steps, width=size, height=size)
-                for p_idx, prompt in enumerate(prompts)]
-    columns = [render_with_lora(pipe, data, requests) for data in [None, *lora_files]]
-    rows = [list(row) for row in zip(*columns)]
-    labels = ["base"] + [f"step {s}" for s in steps_of]
-    png = io.BytesIO()
-    image_grid(rows, col_labels=labels, row_labels=prompts).save(png, format="PNG")
-    return png.getvalue()

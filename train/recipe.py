@@ -21,6 +21,7 @@ from train.errors import ConfigError
 
 OPTIMIZERS = ("adafactor", "adamw", "adamw8bit")
 ZERO3_GATHER = ("auto", "block", "linear", "module")
+REPORT_TO = ("tensorboard", "none")
 ZERO_OPTIMIZERS = ("adamw",)  # element-wise: ZeRO's flat fp32 shards of the LoRA change nothing for them
 LR_SCHEDULERS = ("cosine", "cosine_with_restarts", "constant_with_warmup")
 TARGET_PRESETS = ("all", "attention", "single_blocks", "double_blocks")
@@ -154,6 +155,7 @@ class TrainConfig(BaseModel):
     # checkpoints, samples, validation
     save_every: int = 250
     sample_every: int | None = None  # None: at every save
+    report_to: str = "tensorboard"  # per-step scalars and samples as TensorBoard event files (train/live.py), or none
     sample_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_steps: int = 20
     sample_size: int | None = None  # None: 64 for tiny, 1024 otherwise
@@ -309,6 +311,9 @@ class TrainConfig(BaseModel):
                   "compiled blocks do not see; leave compile null (it is off under deepspeed_stage)")
         check(self.content_steps is None or self.content_steps >= 1, "content_steps", "a positive integer or null")
         check(self.sample_every is None or self.sample_every >= 1, "sample_every", "a positive integer or null")
+        check(self.report_to in REPORT_TO, "report_to", f"choose one of {REPORT_TO}"
+              + ("; mlflow and wandb are not supported yet: the TensorBoard event files under the job's storage "
+                 "are what `wandb sync` reads" if self.report_to in ("mlflow", "wandb") else ""))
         check(self.max_refs >= 1, "max_refs", "at least 1")
 
     # -- resolution of 'auto' ----------------------------------------------------------------------------

@@ -46,6 +46,7 @@ class Trainer:
     zero: ZeroEngine | None
     accel: dict  # what prepare_for_training switched on (`levers`)
     autocast_dtype: torch.dtype | None
+    grad_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping
 
     @classmethod
     def setup(cls, cfg: TrainConfig, device: torch.device, *, world: int = 1, content_lora=None,
@@ -113,12 +114,20 @@ class Trainer:
             torch.distributed.all_reduce(total)
             total /= self.world
         if self.zero is None:
-            if self.cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            # the norm before clipping, for the job's TensorBoard log (max_grad_norm 0: measured, not clipped)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return total.item() if sync else total
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The last step's gradient norm before clipping (under ZeRO, DeepSpeed's own global norm)."""
+        if self.zero is not None:
+            norm = self.zero.engine.get_global_grad_norm()
+            return None if norm is None else float(norm)
+        return None if self.grad_norm is None else float(self.grad_norm)
 
     @property
     def lr(self) -> float:

@@ -26,6 +26,7 @@ from klein.accel import InputPrefetcher, compile_artifacts, compile_fingerprint,
 from klein.lora import lora_to_bytes, read_lora
 from klein.model import load_transformer
 from train.cache import load_cache
+from train.live import event_log
 from train.loop import StepPlan, make_batch
 from train.recipe import TrainConfig
 from train.status import is_stopped
@@ -136,6 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
     started = time.perf_counter()
     first_step = state.step + 1
     saves: list[dict] = []  # each checkpoint's cost on the step path (seconds), for the job's status
+    # every step's scalars for TensorBoard (train/live.py); a resumed attempt drops what a killed one logged from here on
+    events = event_log(cfg, storage, "worker", purge_step=first_step if first_step > 1 else None) if rank == 0 else None
     for step in range(first_step, cfg.steps + 1):
         step_started = time.time()
         def micro_batch(micro: int, step: int = step):
@@ -173,9 +176,15 @@ def train_loop_per_worker(config: dict) -> None:
             lora = trainer.current_lora(step)
             if rank == 0:
                 storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_to_bytes(lora))
+        if events is not None:
+            events.scalars(step, {"loss": loss_total, "lr": trainer.lr, "grad_norm": trainer.last_grad_norm,
+                                  "s_per_step": time.time() - step_started})
         if is_save:
             t = time.time()
             metrics["val_loss"] = trainer.validation_loss(data, cfg.seed)
+            if events is not None:
+                events.scalars(step, {"val_loss": metrics["val_loss"]})
+                events.sync()
             state.val.append({"step": step, "val_loss": metrics["val_loss"]})
             timing = {"step": step, "validation_s": round(time.time() - t, 2)}
             t = time.time()
@@ -209,3 +218,5 @@ def train_loop_per_worker(config: dict) -> None:
             })
     fetch.close()
     compile_cache.close()
+    if events is not None:
+        events.close()
