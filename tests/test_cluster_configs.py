@@ -3,16 +3,18 @@
 - ray_config.yaml goes through Ray's cluster-launcher path: `prepare_config` + `validate_config`
   (ray/autoscaler/_private/util.py, the schema ray-schema.json), then autoscaler v2's config reader.
   The GCP variant documented in its comments is validated the same way.
-- k8s/ manifests are checked against a trimmed KubeRay ray.io/v1 schema (tests/data/kuberay, written
-  from KubeRay's Go API types), every Pod template against Kubernetes' own core/v1 schema
-  (kubernetes-validate, strict), each Ray cluster spec through Ray 2.60's own KubeRay autoscaling-config
+- k8s/ manifests are checked against KubeRay's own CRDs (tests/data/kuberay/<release>, vendored from the
+  release tags, strict about unknown fields as `kubectl apply` is), the stated KubeRay floor against the release
+  before it, every Pod template and plain resource against Kubernetes' own schemas (kubernetes-validate, strict), each Ray cluster spec through Ray 2.60's own KubeRay autoscaling-config
   derivation, the serveConfigV2 through Serve's ServeDeploySchema, and KubeRay's v2 autoscaler rules.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import gzip
+import re
+from functools import cache
 from pathlib import Path
 
 import jsonschema
@@ -24,7 +26,9 @@ from cluster import pools
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY_CONFIG = REPO_ROOT / "ray_config.yaml"
 K8S = REPO_ROOT / "k8s"
-KUBERAY_SCHEMA = Path(__file__).resolve().parent / "data" / "kuberay" / "ray.io_v1.schema.json"
+KUBERAY_CRDS = Path(__file__).resolve().parent / "data" / "kuberay"  # <release>/ray.io_<plural>.yaml.gz (SOURCE.md)
+KUBERAY_PLURAL = {"RayCluster": "rayclusters", "RayService": "rayservices", "RayJob": "rayjobs"}
+OPTIONAL = ("optional/raycluster.yaml", "optional/rayjob.yaml")  # opt-in alternatives, not in the kustomization
 K8S_VERSION = "1.33"
 
 POOL_OF_NODE_TYPE = {"train_gpu": pools.TRAIN_POOL, "infer_gpu": pools.INFER_POOL}
@@ -124,23 +128,62 @@ def test_container_image_and_setup_install_this_package():
 # --- k8s/ --------------------------------------------------------------------------------------------
 
 
-def load_manifests() -> dict[str, list[dict]]:
-    """Every document of every resource the kustomization lists, by kind."""
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def _documents(paths) -> dict[str, list[dict]]:
     by_kind: dict[str, list[dict]] = {}
-    for resource in kustomization["resources"]:
+    for resource in paths:
         path = K8S / resource
-        assert path.is_file(), f"kustomization lists {resource}, which does not exist"
+        assert path.is_file(), f"{resource} does not exist"
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 by_kind.setdefault(doc["kind"], []).append(doc)
     return by_kind
 
 
-def kuberay_validator(kind: str) -> jsonschema.Draft202012Validator:
-    schema = json.loads(KUBERAY_SCHEMA.read_text())
-    wrapper = {"$schema": schema["$schema"], "$ref": f"#/$defs/{kind}", "$defs": schema["$defs"]}
-    return jsonschema.Draft202012Validator(wrapper)
+def load_kustomization() -> dict[str, list[dict]]:
+    """Every document of every resource the kustomization lists (what `kubectl apply -k k8s/` creates), by kind."""
+    return _documents(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
+
+
+def load_manifests() -> dict[str, list[dict]]:
+    """The kustomization's documents and the opt-in ones in k8s/optional/, by kind."""
+    by_kind = load_kustomization()
+    for kind, docs in _documents(OPTIONAL).items():
+        by_kind.setdefault(kind, []).extend(docs)
+    return by_kind
+
+
+def _strict(schema):
+    """KubeRay's CRD schema as the API server applies it under `kubectl apply`'s strict field validation: a field
+    the schema does not name is an error (plain JSON Schema would let it through), except where the CRD itself says
+    to keep unknown fields (x-kubernetes-preserve-unknown-fields)."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema and not schema.get(
+                "x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@cache
+def kuberay_validator(kind: str, release: str = "v1.5.1") -> jsonschema.Draft7Validator:
+    """The `ray.io/v1` schema of `kind` from KubeRay `release`'s own CRD."""
+    crd = yaml.safe_load(gzip.decompress((KUBERAY_CRDS / release / f"ray.io_{KUBERAY_PLURAL[kind]}.yaml.gz").read_bytes()))
+    assert crd["spec"]["names"]["kind"] == kind
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(_strict(v1["schema"]["openAPIV3Schema"]))
+
+
+def schema_errors(kind: str, doc: dict, release: str = "v1.5.1") -> list[str]:
+    errors = sorted(kuberay_validator(kind, release).iter_errors(doc), key=lambda e: list(e.path))
+    return [f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors]
+
+
+def kuberay_floor() -> str:
+    """The KubeRay release kustomization.yaml states it needs (`kuberay-version-floor: X.Y.Z`)."""
+    return re.search(r"kuberay-version-floor: (\d+\.\d+\.\d+)", (K8S / "kustomization.yaml").read_text()).group(1)
 
 
 def cluster_specs(manifests: dict[str, list[dict]]) -> dict[str, dict]:
@@ -163,19 +206,43 @@ def manifests():
     return load_manifests()
 
 
-def test_kustomization_has_the_three_ray_resources(manifests):
-    assert {len(manifests[k]) for k in ("RayCluster", "RayService", "RayJob")} == {1}
-    assert manifests["ConfigMap"] and manifests["Namespace"]
+def test_the_kustomization_makes_one_ray_cluster_that_serves_and_trains():
+    """One topology by default: the RayService's cluster, with both pools; its GCS keeps its state in the Redis the
+    kustomization also applies, with the same Secret for both."""
+    default = load_kustomization()
+    assert set(default) == {"Namespace", "PersistentVolumeClaim", "Service", "Deployment", "RayService", "ConfigMap"}
+    (service,) = default["RayService"]
+    spec = service["spec"]["rayClusterConfig"]
+    assert {g["groupName"] for g in spec["workerGroupSpecs"]} == set(POOL_OF_GROUP)
+    ft = spec["gcsFaultToleranceOptions"]
+    (redis_service,) = [s for s in default["Service"] if s["metadata"]["name"] == "redis"]
+    host, port = ft["redisAddress"].split(":")
+    assert host == redis_service["metadata"]["name"] and int(port) in {p["port"] for p in redis_service["spec"]["ports"]}
+    (redis,) = default["Deployment"]
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    env = {e["name"]: e for e in redis["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+    assert redis_service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    assert {len(load_manifests()[k]) for k in ("RayCluster", "RayService", "RayJob")} == {1}  # + the opt-in two
 
 
 @pytest.mark.parametrize("kind", ["RayCluster", "RayService", "RayJob"])
-def test_ray_resources_match_the_kuberay_schema(manifests, kind):
-    errors = sorted(kuberay_validator(kind).iter_errors(manifests[kind][0]), key=lambda e: list(e.path))
-    assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
+def test_ray_resources_match_kuberays_own_crd(manifests, kind):
+    errors = schema_errors(kind, manifests[kind][0])
+    assert not errors, "\n".join(errors)
 
 
-def test_the_schema_rejects_what_kuberay_rejects():
-    """The trimmed schema is not a rubber stamp: typos and wrong types fail."""
+def test_the_stated_kuberay_floor_is_where_the_manifests_start_to_validate(manifests):
+    """kustomization.yaml says 1.5.0: the manifests pass KubeRay 1.5's CRDs (above) and fail 1.4.2's, only on the
+    worker groups' `labels` (the field 1.5.0 added)."""
+    assert kuberay_floor() == "1.5.0"
+    errors = schema_errors("RayService", manifests["RayService"][0], "v1.4.2") + schema_errors(
+        "RayCluster", manifests["RayCluster"][0], "v1.4.2")
+    assert errors and all(re.search(r"workerGroupSpecs/\d+: Additional properties .*'labels'", e) for e in errors), errors
+
+
+def test_the_crd_rejects_what_kuberay_rejects():
+    """KubeRay's schema, strict, is not a rubber stamp: typos and wrong types fail."""
     good = load_manifests()["RayCluster"][0]
     typo = copy.deepcopy(good)
     typo["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
@@ -185,8 +252,12 @@ def test_the_schema_rejects_what_kuberay_rejects():
     bad_version["spec"]["autoscalerOptions"]["version"] = "v3"
     no_template = copy.deepcopy(good)
     del no_template["spec"]["headGroupSpec"]["template"]
-    for broken in (typo, wrong_type, bad_version, no_template):
-        assert list(kuberay_validator("RayCluster").iter_errors(broken))
+    no_redis_address = copy.deepcopy(load_manifests()["RayService"][0])
+    no_redis_address["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAdress"] = "redis:6379"
+    assert not schema_errors("RayCluster", good)
+    for kind, broken in (("RayCluster", typo), ("RayCluster", wrong_type), ("RayCluster", bad_version),
+                         ("RayCluster", no_template), ("RayService", no_redis_address)):
+        assert schema_errors(kind, broken), broken["spec"]
 
 
 def test_every_pod_template_passes_kubernetes_own_schema(manifests):
@@ -199,11 +270,12 @@ def test_every_pod_template_passes_kubernetes_own_schema(manifests):
             pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{owner.lower()}-{group}"}, "template": template}
             kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
             checked.append(owner)
-    for kind in ("ConfigMap", "Namespace"):
+    plain = ("ConfigMap", "Namespace", "Deployment", "Service", "PersistentVolumeClaim")
+    for kind in plain:
         for doc in manifests[kind]:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
             checked.append(kind)
-    assert set(checked) == {*cluster_specs(manifests), "ConfigMap", "Namespace"}, checked
+    assert set(checked) == {*cluster_specs(manifests), *plain}, checked
 
 
 def _custom_resources(ray_start_params: dict) -> dict:
