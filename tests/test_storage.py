@@ -215,3 +215,34 @@ def test_ray_trains_run_goes_through_our_filesystem(storage):
     # Ray's own first write (its storage check marker) lands in our storage, on our endpoint
     run_config.storage_context  # noqa: B018 — building it writes the marker
     assert _raw_names(storage, "ray_train/job-rc")
+
+
+def test_a_jobs_tensorboard_log_lands_in_its_storage(storage, tmp_path):
+    """train/live.py's EventLog: written in place on local storage, copied at every sync on S3; either way the job's
+    tensorboard folder holds event files TensorBoard reads back, scalars and images, one file per writer."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from contracts import tensorboard_key
+    from train.live import EventLog
+
+    worker, driver = EventLog(storage, "job-tb", "worker"), EventLog(storage, "job-tb", "driver")
+    for step in (1, 2, 3):
+        worker.scalars(step, {"loss": 1.0 / step, "grad_norm": None})  # None: not measured, not logged
+    worker.sync()
+    driver.image("samples/prompt_0", 5, Image.new("RGB", (16, 8), (200, 10, 10)))
+    driver.close()
+    worker.scalars(4, {"loss": 0.2})
+    worker.close()
+    names = [k.rsplit("/", 1)[1] for k in storage.list(tensorboard_key("job-tb"))]
+    assert sorted(n.rsplit(".", 1)[1] for n in names) == ["driver", "worker"]
+    local = tmp_path / "tb"
+    local.mkdir()
+    for name in names:  # what `tensorboard --logdir` reads: the files as storage holds them
+        (local / name).write_bytes(storage.read_bytes(f"{tensorboard_key('job-tb')}/{name}"))
+    events = EventAccumulator(str(local), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.2)]
+    assert "train/grad_norm" not in events.Tags()["scalars"]
+    (image,) = events.Images("samples/prompt_0")
+    assert (image.step, image.width, image.height) == (5, 16, 8)
