@@ -30,7 +30,8 @@ from klein.style_score import style_distance
 from evaluation.board import make_board
 from train.cache import load_cache
 from train.health import SYMPTOMS
-from train.job import checkpoint_key, lora_prefix, run_training_job
+from train.health import render_health
+from train.job import checkpoint_key, health_task_args, lora_prefix, prepare_dataset, run_training_job
 from train.recipe import TrainConfig
 from train.report import image_grid
 from contracts import tensorboard_key
@@ -154,10 +155,11 @@ def test_job_writes_a_complete_verified_lora(clean, store):
     assert md.startswith("# Health of LoRA `job-e2e`") and "the trigger word has no effect" in md
 
 
-def test_the_job_logs_every_step_and_its_samples_for_tensorboard(clean, store):
+def test_the_job_logs_every_step_and_its_samples_for_tensorboard(clean, store, board):
     """TensorBoard event files under jobs/<id>/tensorboard: the worker's loss, lr, grad norm and s/step at every step
     and the validation loss at each checkpoint, as the manifest has them; the driver's sample images for the base and
-    every checkpoint; and the contact sheet is exactly those stored columns side by side."""
+    every checkpoint; the contact sheet is exactly those stored columns side by side; and the health report made from
+    the probe drawn during training is the one drawing the whole probe afterwards gives."""
     manifest = clean["manifest"]
     storage = Storage.from_uri(store)
     events = EventAccumulator(str(storage.local_path(tensorboard_key("job-e2e"))), size_guidance={"images": 0, "scalars": 0})
@@ -175,12 +177,19 @@ def test_the_job_logs_every_step_and_its_samples_for_tensorboard(clean, store):
     images = events.Images("samples/prompt_0")
     assert [e.step for e in images] == [0, 5, 10, 15, 20]  # 0: the base model
     # the sheet is assembled from the columns rendered during training, pixel for pixel
-    keys = sorted(k for k in storage.list("jobs/job-e2e/samples", recursive=True) if k.endswith("/00.png"))  # base, then the steps
+    keys = sorted(k for k in storage.list("jobs/job-e2e/samples", recursive=True)
+                  if k.endswith("/00.png") and "/sheet/" in k)  # base, then the steps
     assert [k.split("/")[-2] for k in keys] == ["base", "step_000005", "step_000010", "step_000015", "step_000020"]
     stored = [Image.open(io.BytesIO(storage.read_bytes(k))) for k in keys]
     expected = image_grid([stored], col_labels=["base"] + [f"step {s}" for s in (5, 10, 15, 20)], row_labels=["a house"])
     sheet = Image.open(io.BytesIO(storage.read_bytes(f"{lora_prefix('default', 'job-e2e')}/samples/contact_sheet.png")))
     assert np.array_equal(np.asarray(sheet.convert("RGB")), np.asarray(expected.convert("RGB")))
+
+    cfg = _cfg(store, "job-e2e")
+    prepared, resolved = prepare_dataset(board, cfg, on_gpu=False)
+    checkpoints = [(step, storage.read_bytes(checkpoint_key("job-e2e", step))) for step in manifest["checkpoints"]]
+    drawn_afterwards, _, _ = render_health(**health_task_args(resolved, prepared, checkpoints, manifest["delivered_step"], True))
+    assert drawn_afterwards == manifest["health"]
 
 
 @pytest.mark.reliability("faults")
@@ -244,7 +253,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(clean, 
 
 def _columns(storage: Storage, job_id: str) -> set:
     """The contact-sheet columns stored for a job: "base" and checkpoint steps."""
-    keys = [k for k in storage.list(f"jobs/{job_id}/samples", recursive=True) if k.endswith(".png")]
+    keys = [k for k in storage.list(f"jobs/{job_id}/samples", recursive=True) if k.endswith(".png") and "/sheet/" in k]
     return {("base" if k.split("/")[-2] == "base" else int(k.split("/")[-2].split("_")[1])) for k in keys}
 
 

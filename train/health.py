@@ -10,8 +10,8 @@ The table users of style LoRAs live by:
     only one composition comes out              too little variety in the refs more diverse subjects and angles
     out of memory despite checkpointing         batch or resolution too high   batch 1, 768 px
 
-After a job has delivered its LoRA, `render_health` runs on the inference pool (train/job.py) and draws a fixed
-probe for every checkpoint: the job's sample prompts × 2 seeds, with and without the trigger, beside the base
+After a job has delivered its LoRA, `render_health` runs on the inference pool (train/job.py) on a fixed probe of
+every checkpoint, which the job draws while it trains (train/live.py; what is missing is drawn here): the job's sample prompts × 2 seeds, with and without the trigger, beside the base
 model's images of the same prompts and seeds. `diagnose` turns what those images and the refs measure into one
 verdict (ok / warn / fail) per symptom, with its evidence in numbers and the seed's fix made concrete for this
 job, and recommends a checkpoint. No Gemini and no judge of any world: only image statistics that exist for real
@@ -39,6 +39,7 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -194,17 +195,31 @@ def _base_images(pipe, requests: list[GenerateRequest]) -> list[Image.Image]:
     return _BASE_IMAGES[key]
 
 
-def render_probe(pipe, checkpoints: list[tuple[int, bytes]], prompts: list[str], trigger: str, seed: int, size: int,
-                 steps: int) -> Probe:
-    """Every probe image: the base model's (once per process for the same requests), then each checkpoint's, with
-    and without the trigger."""
+def probe_requests(prompts: list[str], trigger: str, seed: int, size: int, steps: int) -> list[GenerateRequest]:
+    """The probe's requests at one checkpoint: every prompt x seed with the trigger, then the same without it."""
     probe = Probe(prompts=prompts, seeds=[seed + k for k in range(PROBE_SEEDS)], trigger=trigger)
-    both = probe.requests(True, size, steps) + probe.requests(False, size, steps)
+    return probe.requests(True, size, steps) + probe.requests(False, size, steps)
+
+
+def render_probe(pipe_of: Callable[[], object], checkpoints: list[tuple[int, bytes]], prompts: list[str], trigger: str,
+                 seed: int, size: int, steps: int, drawn: dict[int | None, list[bytes]] | None = None) -> Probe:
+    """Every probe image: the base model's (once per process for the same requests), then each checkpoint's, with
+    and without the trigger. `drawn`: PNGs of `probe_requests` already rendered (the job renders them during
+    training, train/live.py), by step (None: the base model); the pipeline (`pipe_of()`) draws only what is missing."""
+    probe = Probe(prompts=prompts, seeds=[seed + k for k in range(PROBE_SEEDS)], trigger=trigger)
+    both = probe_requests(prompts, trigger, seed, size, steps)
     n = len(both) // 2
-    images = _base_images(pipe, both)
+    drawn = drawn or {}
+
+    def images_at(step: int | None, data: bytes | None) -> list[Image.Image]:
+        if step in drawn:
+            return [Image.open(io.BytesIO(png)).convert("RGB") for png in drawn[step]]
+        return _base_images(pipe_of(), both) if data is None else render_with_lora(pipe_of(), data, both)
+
+    images = images_at(None, None)
     probe.base_triggered, probe.base_plain = images[:n], images[n:]
     for step, data in checkpoints:
-        images = render_with_lora(pipe, data, both)
+        images = images_at(step, data)
         probe.triggered[step], probe.plain[step] = images[:n], images[n:]
     return probe
 
@@ -504,13 +519,14 @@ def health_png(report: dict, probe: Probe, refs: list[Image.Image]) -> bytes:
 def render_health(model: str, checkpoints: list[tuple[int, bytes]], delivered_step: int, refs: list[Image.Image],
                   detail_sides: list[int], captions: list[str], source_captions: list[str], trigger: str, cfg: dict,
                   near_duplicates: int, size: int, sample_steps: int, loss_finite: bool, use_gpu: bool,
-                  job_id: str) -> tuple[dict, bytes, str]:
-    """The whole report (manifest dict, health.png, health.md): what the inference-pool task runs."""
-    pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
+                  job_id: str, probe_images: dict[int | None, list[bytes]] | None = None) -> tuple[dict, bytes, str]:
+    """The whole report (manifest dict, health.png, health.md): what the inference-pool task runs. `probe_images`:
+    the probe's images the job rendered during training (render_probe's `drawn`)."""
     prompts = probe_prompts(cfg.get("sample_prompts") or [], trigger)
     if not prompts:
         raise ValueError("the health probe needs at least one sample prompt")
-    probe = render_probe(pipe, checkpoints, prompts, trigger, int(cfg.get("seed", 0)), size, sample_steps)
+    probe = render_probe(lambda: cached_pipeline(model, "cuda" if use_gpu else "cpu"), checkpoints, prompts, trigger,
+                         int(cfg.get("seed", 0)), size, sample_steps, drawn=probe_images)
     dataset = dataset_measures(refs, detail_sides, captions, source_captions, trigger, int(cfg.get("resolution", size)),
                                near_duplicates)
     scorer = StyleScorer(refs)

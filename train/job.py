@@ -42,15 +42,17 @@ from gemini.client import GeminiClient, GeminiConfig
 from gemini.policy import text_stage_policy
 from gemini.profile import extract_style_profile
 from klein.lora import export_lora, lora_to_bytes, read_lora
+from klein.generate import GenerateRequest
 from klein.model import model_id
 from train.cache import build_cache
 from train.captions import check_trigger
 from train.dataset import load_refs, near_duplicate_pairs
 from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
-from train.live import SampleColumns, sample_size
+from train.live import PROBE, SampleColumns, sample_size
 from train.samples import sample_task_options
-from train.health import detail_side, is_out_of_memory, loss_is_finite, out_of_memory_fix, render_health, summary_line
+from train.health import (detail_side, is_out_of_memory, loss_is_finite, out_of_memory_fix, probe_prompts, probe_requests,
+                          render_health, summary_line)
 from train.status import CHECKING_HEALTH, RENDERING_SAMPLES, JobStatus
 from train.report import loss_plot_png
 
@@ -170,7 +172,7 @@ def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, s
                       "content_lora": cfg.content_lora}
         status("training", step=0, steps=cfg.steps, decision=prepared.decision)
         # the contact sheet's columns render on the inference pool as the checkpoints appear (train/live.py)
-        samples = SampleColumns(cfg, storage)
+        samples = SampleColumns(cfg, storage, probe=health_probe_requests(cfg) if cfg.health else None)
         try:
             with samples.watching():
                 final_state = _fit(cfg, cache_key, storage)
@@ -185,7 +187,7 @@ def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, s
         manifest = add_contact_sheet(cfg, storage, manifest, samples)
         status.stage = CHECKING_HEALTH
         status(CHECKING_HEALTH, manifest=manifest_key(cfg.tenant, cfg.job_id))
-        manifest = add_health_report(cfg, prepared, final_state, storage, manifest)
+        manifest = add_health_report(cfg, prepared, final_state, storage, manifest, samples)
     except Exception as e:
         # whichever stage failed (a model folder the cache task cannot load, a worker error, a contact sheet),
         # the job's own status says so in one line; checkpoints stay, and resubmitting the job id resumes
@@ -335,8 +337,10 @@ def add_contact_sheet(cfg: TrainConfig, storage: Storage, manifest: dict, sample
     return manifest
 
 
-def add_health_report(cfg: TrainConfig, prepared: PreparedDataset, state: dict, storage: Storage, manifest: dict) -> dict:
-    """The health report (train/health.py), rendered on the inference pool after the LoRA is delivered, added to the
+def add_health_report(cfg: TrainConfig, prepared: PreparedDataset, state: dict, storage: Storage, manifest: dict,
+                      samples: SampleColumns) -> dict:
+    """The health report (train/health.py), made on the inference pool after the LoRA is delivered from the probe
+    images `samples` rendered during training (and any missing), added to the
     manifest with `samples/health.png` and `samples/health.md`. A report that cannot be made never takes the
     delivered LoRA back: the manifest then says why under `health.error`."""
     if not cfg.health:
@@ -345,6 +349,12 @@ def add_health_report(cfg: TrainConfig, prepared: PreparedDataset, state: dict, 
     try:
         checkpoints = [(step, storage.read_bytes(checkpoint_key(cfg.job_id, step))) for step in manifest["checkpoints"]]
         args = health_task_args(cfg, prepared, checkpoints, manifest["delivered_step"], loss_is_finite(state["log"]))
+        # most of the probe was drawn during training: from the same requests render_health makes of these arguments
+        wanted = probe_requests(probe_prompts(args["cfg"]["sample_prompts"], args["trigger"]), args["trigger"],
+                                int(args["cfg"]["seed"]), args["size"], args["sample_steps"])
+        if samples.requests.get(PROBE) != wanted:
+            raise JobError("the probe drawn during training is not the one the health report asks for")
+        args["probe_images"] = samples.images(PROBE, manifest["checkpoints"])
         report, png, md = ray.get(render_health_task(bool(cfg.use_gpu)).remote(**args))
     except Exception as e:  # the LoRA stays delivered; the manifest says why it has no report
         log.warning("job %s: no health report: %s", cfg.job_id, failure_reason(e))
@@ -381,6 +391,12 @@ def health_task_args(cfg: TrainConfig, prepared: PreparedDataset, checkpoints: l
                 near_duplicates=len(near_duplicate_pairs(refs)), size=sample_size(cfg),
                 sample_steps=min(cfg.sample_steps, HEALTH_MAX_STEPS), loss_finite=loss_finite,
                 use_gpu=bool(cfg.use_gpu), job_id=cfg.job_id)
+
+
+def health_probe_requests(cfg: TrainConfig) -> list[GenerateRequest]:
+    """The health probe's requests at each checkpoint, as render_health makes them from `health_task_args`."""
+    return probe_requests(probe_prompts(cfg.sample_prompts, cfg.trigger), cfg.trigger, cfg.seed, sample_size(cfg),
+                          min(cfg.sample_steps, HEALTH_MAX_STEPS))
 
 
 def render_health_task(use_gpu: bool):

@@ -6,11 +6,12 @@ continues.
   `jobs/<job_id>/tensorboard/` (`tensorboard --logdir` that folder). On local storage the files are written in place,
   so TensorBoard shows a run live; elsewhere (s3://, gs://) they are written to a local folder and copied to storage at
   every `sync()` (each checkpoint, each sample column, the end).
-- `SampleColumns`: one contact-sheet column (every sample prompt at one checkpoint, or the base model) per inference-pool
-  task. The driver submits the base column when training starts and each checkpoint's column as soon as its LoRA is in
-  storage (`watching()`), so the samples render while the steps go on; the contact sheet is then assembled from the
-  stored columns and only what is missing is rendered after training. Columns are stored under a key of the sample
-  settings, so a resumed job reuses what an earlier driver rendered.
+- `SampleColumns`: what the job draws of each checkpoint, one inference-pool task per column: the contact sheet's
+  (every sample prompt) and the health report's probe (train/health.py). The driver submits the base model's columns
+  when training starts and each checkpoint's as soon as its LoRA is in storage (`watching()`), so they render while the
+  steps go on; after training the contact sheet is assembled from the stored columns and the health report measured on
+  the stored probe, and only what is missing renders then. Columns are stored under a digest of the model and the
+  requests, so a resubmitted job reuses what an earlier driver rendered.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import shutil
 import tempfile
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -96,22 +98,29 @@ def sample_size(cfg: TrainConfig) -> int:
     return cfg.sample_size or native_resolution(cfg.model)
 
 
+def planned_save_steps(cfg: TrainConfig) -> list[int]:
+    """The checkpoints training will save (train/worker.py): every `save_every` and the last step."""
+    return sorted(set(range(cfg.save_every, cfg.steps + 1, cfg.save_every)) | {cfg.steps})
+
+
 def planned_sample_steps(cfg: TrainConfig) -> list[int]:
     """The steps whose LoRA a checkpoint or a sample step writes (train/worker.py), before training says which it
     reached: every `save_every`, every `sample_every`, the last step."""
-    steps = set(range(cfg.save_every, cfg.steps + 1, cfg.save_every)) | {cfg.steps}
+    steps = set(planned_save_steps(cfg))
     if cfg.sample_every:
         steps |= set(range(cfg.sample_every, cfg.steps + 1, cfg.sample_every))
     return sorted(steps)
 
 
-def render_sample_column(model: str, lora_bytes: bytes | None, prompts: list[str], trigger: str, size: int,
-                         sample_steps: int, seed: int, use_gpu: bool) -> list[bytes]:
-    """Every sample prompt (behind the trigger, seed + its index) with `lora_bytes` active (None: the base model), as
-    PNG bytes: one column of the contact sheet. Runs on the inference pool."""
+def sheet_requests(cfg: TrainConfig) -> list[GenerateRequest]:
+    """A contact-sheet column: every sample prompt behind the trigger, seed + the prompt's index."""
+    return [GenerateRequest(prompt=with_trigger(cfg.trigger, prompt), seed=cfg.seed + i, steps=cfg.sample_steps,
+                            width=sample_size(cfg), height=sample_size(cfg)) for i, prompt in enumerate(cfg.sample_prompts)]
+
+
+def render_column(model: str, lora_bytes: bytes | None, requests: list[GenerateRequest], use_gpu: bool) -> list[bytes]:
+    """`requests` drawn with `lora_bytes` active (None: the base model), as PNG bytes. Runs on the inference pool."""
     pipe = cached_pipeline(model, "cuda" if use_gpu else "cpu")
-    requests = [GenerateRequest(prompt=with_trigger(trigger, prompt), seed=seed + i, steps=sample_steps, width=size,
-                                height=size) for i, prompt in enumerate(prompts)]
     out = []
     for image in render_with_lora(pipe, lora_bytes, requests):
         buffer = io.BytesIO()
@@ -120,69 +129,80 @@ def render_sample_column(model: str, lora_bytes: bytes | None, prompts: list[str
     return out
 
 
-class SampleColumns:
-    """The contact sheet's columns of one job, rendered on the inference pool as their LoRAs appear (module doc)."""
+SHEET, PROBE = "sheet", "probe"
 
-    def __init__(self, cfg: TrainConfig, storage: Storage):
+
+class SampleColumns:
+    """What a job draws of its checkpoints, rendered on the inference pool as their LoRAs appear (module doc).
+
+    Two families of columns: `sheet` (the contact sheet: the sample prompts, at the base model and every sampled step)
+    and, when the job has a health report, `probe` (train/health.py's probe: at the base model and every checkpoint).
+    One task per (family, step); the images are stored under a digest of the model and the requests."""
+
+    def __init__(self, cfg: TrainConfig, storage: Storage, probe: list[GenerateRequest] | None = None):
         self.cfg, self.storage = cfg, storage
-        settings = {"model": cfg.model, "prompts": list(cfg.sample_prompts), "trigger": cfg.trigger,
-                    "size": sample_size(cfg), "steps": cfg.sample_steps, "seed": cfg.seed}
+        self.requests = {SHEET: sheet_requests(cfg)}
+        self.planned = {SHEET: planned_sample_steps(cfg)}
+        if probe:
+            self.requests[PROBE], self.planned[PROBE] = list(probe), planned_save_steps(cfg)
+        settings = {"model": cfg.model, "requests": {f: [asdict(r) for r in rs] for f, rs in self.requests.items()}}
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         self.prefix = sample_column_prefix(cfg.job_id, digest)
-        self._task = ray.remote(render_sample_column).options(**sample_task_options(bool(cfg.use_gpu)))
-        self._pending: dict[int | None, ray.ObjectRef] = {}  # step (None: the base model) -> its render
+        self._task = ray.remote(render_column).options(**sample_task_options(bool(cfg.use_gpu)))
+        self._pending: dict[tuple[str, int | None], ray.ObjectRef] = {}  # (family, step; None: the base) -> render
         self._lock = threading.Lock()
         self._log: EventLog | None = None
 
-    def column_key(self, step: int | None, index: int) -> str:
-        return f"{self.prefix}/{'base' if step is None else f'step_{step:06d}'}/{index:02d}.png"
+    def column_key(self, family: str, step: int | None, index: int) -> str:
+        return f"{self.prefix}/{family}/{'base' if step is None else f'step_{step:06d}'}/{index:02d}.png"
 
-    def stored(self, step: int | None) -> bool:
-        return self.storage.exists(self.column_key(step, len(self.cfg.sample_prompts) - 1))
+    def stored(self, family: str, step: int | None) -> bool:
+        return self.storage.exists(self.column_key(family, step, len(self.requests[family]) - 1))
 
-    def submit(self, step: int | None) -> None:
-        """Render `step`'s column (None: the base model's) unless it is stored or on its way."""
+    def submit(self, family: str, step: int | None) -> None:
+        """Render `step`'s column of `family` (None: the base model's) unless it is stored or on its way."""
         with self._lock:
-            if step in self._pending or self.stored(step):
+            if (family, step) in self._pending or self.stored(family, step):
                 return
             lora = None if step is None else self.storage.read_bytes(checkpoint_key(self.cfg.job_id, step))
-            cfg = self.cfg
-            self._pending[step] = self._task.remote(cfg.model, lora, list(cfg.sample_prompts), cfg.trigger, sample_size(cfg),
-                                                    cfg.sample_steps, cfg.seed, bool(cfg.use_gpu))
+            self._pending[family, step] = self._task.remote(self.cfg.model, lora, self.requests[family], bool(self.cfg.use_gpu))
 
-    def collect(self, timeout: float | None = 0) -> None:
-        """Store the columns that finished (with `timeout=None`, all of them) and log them to TensorBoard."""
+    def collect(self, wait_for: list[tuple[str, int | None]] | None = None) -> None:
+        """Store the columns that finished, after waiting for those in `wait_for`; log the sheet's to TensorBoard."""
         with self._lock:
+            awaited = [self._pending[k] for k in wait_for or () if k in self._pending]
+            if awaited:
+                ray.wait(awaited, num_returns=len(awaited))
             refs = list(self._pending.values())
-            if not refs:
-                return
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-            for step in [s for s, ref in self._pending.items() if ref in ready]:
-                pngs = ray.get(self._pending.pop(step))
+            ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+            for family, step in [k for k, ref in self._pending.items() if ref in ready]:
+                pngs = ray.get(self._pending.pop((family, step)))
                 for index, png in enumerate(pngs):  # the last image is written last: `stored` looks for it
-                    self.storage.write_bytes(self.column_key(step, index), png)
-                if self._log is not None:
+                    self.storage.write_bytes(self.column_key(family, step, index), png)
+                if self._log is not None and family == SHEET:
                     for index, png in enumerate(pngs):
                         self._log.image(f"samples/prompt_{index}", 0 if step is None else step, Image.open(io.BytesIO(png)))
                     self._log.sync()
 
     @contextlib.contextmanager
     def watching(self):
-        """While the block trains: the base column at once, then each planned step's column when its LoRA is stored."""
+        """While the block trains: the base columns at once, then each planned step's columns when its LoRA is stored."""
         self._log = event_log(self.cfg, self.storage, "driver")
-        waiting = [None, *planned_sample_steps(self.cfg)]
+        waiting = [(family, step) for family, steps in self.planned.items() for step in (None, *steps)]
         stop = threading.Event()
 
         def watch() -> None:
             while waiting and not stop.is_set():
                 try:
-                    for step in [s for s in waiting if s is None or self.storage.exists(checkpoint_key(self.cfg.job_id, s))]:
-                        self.submit(step)
-                        waiting.remove(step)
-                    self.collect(timeout=0)
-                except Exception as e:  # the contact sheet renders what is missing after training; say why here
+                    for family, step in list(waiting):
+                        if step is None or self.storage.exists(checkpoint_key(self.cfg.job_id, step)):
+                            self.submit(family, step)
+                            waiting.remove((family, step))
+                    self.collect()
+                except Exception as e:  # what is missing renders after training; say why here
                     log.warning("job %s: a sample column could not be rendered during training: %s", self.cfg.job_id, e)
                 stop.wait(WATCH_POLL_S)
+            self.collect()
 
         thread = threading.Thread(target=watch, name=f"samples-{self.cfg.job_id}", daemon=True)
         thread.start()
@@ -198,17 +218,22 @@ class SampleColumns:
             self._log.close()
             self._log = None
 
+    def images(self, family: str, steps: list[int]) -> dict[int | None, list[bytes]]:
+        """PNG bytes of `family`'s columns at the base model (key None) and at `steps`; missing ones render now."""
+        keys = [(family, step) for step in (None, *steps)]
+        for key in keys:
+            self.submit(*key)
+        self.collect(wait_for=keys)
+        n = len(self.requests[family])
+        return {step: [self.storage.read_bytes(self.column_key(family, step, i)) for i in range(n)] for _, step in keys}
+
     def sheet(self, steps: list[int]) -> bytes:
         """The contact sheet: one row per prompt, the base model in the first column, then one column per step in
-        `steps`; missing columns are rendered now (renders for steps the sheet leaves out are waited for, and stored)."""
-        for step in [None, *steps]:
-            self.submit(step)
-        self.collect(timeout=None)
+        `steps`; missing columns are rendered now."""
+        columns = self.images(SHEET, steps)
         self.close()
-        n = len(self.cfg.sample_prompts)
-        columns = [[Image.open(io.BytesIO(self.storage.read_bytes(self.column_key(s, i)))) for i in range(n)]
-                   for s in [None, *steps]]
+        images = [[Image.open(io.BytesIO(png)) for png in columns[step]] for step in (None, *steps)]
         png = io.BytesIO()
-        image_grid([list(row) for row in zip(*columns)], col_labels=["base"] + [f"step {s}" for s in steps],
+        image_grid([list(row) for row in zip(*images)], col_labels=["base"] + [f"step {s}" for s in steps],
                    row_labels=list(self.cfg.sample_prompts)).save(png, format="PNG")
         return png.getvalue()
