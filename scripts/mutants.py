@@ -56,9 +56,9 @@ MUTATIONS: list[Mutation] = [
       "train/loop.py", "target, _ = pack_latents(noise - x0)", "target, _ = pack_latents(x0 - noise)",
       ("tests/test_train_units.py::test_flow_matching_target_is_noise_minus_x0",)),
     # -- training you can watch (train/live.py) --------------------------------------------------------------
-    M("samples-after-training", "the driver renders only the base column while training; checkpoints wait for the end",
-      "train/live.py", "for family, steps in self.planned.items() for step in (None, *steps)]",
-      "for family, steps in self.planned.items() for step in (None,)]",
+    M("samples-after-training", "the driver renders only the base columns while training; checkpoints wait for the end",
+      "train/live.py", "for family, steps in self.planned.items() for step in (None, *steps)),",
+      "for family, steps in self.planned.items() for step in (None,)),",
       ("tests/test_train_job.py::test_resubmitting_a_job_after_its_driver_died_resumes_it",), slow=True),
     M("no-step-scalars", "the worker logs only the checkpoints' validation loss to TensorBoard, not every step",
       "train/worker.py", '            events.scalars(step, {"loss": loss_total,', '            events.scalars(step, {"loss_at_save": None, "loss": None,',

@@ -186,19 +186,30 @@ class SampleColumns:
 
     @contextlib.contextmanager
     def watching(self):
-        """While the block trains: the base columns at once, then each planned step's columns when its LoRA is stored."""
+        """While the block trains, one column at a time, the sheet's before the probe's: the base model's once the first
+        checkpoint is stored, each step's once its LoRA is.
+
+        One at a time and only once training holds its resources: where the inference pool shares the training GPU
+        (a one-GPU machine), a render asked for earlier would take the GPU before training does, and a queue of them
+        would make the contact sheet wait behind the probe when training ends."""
         self._log = event_log(self.cfg, self.storage, "driver")
-        waiting = [(family, step) for family, steps in self.planned.items() for step in (None, *steps)]
+        waiting = sorted(((family, step) for family, steps in self.planned.items() for step in (None, *steps)),
+                         key=lambda k: (k[0] != SHEET, k[1] or 0))
         stop = threading.Event()
+
+        def ready(step: int | None) -> bool:
+            steps = self.planned[SHEET] if step is None else [step]
+            return any(self.storage.exists(checkpoint_key(self.cfg.job_id, s)) for s in steps)
 
         def watch() -> None:
             while waiting and not stop.is_set():
                 try:
-                    for family, step in list(waiting):
-                        if step is None or self.storage.exists(checkpoint_key(self.cfg.job_id, step)):
-                            self.submit(family, step)
-                            waiting.remove((family, step))
                     self.collect()
+                    if not self._pending:
+                        key = next((k for k in waiting if ready(k[1])), None)
+                        if key is not None:
+                            waiting.remove(key)
+                            self.submit(*key)
                 except Exception as e:  # what is missing renders after training; say why here
                     log.warning("job %s: a sample column could not be rendered during training: %s", self.cfg.job_id, e)
                 stop.wait(WATCH_POLL_S)
