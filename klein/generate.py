@@ -146,15 +146,13 @@ def generate_images(pipe, requests: list[GenerateRequest], batch_size: int | Non
         groups.setdefault(key, []).append(i)
     images: list[Image.Image | None] = [None] * len(requests)
     for (width, height, steps, guidance, negative, msl), members in groups.items():
+        # the group's negative prompt is encoded once, not once per chunk
+        negative_embeds = pipe.encode_prompt(negative, device=device, max_sequence_length=msl)[0] if negative else None
         for start in range(0, len(members), size):
             chunk = members[start:start + size]
-            negative_embeds = None
-            if negative:
-                negative_embeds, _ = pipe.encode_prompt(negative, device=device, max_sequence_length=msl)
-                negative_embeds = negative_embeds.repeat(len(chunk), 1, 1)
             out = pipe(
                 prompt=[requests[i].prompt for i in chunk],
-                negative_prompt_embeds=negative_embeds,
+                negative_prompt_embeds=None if negative_embeds is None else negative_embeds.repeat(len(chunk), 1, 1),
                 height=height,
                 width=width,
                 num_inference_steps=steps,
