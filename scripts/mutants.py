@@ -163,8 +163,11 @@ MUTATIONS: list[Mutation] = [
     M("upstream-deadline", "the ingress waits on a downstream deployment with no deadline",
       "serve/routers/common.py", "return await asyncio.wait_for(wait(response), remaining)", "return await wait(response)",
       ("tests/test_reliability_serve.py::test_a_request_deadline_answers_503_not_a_hang",), slow=True),
-    M("gemini-timeout", "Gemini calls have no per-call timeout",
-      "gemini/client.py", "timeout=max(1, int(self.config.timeout_s * 1000)),  # milliseconds", "timeout=None,",
+    # each request carries its own read timeout (the configured one, or what is left of the call's deadline); the SDK
+    # client's own timeout is only a fallback under it, so removing that one alone changes nothing (an equivalent mutant)
+    M("gemini-timeout", "a Gemini request waits 10 minutes for an answer instead of its configured timeout",
+      "gemini/client.py", "http_options=types.HttpOptions(timeout=max(1, int(min(self.config.timeout_s, timeout_s) * 1000))),",
+      "http_options=types.HttpOptions(timeout=600_000),",
       ("tests/test_gemini_client.py::test_timeout_is_per_call_and_retried",)),
     # -- LoRA maths ----------------------------------------------------------------------------------------
     M("lora-scale", "a LoRA layer's alpha/rank scale is dropped",
