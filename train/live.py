@@ -301,7 +301,11 @@ class SampleColumns:
                                                             family == SHEET and self.cfg.fail_samples)
 
     def collect(self, wait_for: list[tuple[str, int | None]] | None = None) -> None:
-        """Store the columns that finished, after waiting for those in `wait_for`; log the sheet's to TensorBoard."""
+        """Store the columns that finished, after waiting for those in `wait_for`; log the sheet's (TensorBoard, MLflow).
+
+        A column whose render failed is dropped (a later `images` renders it again): its error is raised here if it is
+        in `wait_for`, else logged, so that one family's failure (the sheet's) never fails the other's (the probe's)."""
+        failed: dict[tuple[str, int | None], Exception] = {}
         with self._lock:
             awaited = [self._pending[k] for k in wait_for or () if k in self._pending]
             if awaited:
@@ -309,13 +313,23 @@ class SampleColumns:
             refs = list(self._pending.values())
             ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
             for family, step in [k for k, ref in self._pending.items() if ref in ready]:
-                pngs = ray.get(self._pending.pop((family, step)))
+                try:
+                    pngs = ray.get(self._pending.pop((family, step)))
+                except Exception as e:  # noqa: BLE001 — the render's own error, raised or logged below
+                    failed[family, step] = e
+                    continue
                 for index, png in enumerate(pngs):  # the last image is written last: `stored` looks for it
                     self.storage.write_bytes(self.column_key(family, step, index), png)
                 if self._log is not None and family == SHEET:
                     for index, png in enumerate(pngs):
                         self._log.image(f"samples/prompt_{index}", 0 if step is None else step, Image.open(io.BytesIO(png)))
                     self._log.sync()
+        for key, error in failed.items():
+            if key not in (wait_for or ()):
+                log.warning("job %s: the %s column at step %s could not be rendered: %s", self.cfg.job_id, *key, error)
+        wanted = [key for key in wait_for or () if key in failed]
+        if wanted:
+            raise failed[wanted[0]]
 
     @contextlib.contextmanager
     def watching(self):
@@ -345,7 +359,10 @@ class SampleColumns:
                 except Exception as e:  # what is missing renders after training; say why here
                     log.warning("job %s: a sample column could not be rendered during training: %s", self.cfg.job_id, e)
                 stop.wait(WATCH_POLL_S)
-            self.collect()
+            try:
+                self.collect()
+            except Exception as e:  # noqa: BLE001 — as above
+                log.warning("job %s: a sample column could not be rendered during training: %s", self.cfg.job_id, e)
 
         thread = threading.Thread(target=watch, name=f"samples-{self.cfg.job_id}", daemon=True)
         thread.start()
