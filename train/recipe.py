@@ -160,7 +160,9 @@ class TrainConfig(BaseModel):
     # per-step scalars and samples as TensorBoard event files, or to MLflow (its tracking server or store from the
     # MLFLOW_* settings), or none (train/live.py)
     report_to: str = "tensorboard"
-    log_every: int = 10  # the steps between `ray.train.report` calls with the step's metrics (and at every checkpoint)
+    # the steps between `ray.train.report` calls with the step's metrics (and at every checkpoint): reports closer than
+    # Ray Train's controller poll (2 s) stall the steps (README, "Ray Train's own reports")
+    log_every: int = 50
     sample_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_steps: int = 20
     sample_size: int | None = None  # None: 64 for tiny, 1024 otherwise
