@@ -12,6 +12,7 @@ Storage layout (relative to a `Storage` root):
     jobs/<job_id>/checkpoints/step_<NNNNNN>.safetensors     each checkpoint's LoRA
     tenants/<tenant>/loras/<job_id>/manifest.json           written last: the LoRA exists from here on
     tenants/<tenant>/loras/<job_id>/lora.safetensors        ... and the other files the manifest names
+    tenants/<tenant>/loras/<job_id>/<name>.safetensors      the same LoRA under the job's name (named_lora_file)
     tenants/<tenant>/submissions/<job_id>.json              who asked for a job over HTTP, and when
     uploads/<tenant>/<job_id>/refs.zip                      references uploaded over HTTP
     sweeps/<name>/...                                       an evaluation sweep (evaluation/sweep.py)
@@ -57,6 +58,24 @@ def comfyui_file_name(job_id: str, trigger: str) -> str:
     every filesystem should one ever not be)."""
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", f"{job_id}_{trigger}").strip("_-")[:120]
     return f"{stem}.safetensors"
+
+
+LORA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+LORA_NAME_RULE = "1–100 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def is_lora_name(value: object) -> bool:
+    """A LoRA's name (TrainConfig `name`, ai-toolkit's `config.name`): safe as a file name on every filesystem."""
+    return isinstance(value, str) and bool(LORA_NAME_RE.match(value)) and not value.lower().endswith(".safetensors")
+
+
+def named_lora_file(name: str) -> str:
+    """`<name>.safetensors`: the delivered LoRA (diffusers format) under the job's name, as ai-toolkit names its
+    output, so that it keeps its identity once copied out of storage (every job's `lora.safetensors` collides).
+    `name` must pass `is_lora_name` (TrainConfig checks it)."""
+    if not is_lora_name(name):
+        raise ValueError(f"invalid LoRA name {name!r}: use {LORA_NAME_RULE}, without .safetensors")
+    return f"{name}.safetensors"
 
 
 def lora_prefix(tenant: str, job_id: str) -> str:
@@ -174,6 +193,12 @@ class Manifest(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     files: dict[str, str] = Field(default_factory=dict)  # file name (relative to the LoRA's prefix) -> sha256
     comfyui_file: str | None = None  # the ComfyUI export's name in `files` (comfyui_file_name); None: none written
+    # the LoRA under the job's name in `files` (named_lora_file): the same bytes as `lora.safetensors`, which stays for
+    # the readers of the fixed name; None in LoRAs trained before names, and in imports
+    name: str | None = None
+    lora_file: str | None = None
+    # the contact sheet: None once it is in `files` (or while it renders); {"error": ...} when it could not be made
+    contact_sheet: dict[str, Any] | None = None
     best_step: int | None = None
     delivered_step: int | None = None
     style_profile: dict[str, Any] | None = None

@@ -181,6 +181,8 @@ def _print_summary(manifest: dict, cfg) -> None:
         print(f"  read it: {storage.uri_of(prefix + '/' + HEALTH_MARKDOWN)}")
     elif health:
         print(f"  {health.get('error', 'no health report')}")
+    if (manifest.get("contact_sheet") or {}).get("error"):  # the LoRA is delivered all the same
+        print(f"  {manifest['contact_sheet']['error']}")
     for name in manifest["files"]:
         print(f"  {storage.uri_of(prefix + '/' + name)}")
 

@@ -37,11 +37,13 @@ PUBLIC_FILES = {
 
 
 def public_files(manifest: dict) -> dict[str, str]:
-    """Short URL name -> path in the LoRA's folder, for the public files this manifest holds: the fixed ones and
-    the ComfyUI export, which is named after the job (`manifest["comfyui_file"]`) or, in LoRAs trained before,
-    `lora_comfyui.safetensors`."""
+    """Short URL name -> path in the LoRA's folder, for the public files this manifest holds: the fixed ones, the LoRA
+    under the job's name (`manifest["lora_file"]`, `<name>.safetensors`; absent in older LoRAs and imports) and the
+    ComfyUI export, which is named after the job (`manifest["comfyui_file"]`) or, in LoRAs trained before,
+    `lora_comfyui.safetensors`. The download keeps the URL's name (Content-Disposition)."""
     comfy = manifest.get("comfyui_file") or contracts.LEGACY_COMFYUI_FILE
-    candidates = {**PUBLIC_FILES, comfy: comfy}
+    named = manifest.get("lora_file")
+    candidates = {**PUBLIC_FILES, comfy: comfy, **({named: named} if named else {})}
     return {name: path for name, path in candidates.items() if path in manifest.get("files", {})}
 
 

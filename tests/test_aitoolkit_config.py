@@ -68,7 +68,8 @@ meta:
 EXPECTED = dict(trigger="zxy_ink", rank=16, linear_alpha=8, save_every=125, keep_checkpoints=5, caption_dropout_rate=0.1,
                 resolution=1024, batch_size=2, steps=1500, gradient_accumulation_steps=3, gradient_checkpointing=True,
                 optimizer="adamw", lr=2e-4, lr_scheduler="constant_with_warmup", seed=7, sample_every=250,
-                sample_size=512, sample_prompts=["zxy_ink a lighthouse at dawn", "a cat on a chair"], sample_steps=12)
+                sample_size=512, sample_prompts=["zxy_ink a lighthouse at dawn", "a cat on a chair"], sample_steps=12,
+                name="my_first_klein_lora")  # config.name: the LoRA's file name, as ai-toolkit names its output
 
 
 def write(tmp_path, text: str, name: str = "job.yaml"):
@@ -86,7 +87,7 @@ def test_an_ai_toolkit_job_file_maps_to_our_keys_as_the_users_settings(tmp_path)
     assert {key: decision.sources[key] for key in EXPECTED} == {key: "user" for key in EXPECTED}
     assert (resolved.rank, resolved.linear_alpha, resolved.optimizer) == (16, 8, "adamw")
     notes = "\n".join(cfg.load_notes)
-    for key in ("device", "training_folder", "performance_log_every", "network.type", "save.dtype", "config.name"):
+    for key in ("device", "training_folder", "performance_log_every", "network.type", "save.dtype"):
         assert key in notes
     assert "using the largest, 1024" in notes  # the resolution list is reduced and says so
     # command-line flags still win over the file
@@ -103,6 +104,8 @@ def test_an_ai_toolkit_job_file_maps_to_our_keys_as_the_users_settings(tmp_path)
     (("        width: 512", "        width: 768"), r"sample\.(width|height): .* contradicts .*sample_size"),
     (("        lr_scheduler: constant_with_warmup", "        lr_scheduler: linear"), r"config\.process\[0\]\.train\.lr_scheduler \(our `lr_scheduler`\): choose one of"),
     (("          shuffle_tokens: false", "          shuffle_tokens: false\n        - folder_path: more"), r"datasets has 2 entries; one dataset per job"),
+    # the name becomes a file name: one that is not safe as one is refused where the file sets it
+    (("  name: my_first_klein_lora", "  name: ../my lora"), r"job\.yaml: config\.name \(our `name`\): the LoRA's file name: use .* \(got '\.\./my lora'\)"),
 ])
 def test_unsupported_ai_toolkit_keys_are_refused_by_name(tmp_path, change, message):
     old, new = change

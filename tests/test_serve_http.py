@@ -368,6 +368,12 @@ def test_trained_lora_status_and_files(http, service, trained):
     comfy_name = f"{trained['id']}_zxy_neon.safetensors"
     comfy = http.get(trained["files"][comfy_name], headers=_auth(key))
     assert comfy.status_code == 200 and comfy.headers["content-disposition"] == f'attachment; filename="{comfy_name}"'
+    # the LoRA under the job's name (the job id, where the request named none), and under the old fixed name
+    named = http.get(trained["files"][f"{trained['id']}.safetensors"], headers=_auth(key))
+    assert named.status_code == 200
+    assert named.headers["content-disposition"] == f'attachment; filename="{trained["id"]}.safetensors"'
+    old_name = http.get(trained["files"]["lora.safetensors"], headers=_auth(key))
+    assert old_name.status_code == 200 and old_name.content == named.content
     assert trained["id"] in {i["id"] for i in http.get("/v1/loras", headers=_auth(key)).json()["loras"]}
 
 

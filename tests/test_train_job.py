@@ -12,14 +12,18 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
+import ray.cloudpickle
 import torch
+from mlflow.tracking import MlflowClient
 from PIL import Image
+from ray.train import UserCallback
 
 from cluster.storage import Storage
 from formula_reference import rectified_flow_loss  # tests/ is on sys.path
@@ -34,7 +38,7 @@ from train.health import render_health
 from train.job import checkpoint_key, health_task_args, lora_prefix, prepare_dataset, run_training_job
 from train.recipe import TrainConfig
 from train.report import image_grid
-from contracts import tensorboard_key
+from contracts import CONTACT_SHEET, tensorboard_key
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import reliability  # the ledger plugin's own module (tests/ is on sys.path), also the workers' fault hook
@@ -112,6 +116,12 @@ def _assert_same_run(storage: Storage, clean: dict, manifest: dict, job_id: str)
         assert torch.allclose(a.layers[name].down, b.layers[name].down, atol=1e-5)
 
 
+def _open_event_writers() -> int:
+    """TensorBoard writers this process has not closed: each keeps its writer thread until `close()` (it reopens its
+    file for every write, so no file stays open to look for)."""
+    return sum(type(t).__name__ == "_AsyncWriterThread" for t in threading.enumerate())
+
+
 def test_job_writes_a_complete_verified_lora(clean, store):
     manifest, statuses = clean["manifest"], clean["statuses"]
     storage = Storage.from_uri(store)
@@ -125,6 +135,10 @@ def test_job_writes_a_complete_verified_lora(clean, store):
     assert manifest["comfyui_file"] == "job-e2e_zxy_neon.safetensors" and manifest["comfyui_file"] in manifest["files"]
     comfy = read_lora(storage.read_bytes(f"{prefix}/job-e2e_zxy_neon.safetensors"))
     assert comfy.meta["source_format"] == "comfyui" and set(comfy.layers) == set(lora.layers)
+    # ... and the LoRA itself under the job's name (no `name` set: the job id), the same bytes as lora.safetensors
+    assert (manifest["name"], manifest["lora_file"]) == ("job-e2e", "job-e2e.safetensors")
+    assert manifest["files"]["job-e2e.safetensors"] == manifest["files"]["lora.safetensors"]
+    assert manifest.get("contact_sheet") is None and "samples/contact_sheet.png" in manifest["files"]
     sheet = Image.open(io.BytesIO(storage.read_bytes(f"{prefix}/samples/contact_sheet.png")))
     assert sheet.width > sheet.height  # base + 4 checkpoints side by side
     Image.open(io.BytesIO(storage.read_bytes(f"{prefix}/samples/loss.png"))).verify()
@@ -143,6 +157,8 @@ def test_job_writes_a_complete_verified_lora(clean, store):
     assert manifest["captions"] and all(not k.startswith("/") for k in manifest["dataset"]["refs"][0])
     assert statuses[0] == "preparing" and statuses[-1] == "done"
     assert storage.read_json("jobs/job-e2e/status.json")["state"] == "done"
+    assert "contact_sheet" not in storage.read_json("jobs/job-e2e/status.json")
+    assert any(p.name.endswith(".driver") for p in storage.local_path(tensorboard_key("job-e2e")).iterdir())
     # the health report came after delivery (train/health.py): every symptom of the seeds' table, with evidence
     assert statuses.index("checking health") == len(statuses) - 2
     health = manifest["health"]
@@ -190,6 +206,119 @@ def test_the_job_logs_every_step_and_its_samples_for_tensorboard(clean, store, b
     checkpoints = [(step, storage.read_bytes(checkpoint_key("job-e2e", step))) for step in manifest["checkpoints"]]
     drawn_afterwards, _, _ = render_health(**health_task_args(resolved, prepared, checkpoints, manifest["delivered_step"], True))
     assert drawn_afterwards == manifest["health"]
+
+
+class ReportsToFile(UserCallback):
+    """Ray Train's public callback, run on the Train controller: every report the workers make, one JSON line each."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"metrics": metrics, "checkpoint": checkpoint is not None}) + "\n")
+
+
+# the controller is another process, which cannot import this test module: the callback travels by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+WATCHED_REPORTS = [3, 5, 6, 9, 10, 12, 15, 18, 20]  # every log_every (3) and every checkpoint (5, 10, 15, 20)
+
+
+@pytest.fixture(scope="module")
+def watched(ray_cluster, board, store, tmp_path_factory, monkeypatch_module):
+    """A job that reports to MLflow (a local file store: MLflow's file backend, opted in), with a name of its own and
+    Ray Train reports every 3 steps, seen through Ray Train's public UserCallback too."""
+    folder = tmp_path_factory.mktemp("watched")
+    monkeypatch_module.setenv("MLFLOW_TRACKING_URI", f"file://{folder / 'mlruns'}")
+    monkeypatch_module.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch_module.setenv("MLFLOW_EXPERIMENT_NAME", "klein-test")
+    reports = folder / "reports.jsonl"
+    manifest = run_training_job(board, _cfg(store, "job-watched", report_to="mlflow", log_every=3, name="neon_v1",
+                                            health=False, **FAULT_RUN), callbacks=[ReportsToFile(str(reports))])
+    return {"manifest": manifest, "reports": [json.loads(line) for line in reports.read_text().splitlines()],
+            "mlflow": MlflowClient(tracking_uri=f"file://{folder / 'mlruns'}")}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_ray_train_reports_the_step_metrics_every_log_every_steps(watched):
+    """The workers' `ray.train.report` reaches Ray Train's callbacks on every `log_every` step and every checkpoint, with
+    the step's loss (the manifest's), lr, grad norm and s/step; the checkpoints' reports carry the validation loss."""
+    manifest, reports = watched["manifest"], watched["reports"]
+    rank0 = [r["metrics"][0] for r in reports]
+    assert [m["step"] for m in rank0] == WATCHED_REPORTS
+    losses = {e["step"]: e["loss"] for e in manifest["metrics"]["loss_curve"]}
+    assert all(np.isclose(m["loss"], losses[m["step"]], rtol=1e-6) for m in rank0)
+    assert all(m["lr"] >= 0 and m["grad_norm"] > 0 and m["s_per_step"] > 0 for m in rank0), rank0
+    assert rank0[0]["lr"] > rank0[-1]["lr"]  # the cosine schedule, down to 0 at the last step
+    assert [(m["step"], r["checkpoint"]) for m, r in zip(rank0, reports) if "val_loss" in m] == [(5, True), (10, True), (15, True), (20, True)]
+    assert [round(m["val_loss"], 6) for m in rank0 if "val_loss" in m] == [round(v["val_loss"], 6) for v in manifest["metrics"]["val_curve"]]
+
+
+def test_report_to_mlflow_logs_the_run_through_ray_train_and_the_driver(watched, store):
+    """`report_to: mlflow`: one run named after the job, read back through MLflow's own client: the config as its
+    parameters, Ray Train's reports as `train/*` metrics at their steps, the sample columns as images, ended FINISHED
+    (the driver closed it); no TensorBoard files."""
+    client, manifest = watched["mlflow"], watched["manifest"]
+    experiment = client.get_experiment_by_name("klein-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "job-watched" and run.data.tags["klein.job_id"] == "job-watched"
+    assert run.info.status == "FINISHED"
+    assert json.loads(run.data.params["rank"]) == 16 and json.loads(run.data.params["name"]) == "neon_v1"
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in loss] == WATCHED_REPORTS
+    losses = {e["step"]: e["loss"] for e in manifest["metrics"]["loss_curve"]}
+    assert all(np.isclose(m.value, losses[m.step], rtol=1e-6) for m in loss)
+    val = client.get_metric_history(run.info.run_id, "train/val_loss")
+    assert [(m.step, round(m.value, 5)) for m in val] == [(v["step"], round(v["val_loss"], 5)) for v in manifest["metrics"]["val_curve"]]
+    for name in ("train/lr", "train/grad_norm", "train/s_per_step"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == WATCHED_REPORTS, name
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [0, 5, 10, 15, 20]  # 0: the base model
+    assert not Storage.from_uri(store).exists(tensorboard_key("job-watched"))
+
+
+def test_the_lora_is_delivered_under_the_jobs_name_beside_its_old_name(watched, store):
+    """`name`: the LoRA is also `<name>.safetensors` (the same bytes, in the manifest's files with its sha256), and the
+    fixed `lora.safetensors` stays for the readers that load it (serving, the stock diffusers loader)."""
+    manifest = watched["manifest"]
+    storage = Storage.from_uri(store)
+    prefix = lora_prefix("default", "job-watched")
+    assert (manifest["name"], manifest["lora_file"]) == ("neon_v1", "neon_v1.safetensors")
+    named = storage.read_verified(f"{prefix}/neon_v1.safetensors", manifest["files"]["neon_v1.safetensors"])
+    assert named == storage.read_verified(f"{prefix}/lora.safetensors", manifest["files"]["lora.safetensors"])
+    assert read_lora(named).meta["job_id"] == "job-watched"
+    assert manifest["comfyui_file"] == "job-watched_zxy_neon.safetensors" and manifest["comfyui_file"] in manifest["files"]
+
+
+def test_a_contact_sheet_that_fails_after_delivery_leaves_the_job_delivered(ray_cluster, board, store):
+    """Every contact-sheet render fails on the inference pool (the fail_samples hook raises CUDA's out-of-memory
+    error there): the LoRA stays delivered, the job ends done, its manifest and status say why it has no sheet, the
+    health report is still made, and the driver's TensorBoard log is closed all the same."""
+    statuses = []
+    writers_before = _open_event_writers()
+    manifest = run_training_job(board, _cfg(store, "job-no-sheet", fail_samples=True, **FAULT_RUN),
+                                progress=lambda s: statuses.append(s))
+    storage = Storage.from_uri(store)
+    prefix = lora_prefix("default", "job-no-sheet")
+    error = manifest["contact_sheet"]["error"]
+    assert error.startswith("no contact sheet: OutOfMemoryError: CUDA out of memory") and "fail_samples" in error
+    assert CONTACT_SHEET not in manifest["files"] and not storage.exists(f"{prefix}/{CONTACT_SHEET}")
+    assert storage.read_json(f"{prefix}/manifest.json") == json.loads(json.dumps(manifest, default=str))
+    for name, sha in manifest["files"].items():
+        storage.read_verified(f"{prefix}/{name}", sha)  # what it names is there
+    status = storage.read_json("jobs/job-no-sheet/status.json")
+    assert status["state"] == "done" and status["contact_sheet"]["error"] == error
+    assert [s["state"] for s in statuses][-3:] == ["rendering samples", "checking health", "done"]
+    assert manifest["health"]["symptoms"] and "samples/health.png" in manifest["files"]
+    assert any(p.name.endswith(".driver") for p in storage.local_path(tensorboard_key("job-no-sheet")).iterdir())
+    assert _open_event_writers() == writers_before  # the driver's writer was closed, though the sheet never was made
 
 
 @pytest.mark.reliability("faults")

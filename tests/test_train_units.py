@@ -12,7 +12,7 @@ from train.loop import (
     make_optimizer, sample_sigmas, save_checkpoint, setup_transformer, shift_mu,
 )
 from train.cache import CachedItem, TrainingData
-from train.job import midpoint_jumps
+from train.job import midpoint_jumps, run_training_job
 from train.recipe import ConfigError, TrainConfig, choose_variant, default_steps
 from cluster.storage import Storage
 from contracts import compile_cache_key
@@ -349,3 +349,16 @@ def test_compiled_kernels_go_to_the_job_storage_and_come_back(tiny_dir, tmp_path
     assert second.key == first.key and second.load() > 0
     second.save_in_background()  # a loaded cache already holds these graphs: nothing is written again
     assert second.saved_bytes is None
+
+
+def test_report_to_settings_are_checked_before_a_job_starts(tmp_path, monkeypatch):
+    """wandb is refused by name with why; mlflow without MLFLOW_TRACKING_URI stops the job before anything is written
+    (each Ray process would write its own ./mlruns); log_every must be a positive number of steps."""
+    with pytest.raises(ConfigError, match=r"^report_to: choose one of \('tensorboard', 'mlflow', 'none'\); wandb is not supported"):
+        TrainConfig(report_to="wandb")
+    with pytest.raises(ConfigError, match=r"^log_every: a positive integer"):
+        TrainConfig(log_every=0)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=r"report_to: mlflow needs MLFLOW_TRACKING_URI"):
+        run_training_job(tmp_path / "refs", TrainConfig(report_to="mlflow", job_id="job-mlflow", storage=str(tmp_path / "s")))
+    assert not (tmp_path / "s").exists()

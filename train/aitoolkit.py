@@ -125,9 +125,8 @@ def read_aitoolkit_job(data: dict, source: str) -> AiToolkitJob:
             raise ConfigError(f"{source}: top-level key {key!r} is not part of an ai-toolkit job file (job, config, "
                               f"meta): remove it")
     for key in data["config"]:
-        if key == "name":
-            notes.append(f"config.name {data['config']['name']!r}: no effect here (the LoRA's id is the job id: "
-                         f"pass --job-id to choose it)")
+        if key == "name":  # ai-toolkit names its LoRA file after it, and so do we (`name`: <name>.safetensors)
+            config["name"], origin["name"] = data["config"]["name"], "config.name"
         elif key != "process":
             raise ConfigError(f"{source}: config.{key} is not supported by klein-style: remove it")
     processes = data["config"]["process"]

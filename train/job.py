@@ -12,12 +12,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import ray
 from ray.exceptions import RayTaskError
 from ray.train.torch import TorchTrainer
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, TrainingFailedError, UserCallback
 
 from cluster.pools import TRAIN_RESOURCE, cluster_has_gpus, queued_train_loop, train_pool_turn, train_scaling_config
 from cluster.storage import Storage
@@ -34,6 +34,7 @@ from contracts import (
     is_job_id,
     lora_prefix,
     manifest_key,
+    named_lora_file,
     new_job_id,
     without_trigger,
 )
@@ -49,7 +50,7 @@ from train.captions import check_trigger
 from train.dataset import load_refs, near_duplicate_pairs
 from train.worker import train_loop_per_worker
 from train.recipe import TrainConfig
-from train.live import PROBE, SampleColumns, sample_size
+from train.live import PROBE, SampleColumns, driver_log, mlflow_settings, sample_size
 from train.samples import sample_task_options
 from train.health import (detail_side, is_out_of_memory, loss_is_finite, out_of_memory_fix, probe_prompts, probe_requests,
                           render_health, summary_line)
@@ -103,27 +104,36 @@ def _cache_task_options(cfg: TrainConfig) -> dict:
     return {"num_cpus": 1, "num_gpus": 1 if cfg.use_gpu else 0, "resources": {TRAIN_RESOURCE: 1}}
 
 
-def ray_run_config(cfg: TrainConfig, storage: Storage) -> RunConfig:
+def ray_run_config(cfg: TrainConfig, storage: Storage, callbacks: Sequence[UserCallback] = ()) -> RunConfig:
     """Ray Train's run (checkpoints, its own state) under `<storage>/ray_train/<job_id>`, written through our
     storage's filesystem object: given only a URI, Ray would build its own filesystem and send an `s3://` run to
     AWS even where KLEIN_S3_ENDPOINT names a MinIO server (or a GCS emulator). With a filesystem, Ray wants the
-    path inside it (`bucket/prefix/ray_train`, no scheme)."""
+    path inside it (`bucket/prefix/ray_train`, no scheme). `callbacks` see every `ray.train.report` of the workers
+    (every `log_every` steps and each checkpoint) on the Train controller."""
     return RunConfig(
         name=cfg.job_id,
         storage_path=storage.path("ray_train"),
         storage_filesystem=storage.fs,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        callbacks=list(callbacks),
     )
 
 
-def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
+def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] | None = None,
+                     callbacks: Sequence[UserCallback] = ()) -> dict:
     """Run a whole job and return its manifest. `source` is a folder, a zip or a storage URI of refs.
+    `callbacks` (`ray.train.UserCallback`) get every metrics report of the style LoRA's training (ray_run_config).
 
     Submitting again with the same `job_id` after the driver died resumes from the last checkpoint
     (Ray Train restores a run with the same name and storage path).
     """
     cfg.job_id = check_job_id(cfg.job_id or new_job_id())
+    if named_lora_file(lora_name(cfg)) == comfyui_file_name(cfg.job_id, cfg.trigger):
+        raise JobError(f"name {lora_name(cfg)!r} would give the LoRA the ComfyUI export's file name "
+                       f"({comfyui_file_name(cfg.job_id, cfg.trigger)}): choose another name")
+    if cfg.report_to == "mlflow":
+        mlflow_settings()  # the package and MLFLOW_TRACKING_URI are there, or the job stops before it starts
     if cfg.consis_lora and cfg.content_lora:
         raise JobError("content_lora is what consis_lora's first stage trains: give consis_lora or content_lora, not both")
     if cfg.use_gpu is None:
@@ -134,13 +144,14 @@ def run_training_job(source, cfg: TrainConfig, progress: Callable[[dict], None] 
     status = JobStatus(storage, cfg.job_id, cfg.tenant, progress)
     with status.running():  # a stop signal to this driver marks the job "stopped" (train/status.py)
         try:
-            return _run_stages(source, cfg, storage, status, started)
+            return _run_stages(source, cfg, storage, status, started, callbacks)
         except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C in this thread: the job says so, not "training"
             status.stopped(f"{type(e).__name__} in the driver")
             raise
 
 
-def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, started: float) -> dict:
+def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, started: float,
+                callbacks: Sequence[UserCallback]) -> dict:
     status("preparing")
     try:
         prepared, cfg = prepare_dataset(source, cfg, on_gpu=bool(cfg.use_gpu))
@@ -172,22 +183,25 @@ def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, s
                       "content_lora": cfg.content_lora}
         status("training", step=0, steps=cfg.steps, decision=prepared.decision)
         # the contact sheet's columns render on the inference pool as the checkpoints appear (train/live.py)
-        samples = SampleColumns(cfg, storage, probe=health_probe_requests(cfg) if cfg.health else None)
-        try:
+        tracker = driver_log(cfg, storage, public_config(cfg))  # TensorBoard's driver file, the MLflow run, or None
+        samples = SampleColumns(cfg, storage, probe=health_probe_requests(cfg) if cfg.health else None, log=tracker)
+        delivered = False
+        try:  # the driver's log is closed whatever happens below (a failed job's too)
             with samples.watching():
-                final_state = _fit(cfg, cache_key, storage)
-        except BaseException:
-            samples.close()
-            raise
-        status.stage = "finishing"
-        manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
-        # the LoRA is delivered (its manifest is written); its contact sheet and health report follow on the inference pool
-        status.stage = RENDERING_SAMPLES
-        status(RENDERING_SAMPLES, manifest=manifest_key(cfg.tenant, cfg.job_id))
-        manifest = add_contact_sheet(cfg, storage, manifest, samples)
-        status.stage = CHECKING_HEALTH
-        status(CHECKING_HEALTH, manifest=manifest_key(cfg.tenant, cfg.job_id))
-        manifest = add_health_report(cfg, prepared, final_state, storage, manifest, samples)
+                final_state = _fit(cfg, cache_key, storage, [*(tracker.callbacks() if tracker else ()), *callbacks])
+            status.stage = "finishing"
+            manifest = finish_job(cfg, prepared, final_state, cache_key, storage, started, consis=consis)
+            delivered = True
+            # the LoRA is delivered (its manifest is written); its contact sheet and health report follow on the
+            # inference pool, and neither takes the delivered LoRA back when it fails (the manifest says why)
+            status.stage = RENDERING_SAMPLES
+            status(RENDERING_SAMPLES, manifest=manifest_key(cfg.tenant, cfg.job_id))
+            manifest = add_contact_sheet(cfg, storage, manifest, samples)
+            status.stage = CHECKING_HEALTH
+            status(CHECKING_HEALTH, manifest=manifest_key(cfg.tenant, cfg.job_id))
+            manifest = add_health_report(cfg, prepared, final_state, storage, manifest, samples)
+        finally:
+            samples.close(delivered)
     except Exception as e:
         # whichever stage failed (a model folder the cache task cannot load, a worker error, a contact sheet),
         # the job's own status says so in one line; checkpoints stay, and resubmitting the job id resumes
@@ -198,7 +212,9 @@ def _run_stages(source, cfg: TrainConfig, storage: Storage, status: JobStatus, s
         if isinstance(e, JobError) and reason == str(e):
             raise
         raise JobError(reason) from e
-    status("done", manifest=manifest_key(cfg.tenant, cfg.job_id), best_step=manifest["best_step"])
+    # what a delivered job could not add (its contact sheet) stays visible in its final status too
+    after = {"contact_sheet": manifest["contact_sheet"]} if manifest.get("contact_sheet") else {}
+    status("done", manifest=manifest_key(cfg.tenant, cfg.job_id), best_step=manifest["best_step"], **after)
     return manifest
 
 
@@ -208,13 +224,13 @@ def _build_cache(ref_set, captions: list[str], cfg: TrainConfig) -> str:
         ref_set, captions, cfg.model, cfg.storage, cfg.resolution, "cuda" if cfg.use_gpu else "cpu"))
 
 
-def _fit(cfg: TrainConfig, cache_key: str, storage: Storage) -> dict:
+def _fit(cfg: TrainConfig, cache_key: str, storage: Storage, callbacks: Sequence[UserCallback] = ()) -> dict:
     """One TorchTrainer run (resumed if a run of this job id exists); returns the final state.json."""
     trainer = TorchTrainer(
         queued_train_loop(train_loop_per_worker, cfg.job_id),
         train_loop_config={"train": cfg.to_dict(), "cache_key": cache_key},
         scaling_config=train_scaling_config(cfg.num_workers, use_gpu=bool(cfg.use_gpu)),
-        run_config=ray_run_config(cfg, storage),
+        run_config=ray_run_config(cfg, storage, callbacks),
     )
     # jobs enter the training pool in arrival order (Ray alone retries pending placement groups by back-off)
     with train_pool_turn(cfg.job_id, poll_s=1.0):
@@ -279,8 +295,10 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
     loss_png = loss_plot_png(state["log"], val, best_step=best["step"])
     prefix = lora_prefix(cfg.tenant, cfg.job_id)
     comfy_name = comfyui_file_name(cfg.job_id, cfg.trigger)
+    named = named_lora_file(lora_name(cfg))
     files = {
-        LORA_FILE: lora_bytes,
+        LORA_FILE: lora_bytes,  # the fixed name stays: serving, imports and older readers load it
+        named: lora_bytes,  # the same LoRA under the job's name, to copy out of storage (README, "LoRA names")
         comfy_name: comfy_bytes,
         LOSS_PLOT: loss_png,
     }
@@ -318,6 +336,8 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
         "style_profile": profile,
         "files": hashes,
         "comfyui_file": comfy_name,
+        "name": lora_name(cfg),
+        "lora_file": named,
         "elapsed_s": time.time() - started,
     }
     Manifest.model_validate(manifest)  # the readers' contract (contracts.Manifest) holds before anything reads it
@@ -325,12 +345,25 @@ def finish_job(cfg: TrainConfig, prepared: PreparedDataset, state: dict, cache_k
     return manifest
 
 
+def lora_name(cfg: TrainConfig) -> str:
+    """The job's name: its `name`, else its id (both are safe file names)."""
+    return cfg.name or cfg.job_id
+
+
 def add_contact_sheet(cfg: TrainConfig, storage: Storage, manifest: dict, samples: SampleColumns) -> dict:
     """The contact sheet of a delivered LoRA (its `sampled_steps`), assembled from the columns rendered on the inference
-    pool during training (the missing ones render now), written, then named in the manifest. A failure here fails the
-    job (the sheet is part of what a job promises); the LoRA stays delivered."""
-    sheet_png = samples.sheet(manifest["sampled_steps"])
-    sha = storage.write_bytes(f"{lora_prefix(cfg.tenant, cfg.job_id)}/{CONTACT_SHEET}", sheet_png)
+    pool during training (the missing ones render now), written, then named in the manifest. A sheet that cannot be
+    made (a render that fails on the inference pool, a write) never takes the delivered LoRA back: the manifest then
+    says why under `contact_sheet.error`, as it does for the health report."""
+    try:
+        sheet_png = samples.sheet(manifest["sampled_steps"])
+        sha = storage.write_bytes(f"{lora_prefix(cfg.tenant, cfg.job_id)}/{CONTACT_SHEET}", sheet_png)
+    except Exception as e:
+        log.warning("job %s: no contact sheet: %s", cfg.job_id, failure_reason(e))
+        manifest = {**manifest, "contact_sheet": {"error": f"no contact sheet: {failure_reason(e)}"}}
+        Manifest.model_validate(manifest)
+        storage.write_json(manifest_key(cfg.tenant, cfg.job_id), manifest)
+        return manifest
     manifest = {**manifest, "files": {**manifest["files"], CONTACT_SHEET: sha}}
     Manifest.model_validate(manifest)
     storage.write_json(manifest_key(cfg.tenant, cfg.job_id), manifest)  # the sheet is in place before the manifest names it
@@ -412,7 +445,7 @@ def _style_profile(prepared: PreparedDataset) -> dict:
     return extract_style_profile(images, client=client).to_manifest()
 
 
-PRIVATE_CONFIG_KEYS = ("fail_at_step", "step_delay_s", "oom_at_step", "content_lora")
+PRIVATE_CONFIG_KEYS = ("fail_at_step", "step_delay_s", "oom_at_step", "fail_samples", "content_lora")
 
 
 def public_config(cfg: TrainConfig) -> dict:

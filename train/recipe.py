@@ -16,12 +16,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from contracts import LORA_NAME_RULE, is_lora_name
 from train.aitoolkit import AITOOLKIT_TRIGGER, is_aitoolkit_job, read_aitoolkit_job
 from train.errors import ConfigError
 
 OPTIMIZERS = ("adafactor", "adamw", "adamw8bit")
 ZERO3_GATHER = ("auto", "block", "linear", "module")
-REPORT_TO = ("tensorboard", "none")
+REPORT_TO = ("tensorboard", "mlflow", "none")
 ZERO_OPTIMIZERS = ("adamw",)  # element-wise: ZeRO's flat fp32 shards of the LoRA change nothing for them
 LR_SCHEDULERS = ("cosine", "cosine_with_restarts", "constant_with_warmup")
 TARGET_PRESETS = ("all", "attention", "single_blocks", "double_blocks")
@@ -131,6 +132,7 @@ class TrainConfig(BaseModel):
     model: str = "tiny"
     tenant: str = "default"
     job_id: str | None = None
+    name: str | None = None  # the delivered LoRA's file name, `<name>.safetensors` (None: the job id)
     storage: str = Field(default_factory=default_storage)
     variant: str = "auto"  # auto | GEM+A | GEM+B | B_r128 | GEM+D | custom
     # LoRA (ai-toolkit names)
@@ -155,7 +157,12 @@ class TrainConfig(BaseModel):
     # checkpoints, samples, validation
     save_every: int = 250
     sample_every: int | None = None  # None: at every save
-    report_to: str = "tensorboard"  # per-step scalars and samples as TensorBoard event files (train/live.py), or none
+    # per-step scalars and samples as TensorBoard event files, or to MLflow (its tracking server or store from the
+    # MLFLOW_* settings), or none (train/live.py)
+    report_to: str = "tensorboard"
+    # the steps between `ray.train.report` calls with the step's metrics (and at every checkpoint): reports closer than
+    # Ray Train's controller poll (2 s) stall the steps (README, "Ray Train's own reports")
+    log_every: int = 50
     sample_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_steps: int = 20
     sample_size: int | None = None  # None: 64 for tiny, 1024 otherwise
@@ -180,10 +187,12 @@ class TrainConfig(BaseModel):
     max_failures: int = 2
     max_refs: int = 50
     # testing hooks: kill this worker process once at this step (fault injection), slow each step down, raise
-    # torch.OutOfMemoryError at this step (what a GPU too small for the job does)
+    # torch.OutOfMemoryError at this step (what a GPU too small for the job does); make every contact-sheet render
+    # on the inference pool raise torch.OutOfMemoryError (an inference GPU too small for the samples)
     fail_at_step: int | None = None
     step_delay_s: float = 0.0
     oom_at_step: int | None = None
+    fail_samples: bool = False
     # where an ai-toolkit job file put things that are not TrainConfig keys (from_yaml fills them)
     _dataset_folder: str | None = PrivateAttr(default=None)
     _load_notes: list[str] = PrivateAttr(default_factory=list)
@@ -218,7 +227,8 @@ class TrainConfig(BaseModel):
             key = str(e).split(":", 1)[0]
             if job is None or key not in job.origin or key in given:
                 raise
-            raise ConfigError(f"{path}: config.process[0].{job.origin[key]} (our `{key}`): "
+            where = job.origin[key] if job.origin[key].startswith("config.") else f"config.process[0].{job.origin[key]}"
+            raise ConfigError(f"{path}: {where} (our `{key}`): "
                               f"{str(e).split(':', 1)[1].strip()}") from None
         if job is not None:
             cfg._dataset_folder, cfg._load_notes = job.dataset_folder, list(job.notes)
@@ -312,8 +322,11 @@ class TrainConfig(BaseModel):
         check(self.content_steps is None or self.content_steps >= 1, "content_steps", "a positive integer or null")
         check(self.sample_every is None or self.sample_every >= 1, "sample_every", "a positive integer or null")
         check(self.report_to in REPORT_TO, "report_to", f"choose one of {REPORT_TO}"
-              + ("; mlflow and wandb are not supported yet: the TensorBoard event files under the job's storage "
-                 "are what `wandb sync` reads" if self.report_to in ("mlflow", "wandb") else ""))
+              + ("; wandb is not supported: it cannot be tested here without W&B's servers; the TensorBoard event "
+                 "files under the job's storage are what `wandb sync` reads" if self.report_to == "wandb" else ""))
+        check(self.log_every >= 1, "log_every", "a positive integer (steps between Ray Train metric reports)")
+        check(self.name is None or is_lora_name(self.name), "name",
+              f"the LoRA's file name: use {LORA_NAME_RULE}, without .safetensors")
         check(self.max_refs >= 1, "max_refs", "at least 1")
 
     # -- resolution of 'auto' ----------------------------------------------------------------------------
@@ -374,6 +387,6 @@ ALIASES = {"alpha": "linear_alpha", "learning_rate": "lr", "max_train_steps": "s
            "linear": "rank", "trigger_word": "trigger", "prompts": "sample_prompts",
            "max_step_saves_to_keep": "keep_checkpoints"}
 # testing hooks: accepted, but not offered in the known-keys list of an error
-TESTING_KEYS = frozenset({"fail_at_step", "step_delay_s", "oom_at_step"})
+TESTING_KEYS = frozenset({"fail_at_step", "step_delay_s", "oom_at_step", "fail_samples"})
 # the keys a YAML file may spell as `1e-4` (see TrainConfig.from_dict)
 FLOAT_KEYS = frozenset(name for name, f in TrainConfig.model_fields.items() if f.annotation in (float, float | None))

@@ -168,7 +168,6 @@ def train_loop_per_worker(config: dict) -> None:
         state.step = step
         state.log.append({"step": step, "loss": loss_total, "lr": trainer.lr, "attempt": state.attempt})
         is_save = step % cfg.save_every == 0 or step == cfg.steps
-        metrics = {"step": step, "loss": loss_total, "lr": trainer.lr}
         if not is_save and step in midpoint_steps(cfg.steps):
             state.log[-1]["val_loss"] = trainer.validation_loss(data, cfg.seed)  # no checkpoint, just the probe
         if not is_save and cfg.sample_every and step % cfg.sample_every == 0 and (rank == 0 or zero is not None):
@@ -176,9 +175,16 @@ def train_loop_per_worker(config: dict) -> None:
             lora = trainer.current_lora(step)
             if rank == 0:
                 storage.write_bytes(checkpoint_key(cfg.job_id, step), lora_to_bytes(lora))
+        scalars = {"loss": loss_total, "lr": trainer.lr, "grad_norm": trainer.last_grad_norm,
+                   "s_per_step": time.time() - step_started}
+        metrics = {"step": step, **scalars}
         if events is not None:
-            events.scalars(step, {"loss": loss_total, "lr": trainer.lr, "grad_norm": trainer.last_grad_norm,
-                                  "s_per_step": time.time() - step_started})
+            events.scalars(step, scalars)
+        if not is_save and step % cfg.log_every == 0:
+            # Ray Train's own metrics stream (callbacks such as MLflow's see it; train/live.py). Every worker reports
+            # (each report is a barrier), on the same steps; not every step: a worker holds one report until the
+            # controller takes it (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so faster reports would stall steps
+            ray.train.report(metrics)
         if is_save:
             t = time.time()
             metrics["val_loss"] = trainer.validation_loss(data, cfg.seed)
