@@ -2,6 +2,10 @@
 (Ray's raylet, workers and replicas, CLI subprocesses) included.
 
     .venv/bin/python scripts/suite_cpu.py [--out FILE] [pytest args...]
+    .venv/bin/python scripts/suite_cpu.py --command 'CI=true bash .ci/run' [--out FILE]
+
+`--command` measures what CI runs (set-up, lint and pytest) instead of a bare pytest: the plugin reaches that
+pytest through PYTEST_ADDOPTS, and the report adds the whole command's wall and CPU.
 
 Runs pytest as a child with this file as a plugin (it logs each test's start and end), samples the CPU time of the
 child and all its descendants every 0.5 s (psutil; a process that ends keeps its last sample), and prints per test
@@ -106,15 +110,24 @@ def report(rows: list[tuple[str, float, float]], cores: int, top: int = 25) -> s
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="also write the report here")
+    parser.add_argument("--command", help="a shell command to measure instead of pytest, e.g. 'CI=true bash .ci/run'")
     args, pytest_args = parser.parse_known_args(argv)
     with tempfile.NamedTemporaryFile("r", suffix=".log", delete=False) as log:
         log_path = log.name
     env = {**os.environ, "SUITE_CPU_TEST_LOG": log_path,
            "PYTHONPATH": os.pathsep.join([str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "suite_cpu", *pytest_args], cwd=REPO, env=env)
+    if args.command:
+        # the command's own pytest loads the plugin; the sampler follows every process the command starts
+        env["PYTEST_ADDOPTS"] = " ".join(filter(None, ["-p suite_cpu", os.environ.get("PYTEST_ADDOPTS")]))
+        proc = subprocess.Popen(["bash", "-c", args.command], cwd=REPO, env=env)
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "suite_cpu", *pytest_args], cwd=REPO, env=env)
     series = sample_tree(proc)
     rc = proc.wait()
     text = report(per_test(series, Path(log_path).read_text().splitlines()), psutil.cpu_count() or 1)
+    if args.command and series:
+        text = (f"`{args.command}`: exit {rc}, wall {series[-1][0] - series[0][0]:.0f} s, CPU {series[-1][1]:.0f} s "
+                f"(set-up, lint and collection included)\n\n{text}")
     os.unlink(log_path)
     print(text)
     if args.out:

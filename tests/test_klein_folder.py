@@ -91,13 +91,15 @@ def test_time_to_style_trains_then_serves_and_times_every_stage(test_folder, tmp
     """bench/time_to_style.py as the lead runs it, at toy sizes, in one run as on the GPU: board → `klein-style
     train` subprocess → every stage timed from status.json, the checkpoints and the delivered files; then
     `klein-style serve` with the LoRA just trained: cold start, first image, and each (concurrency x LoRA set)
-    phase with images, latencies and throughput, 3 copies round-robin; the JSON and table written."""
+    phase with images, latencies and throughput, 3 copies round-robin; the JSON and table written. Each phase stops
+    at 2 images a client (`--phase-images`): what is asserted of a phase (images, no errors, p50 <= p99, a rate)
+    needs no more, and the 4 s budget of image after image was ~16 s of both cores."""
     out = tmp_path / "tts"
     cmd = [sys.executable, str(REPO / "bench" / "time_to_style.py"), "--model", str(test_folder), "--out", str(out),
            "--storage", str(tmp_path / "storage"), "--job-id", "tts-test", "--refs", "3", "--ref-size", "256", "--steps", "4",
            "--save-every", "2", "--resolution", "64", "--sample-size", "64", "--sample-steps", "2", "--variant", "GEM+A",
            "--fresh-compile-dirs", str(tmp_path / "compile"),
-           "--serve", "--serve-size", "64", "--serve-steps", "2", "--phase-budget-s", "4", "--concurrency", "1,2",
+           "--serve", "--serve-size", "64", "--serve-steps", "2", "--phase-budget-s", "4", "--phase-images", "1:2,2:4", "--concurrency", "1,2",
            "--n-loras", "3", "--budget-s", "700", "--port", str(free_port())]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=800, env=time_to_style.child_env(REPO))
