@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -101,13 +100,3 @@ def test_any_image_mode_and_size(scorer):
         StyleScorer([])
     with pytest.raises(ValueError, match="at least one image"):
         scorer.distance([])
-
-
-def test_cpu_fast_on_small_images(scorer):
-    images = [Image.fromarray(getattr(skimage_data, n)()).resize((256, 256)) for n in NEW_CONTENT] * 3
-    scorer.distances(images[:1])  # warm-up
-    t0 = time.perf_counter()
-    scorer.distances(images)
-    per_image = (time.perf_counter() - t0) / len(images)
-    # ~10-15 ms per 256 px image on an idle 2-core CPU; the bound leaves room for a busy CI machine
-    assert per_image < 0.25, f"{per_image * 1000:.0f} ms per image"
