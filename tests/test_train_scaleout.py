@@ -72,7 +72,8 @@ def test_consis_lora_trains_style_on_a_frozen_content_lora(ray_cluster, board, t
     # two different adapters: the style one was trained from a fresh start on top of the content one
     assert any(not torch.allclose(style.layers[n].up, content.layers[n].up) for n in style.layers)
     # only the style LoRA is delivered (with its health report); sample_every=2 puts steps 2, 4 and 6 on the sheet
-    assert set(manifest["files"]) == {"lora.safetensors", f"job-consis_{manifest['trigger']}.safetensors",
+    assert set(manifest["files"]) == {"lora.safetensors", "job-consis.safetensors",  # named after the job
+                                      f"job-consis_{manifest['trigger']}.safetensors",
                                       "samples/contact_sheet.png", "samples/loss.png", "samples/health.png",
                                       "samples/health.md"}
     assert manifest["checkpoints"] == [6] and manifest["sampled_steps"] == [2, 4, 6]
