@@ -1,12 +1,9 @@
-"""Shared fixtures: one tiny Klein model per test session, taken from tests/data (or built into the cache once)."""
+"""Shared fixtures: one tiny Klein model per test session, built into the cache once."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -17,45 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 pytest_plugins = ["reliability"]  # the reliability ledger and its summary table (tests/reliability.py)
 
-# The tiny preset as klein.tiny.build_tiny_preset writes it (bit for bit: the build is seeded). Building it fits its
-# VAE for 300 steps, ~150 CPU-seconds on one core, which every fresh CI run paid before its first tiny test.
-# test_model.py checks that this copy is the current version, lands where klein.tiny looks, and loads.
-SHIPPED_TINY = Path(__file__).parent / "data" / "tiny-klein-v5"
-
-
-def tiny_cache_root() -> Path:
-    """klein.tiny.default_cache_dir's rule, without importing torch at start-up (test_model.py compares the two)."""
-    return Path(os.environ.get("KLEIN_CACHE", Path.home() / ".cache" / "klein-style"))
-
-
-def seed_tiny_cache() -> None:
-    """Put the shipped tiny preset where every process of the session looks for it (this one, Ray workers, CLI
-    subprocesses and `ray job submit` jobs all call klein.tiny.tiny_preset_dir), unless a copy is already there.
-    Copied into a temporary folder and renamed, as tiny_preset_dir builds: a concurrent session never sees half."""
-    root = tiny_cache_root()
-    target = root / SHIPPED_TINY.name
-    if (target / "model_index.json").exists() or not SHIPPED_TINY.is_dir():
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-copy-", dir=root))
-    try:
-        shutil.copytree(SHIPPED_TINY, tmp, dirs_exist_ok=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").exists():  # lost a race to another session: theirs is the same
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pytest_sessionstart(session):
-    seed_tiny_cache()
-
 
 @pytest.fixture(scope="session")
 def tiny_dir():
-    """The tiny preset's diffusers folder in KLEIN_CACHE (the shipped copy; built there if the version moved on)."""
+    """The tiny preset's diffusers folder (built on first use into KLEIN_CACHE, then reused)."""
     from klein.tiny import tiny_preset_dir
 
     return tiny_preset_dir()
