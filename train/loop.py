@@ -49,7 +49,7 @@ def shift_mu(image_seq_len: int) -> float:
 
 def sample_sigmas(batch: int, image_seq_len: int, generator: torch.Generator) -> torch.Tensor:
     """Logit-normal timesteps, shifted towards noise for larger images (as FLUX trains)."""
-    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    t = torch.sigmoid(torch.randn(batch, generator=generator, device=generator.device))  # where the generator lives
     mu = shift_mu(image_seq_len)
     return math.exp(mu) / (math.exp(mu) + (1 / t.clamp(1e-5, 1 - 1e-5) - 1))
 
