@@ -94,7 +94,9 @@ def _watch_progress(cfg, stop: threading.Event) -> None:
                 continue
             bar.n = st.get("step", 0)
             if "loss" in st:
-                bar.set_postfix(loss=f"{st['loss']:.4f}", s_per_step=f"{st.get('s_per_step', 0):.3f}", eta=f"{st.get('eta_s', 0):.0f}s")
+                # refresh=False: the refresh below draws once (in a log, each draw is a line of its own)
+                bar.set_postfix(loss=f"{st['loss']:.4f}", s_per_step=f"{st.get('s_per_step', 0):.3f}",
+                                eta=f"{st.get('eta_s', 0):.0f}s", refresh=False)
             bar.refresh()
     if bar is not None:
         bar.close()
