@@ -309,7 +309,7 @@ def killed(ray_cluster, board, store):
     """A job whose worker process is killed mid-step (after the step-10 checkpoint) and whose every contact-sheet render
     fails on the inference pool (the fail_samples hook raises CUDA's out-of-memory error there). Two faults of one job,
     checked by two tests: the sheet is made on the driver after delivery, the kill is survived on the workers before it,
-    and one Ray Train job fewer costs the suite ~40 CPU-s."""
+    so neither fault touches what the other test checks, and the suite runs one Ray Train job fewer."""
     statuses = []
     writers_before = _open_event_writers()
     manifest = run_training_job(board, _cfg(store, "job-killed", fail_at_step=11, fail_samples=True, **FAULT_RUN),
