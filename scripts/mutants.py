@@ -75,11 +75,12 @@ MUTATIONS: list[Mutation] = [
     M("sheet-log-left-open", "the driver's log is closed only by a contact sheet that succeeds",
       "train/job.py", "            samples.close(delivered)\n", "            pass\n",
       ("tests/test_train_job.py::test_a_contact_sheet_that_fails_after_delivery_leaves_the_job_delivered",), slow=True),
-    M("column-failure-spreads", "a failed column raises at once, leaving the other failed ones for a later collect (the health probe's)",
-      "train/live.py",
-      "                except Exception as e:  # noqa: BLE001 — the render's own error, raised or logged below\n"
-      "                    failed[family, step] = e\n                    continue\n",
-      "                except Exception:\n                    raise\n",
+    # (was column-failure-spreads: "a failed column raises at once, leaving the other failed ones for a later collect".
+    # Since a job's last columns render one at a time, no other column is in flight when one fails: an equivalent mutant
+    # but for a race, missed on 2026-12-02. Re-defined on what a failed column must still do: fail the sheet with its reason.)
+    M("column-failure-reason", "a failed column is only logged: the sheet then fails on a missing file, not with the render's reason",
+      "train/live.py", "            self.submit(*key)\n            self.collect(wait_for=[key])\n",
+      "            self.submit(*key)\n            self._wait_for_pending()\n            self.collect()\n",
       ("tests/test_train_job.py::test_a_contact_sheet_that_fails_after_delivery_leaves_the_job_delivered",), slow=True),
     # -- LoRA names that travel ------------------------------------------------------------------------------
     M("named-lora-file", "the LoRA is not written under the job's name (only lora.safetensors)",

@@ -304,40 +304,50 @@ def test_the_lora_is_delivered_under_the_jobs_name_beside_its_old_name(watched, 
     assert manifest["comfyui_file"] == "job-watched_zxy_neon.safetensors" and manifest["comfyui_file"] in manifest["files"]
 
 
-def test_a_contact_sheet_that_fails_after_delivery_leaves_the_job_delivered(ray_cluster, board, store):
-    """Every contact-sheet render fails on the inference pool (the fail_samples hook raises CUDA's out-of-memory
-    error there): the LoRA stays delivered, the job ends done, its manifest and status say why it has no sheet, the
-    health report is still made, and the driver's TensorBoard log is closed all the same."""
+@pytest.fixture(scope="module")
+def killed(ray_cluster, board, store):
+    """A job whose worker process is killed mid-step (after the step-10 checkpoint) and whose every contact-sheet render
+    fails on the inference pool (the fail_samples hook raises CUDA's out-of-memory error there). Two faults of one job,
+    checked by two tests: the sheet is made on the driver after delivery, the kill is survived on the workers before it,
+    so neither fault touches what the other test checks, and the suite runs one Ray Train job fewer."""
     statuses = []
     writers_before = _open_event_writers()
-    manifest = run_training_job(board, _cfg(store, "job-no-sheet", fail_samples=True, **FAULT_RUN),
+    manifest = run_training_job(board, _cfg(store, "job-killed", fail_at_step=11, fail_samples=True, **FAULT_RUN),
                                 progress=lambda s: statuses.append(s))
+    return {"manifest": manifest, "statuses": statuses, "writers_before": writers_before,
+            "writers_after": _open_event_writers()}
+
+
+def test_a_contact_sheet_that_fails_after_delivery_leaves_the_job_delivered(killed, store):
+    """Every contact-sheet render fails on the inference pool: the LoRA stays delivered, the job ends done, its manifest
+    and status say why it has no sheet, the health report is still made, and the driver's TensorBoard log is closed
+    all the same."""
+    manifest, statuses = killed["manifest"], killed["statuses"]
     storage = Storage.from_uri(store)
-    prefix = lora_prefix("default", "job-no-sheet")
+    prefix = lora_prefix("default", "job-killed")
     error = manifest["contact_sheet"]["error"]
     assert error.startswith("no contact sheet: OutOfMemoryError: CUDA out of memory") and "fail_samples" in error
     assert CONTACT_SHEET not in manifest["files"] and not storage.exists(f"{prefix}/{CONTACT_SHEET}")
     assert storage.read_json(f"{prefix}/manifest.json") == json.loads(json.dumps(manifest, default=str))
     for name, sha in manifest["files"].items():
         storage.read_verified(f"{prefix}/{name}", sha)  # what it names is there
-    status = storage.read_json("jobs/job-no-sheet/status.json")
+    status = storage.read_json("jobs/job-killed/status.json")
     assert status["state"] == "done" and status["contact_sheet"]["error"] == error
     assert [s["state"] for s in statuses][-3:] == ["rendering samples", "checking health", "done"]
     assert manifest["health"]["symptoms"] and "samples/health.png" in manifest["files"]
-    assert any(p.name.endswith(".driver") for p in storage.local_path(tensorboard_key("job-no-sheet")).iterdir())
-    assert _open_event_writers() == writers_before  # the driver's writer was closed, though the sheet never was made
+    assert any(p.name.endswith(".driver") for p in storage.local_path(tensorboard_key("job-killed")).iterdir())
+    assert killed["writers_after"] == killed["writers_before"]  # the driver's writer was closed, though the sheet never was made
 
 
 @pytest.mark.reliability("faults")
-def test_a_killed_worker_resumes_exactly(clean, board, store):
+def test_a_killed_worker_resumes_exactly(killed, clean, store):
     """Kill the worker process mid-step (after the step-10 checkpoint); Ray Train restarts it from that
     checkpoint; the final LoRA equals an uninterrupted run with the same seed and no step ran twice."""
-    killed = run_training_job(board, _cfg(store, "job-killed", fail_at_step=11, **FAULT_RUN))
     storage = Storage.from_uri(store)
     assert storage.exists("jobs/job-killed/fault_injected_11")
-    assert killed["metrics"]["attempts"] == 2 and clean["manifest"]["metrics"]["attempts"] == 1
+    assert killed["manifest"]["metrics"]["attempts"] == 2 and clean["manifest"]["metrics"]["attempts"] == 1
     _assert_resumed_from(store, "job-killed", (5, 10))
-    _assert_same_run(storage, clean, killed, "job-killed")
+    _assert_same_run(storage, clean, killed["manifest"], "job-killed")
 
 
 def _assert_resumed_from(store, job_id: str, checkpoints: tuple[int, ...]) -> None:

@@ -382,11 +382,24 @@ class SampleColumns:
             except Exception as e:  # noqa: BLE001
                 log.warning("job %s: the driver's log not closed: %s", self.cfg.job_id, e)
 
+    def _wait_for_pending(self) -> None:
+        """Until every column on its way has finished (or failed); `collect` then stores or reports it."""
+        with self._lock:
+            refs = list(self._pending.values())
+        if refs:
+            ray.wait(refs, num_returns=len(refs))
+
     def images(self, family: str, steps: list[int]) -> dict[int | None, list[bytes]]:
         """PNG bytes of `family`'s columns at the base model (key None) and at `steps`; missing ones render now."""
         keys = [(family, step) for step in (None, *steps)]
         for key in keys:
+            # one column at a time, after whatever is still rendering (the watcher's last column, the other family's):
+            # a second render at once would start a second inference-pool process and load the model into it again
+            # (on two CPU cores that start-up, ~8 CPU-s, costs more than the column; on a GPU pool, a model load), where
+            # the warm process draws each column in a fraction of that
+            self._wait_for_pending()
             self.submit(*key)
+            self.collect(wait_for=[key])
         self.collect(wait_for=keys)
         n = len(self.requests[family])
         return {step: [self.storage.read_bytes(self.column_key(family, step, i)) for i in range(n)] for _, step in keys}
