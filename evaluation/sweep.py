@@ -337,10 +337,11 @@ class SweepSpec:
         """The cell's `TrainConfig` (not yet resolved against its dataset size)."""
         data = {**self.base, **cell.board.config, **cell.variant.config}
         steps = next((s for s in (cell.variant.steps, cell.board.steps, self.steps) if s is not None), data.get("steps"))
-        data.update(
-            trigger=self.trigger(cell.board), model=self.model, tenant=self.tenant, job_id=cell.job_id, steps=steps,
-            sample_prompts=list(self.prompts), sample_steps=self.sample.steps, sample_size=self.sample_size(),
-        )
+        data.update(trigger=self.trigger(cell.board), model=self.model, tenant=self.tenant, job_id=cell.job_id,
+                    steps=steps, sample_prompts=list(self.prompts))
+        # the job's own contact sheet follows `sample:` unless base/board/variant set it: what the user wrote wins
+        data.setdefault("sample_steps", self.sample.steps)
+        data.setdefault("sample_size", self.sample_size())
         if storage_uri is not None:
             data["storage"] = storage_uri
         try:

@@ -65,6 +65,10 @@ def test_example_sweep_has_two_bands_and_deterministic_job_ids():
     cfg = spec.train_config(cells[1])
     assert (cfg.variant, cfg.steps, cfg.resolution, cfg.lr, cfg.save_every, cfg.model) == ("B_r128", 30, 64, 2e-3, 15, "tiny")
     assert cfg.trigger == "zxy_neon" and cfg.job_id == ids[1] and cfg.sample_prompts == spec.prompts
+    # the job's contact sheet: the example's `base: sample_steps: 4` wins over `sample: steps: 6` (the sweep's renders)
+    assert (cfg.sample_steps, spec.sample.steps, cfg.sample_size) == (4, 6, spec.sample_size())
+    unset = _spec(base={"resolution": 64}, boards=[{"name": "a", "make": {"style": "neon", "n": 3}}], variants=["GEM+A"])
+    assert unset.train_config(unset.cells()[0]).sample_steps == unset.sample.steps
 
 
 def test_steps_overrides_and_variant_entries():
