@@ -13,6 +13,7 @@ reconstruction steps on procedural images make decode(encode(x)) ≈ x, so style
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -97,16 +98,23 @@ def tiny_preset_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if (target / "model_index.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
-    try:
-        build_tiny_preset(tmp)
+    # One builder at a time: pytest-xdist workers, Ray workers and CLI subprocesses may all ask for it at once on a
+    # fresh machine, and each build costs minutes of CPU. The others wait here, then find the folder built. The
+    # lock is released when its file closes, also when the builder dies; the rename still keeps a half folder out.
+    with open(root / f".tiny-klein-v{TINY_PRESET_VERSION}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "model_index.json").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
         try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").exists():  # lost a race to another builder: theirs is fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            build_tiny_preset(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "model_index.json").exists():  # a builder without the lock won: theirs is fine
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

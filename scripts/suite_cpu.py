@@ -11,6 +11,8 @@ Runs pytest as a child with this file as a plugin (it logs each test's start and
 child and all its descendants every 0.5 s (psutil; a process that ends keeps its last sample), and prints per test
 and per module: wall seconds, CPU seconds, and the cores used. The total CPU divided by the machine's cores is the
 floor no scheduling (pytest-xdist included) can go under; cutting that needs less work, not more parallelism.
+Under pytest-xdist (`-n 2`) tests overlap, so a test's CPU includes the other worker's: read the whole command's
+wall and CPU (`--command`), and the per-test wall times only.
 CPU time hardly grows when other work shares the machine, so the figures hold on a busy machine too.
 """
 
@@ -29,7 +31,8 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-_LOG = os.environ.get("SUITE_CPU_TEST_LOG")
+# Under pytest-xdist the controller logs each test when its worker reports it; a worker logging too would log it twice.
+_LOG = None if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("SUITE_CPU_TEST_LOG")
 _log_file = open(_LOG, "a", buffering=1) if _LOG else None  # noqa: SIM115 (a plugin's log, open for the whole run)
 
 

@@ -22,6 +22,7 @@ import base64
 import json
 import re
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,6 +51,7 @@ class RecordedRequest:
     body: dict[str, Any]
     texts: list[str] = field(default_factory=list)
     images: list[tuple[str, bytes]] = field(default_factory=list)  # (mime type, decoded bytes)
+    received_at: float = field(default_factory=time.monotonic)  # when its body was read (time.monotonic)
 
     @property
     def schema(self) -> dict[str, Any]:

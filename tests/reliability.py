@@ -117,6 +117,28 @@ def _count_item(item, report) -> None:
             record("bad_inputs", 1, passed, item.nodeid)
 
 
+def pytest_sessionfinish(session) -> None:
+    """In a pytest-xdist worker, hand this process's ledger to the controller (xdist sends `workeroutput` with its
+    "worker finished" message, after this hook): the tests ran here, the table is printed there."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["reliability"] = {"ledger": _LEDGER, "failures": _FAILURES, "notes": _NOTES}
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without the plugin
+def pytest_testnodedown(node, error) -> None:
+    """In the xdist controller, add each finished worker's ledger to this one (empty: no test runs here)."""
+    theirs = getattr(node, "workeroutput", {}).get("reliability")
+    if not theirs:  # a worker that crashed sends nothing; xdist reports the crash itself
+        return
+    for name, (tried, ok) in theirs["ledger"].items():
+        _LEDGER[name][0] += tried
+        _LEDGER[name][1] += ok
+    for name, whats in theirs["failures"].items():
+        _FAILURES[name].extend(whats)
+    _NOTES.extend(theirs["notes"])
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if not any(tried for tried, _ in _LEDGER.values()):
         return

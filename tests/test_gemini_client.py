@@ -120,11 +120,13 @@ def test_timeout_is_per_call_and_retried(server):
     server.push_delay(3.0)
     server.push_json({"caption": "a lamp"})
     client = make_client(server, timeout_s=0.3)
-    t0 = time.monotonic()
     answer = ask(client)
     assert answer.value.caption == "a lamp"
     assert len(server.requests) == 2
-    assert time.monotonic() - t0 < 2.0  # gave up on the slow answer instead of waiting 3 s
+    # gave up on the slow answer and asked again before it would have come (timed where the server saw the two
+    # requests: the call's own start-up, slow on a loaded machine, is not what is measured here)
+    first, second = server.requests
+    assert second.received_at - first.received_at < 3.0, second.received_at - first.received_at
 
 
 def test_timeouts_exhaust_retries(server):
