@@ -95,8 +95,10 @@ def _head_env() -> dict[str, str]:
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "GEMINI_API_KEY", "GOOGLE_API_KEY"):
         env.pop(key, None)  # join nothing else; the judge runs offline (deterministic)
     # as on a real head: Ray gives each task and actor as many OpenMP threads as CPUs it holds. A value from
-    # the caller's shell (say 2) would give two concurrent 1-CPU tasks 4 spinning threads on 2 cores.
-    env.pop("OMP_NUM_THREADS", None)
+    # the caller's shell (say 2) would give two concurrent 1-CPU tasks 4 spinning threads on 2 cores. Under
+    # pytest-xdist the worker's own share (tests/conftest.py) stays: the other worker's tests hold the other cores.
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        env.pop("OMP_NUM_THREADS", None)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
     return env
 
