@@ -91,8 +91,10 @@ def world_style_index(style: str) -> int:
     return sorted(world.STYLES).index(style)
 
 
-def to_pixels(images_u8: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(images_u8).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def to_pixels(images_u8: np.ndarray | torch.Tensor, device) -> torch.Tensor:
+    """[B, H, W, 3] uint8 (numpy, or a tensor already on `device`) → [B, 3, H, W] in [-1, 1] on `device`."""
+    images = torch.from_numpy(images_u8) if isinstance(images_u8, np.ndarray) else images_u8
+    return images.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def random_trigger(rng: np.random.Generator) -> str:
@@ -123,8 +125,7 @@ def train_vae(pipe, data: dict, steps: int, device, state: dict, batch: int = 64
     gen = torch.Generator(device=device).manual_seed(1)
     curve = []
     for step in range(steps):
-        picked = images_on_device[torch.randint(0, len(images), (batch,), generator=gen, device=device)]
-        x = picked.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # as to_pixels
+        x = to_pixels(images_on_device[torch.randint(0, len(images), (batch,), generator=gen, device=device)], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             z = vae.encode(x).latent_dist.mean  # the pipeline encodes with the mode: train that path
             # a little latent noise: the decoder then tolerates the transformer's imperfect latents
@@ -217,8 +218,8 @@ def train_transformer(pipe, latents, embeds, caption_index, deadline: float, max
     CPU and copied each to the GPU: every copy waited for the queue, and a batch-256 step cost 0.055 s against
     0.076 s at batch 512, most of it waiting.)"""
     transformer = pipe.transformer.to(device).float().train()
-    params = [p for p in transformer.parameters()]
-    ema_tensors = [t for t in transformer.state_dict().values()]  # parameters and buffers, as exported
+    params = list(transformer.parameters())
+    ema_tensors = list(transformer.state_dict().values())  # parameters and buffers, as exported
     ema = [t.detach().clone() for t in ema_tensors]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=device.type == "cuda")
     warmup = 300
