@@ -7,5 +7,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+# --no-compile: pip would byte-compile every installed module (torch's thousands, most never imported), ~40 s of a
+# fresh set-up on 2 cores; Python compiles what a process imports, once, on first import.
+python -c "import torch" 2>/dev/null || python -m pip install -q --no-compile "torch==2.13.0"
+python -m pip install -q --no-compile -e ".[dev]"
