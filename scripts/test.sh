@@ -7,11 +7,10 @@ bash scripts/setup.sh
 # lint first (pyproject.toml [tool.ruff]: syntax errors, pyflakes, bugbear): a finding fails the run
 ruff check .
 set +e
-# Three pytest-xdist workers on 2 cores: with two, the cores stood idle a quarter of the time (a test waiting on its
-# Ray actors, a server or a subprocess's imports), and a third module fills that. --dist loadfile runs each module whole on
+# Two pytest-xdist workers (serially the tests keep 1.2 of 2 cores busy). --dist loadfile runs each module whole on
 # one worker, as its module fixtures (one Ray instance or Serve app) expect; --no-loadscope-reorder keeps the order
 # tests/conftest.py gives (longest modules first) instead of xdist's largest-count-first. `-n 0` runs serially.
-python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder "$@"
+python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
