@@ -132,6 +132,19 @@ def local_cluster_resources(train_slots: int = 1, infer_gpus: int = 1) -> dict[s
     }
 
 
+# Ray ends a worker process that has been idle for a second once its node runs more worker processes than it has
+# CPUs (Ray's `num_workers_soft_limit`, by default the CPU count). A Ray Train job's own actors alone (controller,
+# placement-group cleaner, synchronization, dataset manager, the training workers) pass 2 or 4, so on a small local
+# node the inference pool's render worker — torch, diffusers and the cached pipeline loaded, ~10 CPU-s — was ended
+# between two checkpoints and started again for the next column: the example sweep started five. A local node
+# keeps up to 16 worker processes (measured: the sweep's one render worker, 353 -> 318 CPU-s).
+LOCAL_WORKERS_SOFT_LIMIT = 16
+WORKERS_SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
+# A one-node local cluster has no node to be preempted: Ray Train's preemption watcher (an actor per run, ~2 CPU-s
+# to start) has nothing to watch there.
+LOCAL_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def init_local_ray(
     num_cpus: int = 2,
     object_store_memory: int = 300 * 1024 * 1024,
@@ -154,13 +167,24 @@ def init_local_ray(
         raise PoolError("Ray is already initialised in this process; call ray.shutdown() first")
     init_kwargs.setdefault("address", "local")
     init_kwargs.setdefault("include_dashboard", False)
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        object_store_memory=object_store_memory,
-        resources=local_cluster_resources(train_slots, infer_gpus),
-        **init_kwargs,
-    )
+    system_config = dict(init_kwargs.pop("_system_config", None) or {})
+    if WORKERS_SOFT_LIMIT_ENV not in os.environ:  # the caller's own RAY_num_workers_soft_limit wins
+        system_config.setdefault("num_workers_soft_limit", max(num_cpus, LOCAL_WORKERS_SOFT_LIMIT))
+    # The node's daemons and workers inherit the environment ray.init starts them with; the caller's value wins.
+    node_env = {k: v for k, v in LOCAL_NODE_ENV.items() if k not in os.environ}
+    os.environ.update(node_env)
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            object_store_memory=object_store_memory,
+            resources=local_cluster_resources(train_slots, infer_gpus),
+            _system_config=system_config,
+            **init_kwargs,
+        )
+    finally:
+        for key in node_env:
+            os.environ.pop(key, None)
     return ray.cluster_resources()
 
 

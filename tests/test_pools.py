@@ -154,6 +154,34 @@ def test_init_local_ray_advertises_the_pools(local_ray):
         pools.init_local_ray()
 
 
+@ray.remote(num_cpus=0)
+def _worker_env(keys: list[str], hold_s: float = 0.0) -> dict:
+    time.sleep(hold_s)
+    return {"pid": os.getpid(), **{k: os.environ.get(k) for k in keys}}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_local_node_keeps_its_warm_worker_and_runs_no_preemption_watcher(local_ray):
+    """A warm worker (the render worker: torch and a pipeline loaded) outlives its idle second although the node runs
+    more worker processes than CPUs, as a Ray Train job's actors make it do (cluster/pools.py:
+    LOCAL_WORKERS_SOFT_LIMIT); and the node's workers see Ray Train's preemption watcher off."""
+    env = ray.get(_worker_env.remote(["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]))
+    assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # set for the node's processes, not the caller's
+    # six zero-CPU tasks at once: more worker processes than the node's 2 CPUs, all warm, then all idle
+    pids = {env["pid"]} | {b["pid"] for b in ray.get([_worker_env.remote([], 1.0) for _ in range(6)])}
+    assert len(pids) >= 4, pids
+    time.sleep(3.0)  # Ray ends idle workers over its soft limit after 1 s idle (idle_worker_killing_time_threshold_ms)
+    assert all(_alive(pid) for pid in pids), {pid: _alive(pid) for pid in pids}
+
+
 def test_reservation_is_all_or_nothing(local_ray):
     with pools.train_job_reservation(1, use_gpu=False, timeout_s=30) as held:
         table = ray.util.placement_group_table(held)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import jobs
+from cluster import jobs, pools
 from cluster.ports import free_port, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +100,11 @@ def _head_env() -> dict[str, str]:
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         env.pop("OMP_NUM_THREADS", None)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
+    # a one-node head with 2 CPUs, set up as init_local_ray sets up a local node (cluster/pools.py): its render worker
+    # stays warm between checkpoints, and nothing watches for a preemption no single node can have
+    env.setdefault(pools.WORKERS_SOFT_LIMIT_ENV, str(pools.LOCAL_WORKERS_SOFT_LIMIT))
+    for key, value in pools.LOCAL_NODE_ENV.items():
+        env.setdefault(key, value)
     return env
 
 
