@@ -8,97 +8,41 @@
     klein-style sweep SWEEP.yaml | --example          boards × variants on Ray Train → samples → scores → tables
     klein-style submit --address URL --working-dir . -- python -m evaluation.sweep sweep.yaml
                                                       a command as a Ray job on a cluster (waits, streams logs)
+
+Each command lives in the module that registers it (`register(sub)`). A run imports only its command's module:
+`klein-style submit` is a thin client of the job server and starts in about a second, without torch, diffusers or
+Ray Train (importing every command's module took ~9 CPU-s). `--help` without a command imports them all.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
-import os
 import sys
-from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from cli.client import generate_remote
-from evaluation import world
-from evaluation.board import BOARD_STYLES, make_board
-from klein.generate import GenerateError, GenerateRequest, generate_image, set_active_loras
-from klein.lora import LoraError, read_lora
-from klein.model import ModelLoadError, load_pipeline, native_resolution
-
-
-def _parse_lora_arg(text: str) -> tuple[str, float]:
-    """`FILE` or `FILE:WEIGHT` (a Windows drive letter is not split)."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not (len(head) == 1 and head.isalpha()):
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
+# command -> the module that registers it, in the order `--help` lists them
+COMMAND_MODULES = {
+    "generate": "cli.images",
+    "make-board": "cli.images",
+    "train": "cli.train",
+    "demo": "cli.train",
+    "serve": "cli.serve",
+    "sweep": "evaluation.sweep",
+    "submit": "cluster.jobs",
+}
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    if args.url:
-        return generate_remote(args)
-
-    request = GenerateRequest(
-        prompt=args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
-        guidance=args.guidance, negative_prompt=args.negative_prompt or "",
-    )
-    try:
-        request.validate()
-        loras = [(f"lora{i}", read_lora(path), weight) for i, (path, weight) in enumerate(map(_parse_lora_arg, args.lora or []))]
-        pipe = load_pipeline(args.model, device=args.device)
-        set_active_loras(pipe, loras)
-    except (GenerateError, LoraError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    with tqdm(total=request.steps, desc="denoising", unit="step", disable=args.quiet) as bar:
-        image = generate_image(pipe, request, on_step=lambda i, n: bar.update(1))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    print(f"wrote {out} ({image.width}×{image.height}, seed {request.seed}, model {args.model})")
-    return 0
+def command_of(argv: list[str]) -> str | None:
+    """The command `argv` names: its first word that is not an option (the top-level options take no value)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMAND_MODULES else None
+    return None
 
 
-def cmd_make_board(args: argparse.Namespace) -> int:
-    # Two kinds of board: the procedural world's styles (one subject per picture, what the mini preset knows; its
-    # held-out styles are the ones to learn) and the older multi-object scene boards.
-    if args.style in world.STYLES:
-        paths = world.make_world_board(args.style, args.n, args.dir, seed=args.seed, size=args.size)
-        kind = "held-out world style" if args.style in world.HELDOUT_STYLES else "world pretraining style"
-    elif args.style in BOARD_STYLES:
-        paths = make_board(args.style, args.n, args.dir, size=args.size, seed=args.seed)
-        kind = "scene board style"
-    else:
-        print(f"error: unknown style {args.style!r}; world styles: {', '.join(sorted(world.STYLES))}; "
-              f"scene board styles: {', '.join(sorted(BOARD_STYLES))}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(paths)} images ({kind} {args.style!r}) with content-only captions to {args.dir}")
-    return 0
-
-
-def _add_common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny",
-                   help="`tiny` (random test preset), `mini` (pretrained, draws the procedural world) or a local "
-                        "FLUX.2 Klein diffusers folder")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device (default: cuda if available)")
-
-
-def _cuda() -> bool:
-    try:
-        return torch.cuda.is_available()
-    except Exception:  # a broken CUDA install must not break `--help`
-        return False
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `command` alone, or of every command when `command` is None."""
     parser = argparse.ArgumentParser(
         prog="klein-style",
         description="Style LoRAs for FLUX.2 Klein: train from 5–50 reference images on Ray Train, serve on Ray Serve.",
@@ -107,53 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    g = sub.add_parser("generate", help="generate one image (locally, or from a server with --url)")
-    _add_common_model_args(g)
-    g.add_argument("--prompt", required=True, help="what to draw")
-    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]|ID", help="a LoRA file (or an id with --url); repeatable")
-    g.add_argument("--seed", type=int, default=0, help="same seed, same pixels (default 0)")
-    g.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    g.add_argument("--width", type=int, default=None, help="multiple of 16 (default 64 for tiny, 1024 otherwise)")
-    g.add_argument("--height", type=int, default=None, help="multiple of 16 (default 64 for tiny, 1024 otherwise)")
-    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
-    g.add_argument("--negative-prompt", default="", help="what to steer away from")
-    g.add_argument("-o", "--output", default="out.png", help="PNG to write (default out.png)")
-    g.add_argument("--url", help="base URL of a running `klein-style serve` (then --lora takes LoRA ids)")
-    g.add_argument("--api-key", default=os.environ.get("KLEIN_API_KEY"), help="tenant API key for --url (or KLEIN_API_KEY)")
-    g.add_argument("--use-gemini", choices=["auto", "on", "off"], default="auto", help="with --url: the Gemini L1/L2 stage")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    g.set_defaults(func=cmd_generate)
-
-    b = sub.add_parser("make-board", help="write a procedural style board (images + content-only captions)")
-    b.add_argument("dir", help="output folder")
-    b.add_argument("--style", required=True,
-                   help="a procedural world style (held out from mini: stained_glass, risograph, chalkboard, "
-                        "cross_stitch) or a scene board style (neon, ukiyo, ...)")
-    b.add_argument("-n", type=int, default=12, help="number of images (default 12)")
-    b.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    b.add_argument("--seed", type=int, default=0)
-    b.set_defaults(func=cmd_make_board)
-
-    _register_later_commands(sub)
+    modules = [COMMAND_MODULES[command]] if command else list(dict.fromkeys(COMMAND_MODULES.values()))
+    for module in modules:
+        importlib.import_module(module).register(sub)
     return parser
 
 
-def _register_later_commands(sub) -> None:
-    """Commands whose modules pull in Ray Train / Serve register themselves."""
-    for module in ("cli.train", "cli.serve", "evaluation.sweep", "cluster.jobs"):
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module).register(sub)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(command_of(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "width", "absent") is None or getattr(args, "height", "absent") is None:
-        default_side = native_resolution(getattr(args, "model", "tiny"))
-        args.width = args.width or default_side
-        args.height = args.height or default_side
     return int(args.func(args) or 0)
 
 

@@ -169,6 +169,23 @@ def test_submit_reports_the_job_status_as_its_exit_code(ray_head):
     assert resources["train_gpu"] == 2 and resources["infer_gpu"] == 1
 
 
+def test_submit_imports_only_its_own_command():
+    """`klein-style submit` is a thin client of the job server: the command line imports only the module of the
+    command it runs (cli/main.py), so it starts without torch, diffusers, Ray Train or Serve; `--help` lists all."""
+    probe = ("import sys\nfrom cli.main import build_parser, command_of\n"
+             "argv = ['-v', 'submit', '--address', 'http://127.0.0.1:1', '--', 'python', '-c', 'print(1)']\n"
+             "args = build_parser(command_of(argv)).parse_args(argv)\n"
+             "print(args.command, args.func.__module__, sorted(m for m in ('torch', 'diffusers', 'ray.train', 'ray.serve') "
+             "if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["submit", "cluster.jobs", "[]"], run.stdout
+    from cli.main import COMMAND_MODULES, build_parser
+
+    listed = build_parser().format_help()
+    assert all(command in listed for command in COMMAND_MODULES)
+
+
 def test_submit_refuses_clearly_without_a_job_server():
     port = free_port()
     code, out = _submit(f"http://127.0.0.1:{port}", "python", "-c", "print(1)", timeout=120)
