@@ -162,6 +162,9 @@ def init_local_ray(
     Without the dashboard the State API is absent, so Ray Train's placement-group cleaner (which
     frees a run's placement group if its controller dies abruptly) only logs warnings; fine for a
     laptop, which is why the cluster configs keep the dashboard on the head.
+
+    The node keeps its warm worker processes (`LOCAL_WORKERS_SOFT_LIMIT`) and runs no Ray Train preemption watcher
+    (`LOCAL_NODE_ENV`); a `_system_config`, `RAY_num_workers_soft_limit` or watcher variable of the caller's wins.
     """
     if ray.is_initialized():
         raise PoolError("Ray is already initialised in this process; call ray.shutdown() first")
