@@ -142,14 +142,7 @@ LOCAL_WORKERS_SOFT_LIMIT = 16
 WORKERS_SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
 # A one-node local cluster has no node to be preempted: Ray Train's preemption watcher (an actor per run, ~2 CPU-s
 # to start) has nothing to watch there.
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
-
-def local_node_env(num_cpus: int) -> dict[str, str]:
-    """The environment a one-node local cluster's daemons and workers start with (they inherit it from whatever
-    starts the node: `ray.init`, `ray start`), less what the caller's environment sets already: the caller wins."""
-    wanted = {WORKERS_SOFT_LIMIT_ENV: str(max(num_cpus, LOCAL_WORKERS_SOFT_LIMIT)), PREEMPTION_WATCHER_ENV: "0"}
-    return {key: value for key, value in wanted.items() if key not in os.environ}
+LOCAL_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def init_local_ray(
@@ -170,21 +163,26 @@ def init_local_ray(
     frees a run's placement group if its controller dies abruptly) only logs warnings; fine for a
     laptop, which is why the cluster configs keep the dashboard on the head.
 
-    The node keeps its warm worker processes and runs no Ray Train preemption watcher (`local_node_env`); the
-    caller's own values of those variables, or a `_system_config`, win.
+    The node keeps its warm worker processes (`LOCAL_WORKERS_SOFT_LIMIT`) and runs no Ray Train preemption watcher
+    (`LOCAL_NODE_ENV`); a `_system_config`, `RAY_num_workers_soft_limit` or watcher variable of the caller's wins.
     """
     if ray.is_initialized():
         raise PoolError("Ray is already initialised in this process; call ray.shutdown() first")
     init_kwargs.setdefault("address", "local")
     init_kwargs.setdefault("include_dashboard", False)
-    node_env = local_node_env(num_cpus)
-    os.environ.update(node_env)  # for the node's processes ray.init starts now; the caller's environment is restored
+    system_config = dict(init_kwargs.pop("_system_config", None) or {})
+    if WORKERS_SOFT_LIMIT_ENV not in os.environ:  # the caller's own RAY_num_workers_soft_limit wins
+        system_config.setdefault("num_workers_soft_limit", max(num_cpus, LOCAL_WORKERS_SOFT_LIMIT))
+    # The node's daemons and workers inherit the environment ray.init starts them with; the caller's value wins.
+    node_env = {k: v for k, v in LOCAL_NODE_ENV.items() if k not in os.environ}
+    os.environ.update(node_env)
     try:
         ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             object_store_memory=object_store_memory,
             resources=local_cluster_resources(train_slots, infer_gpus),
+            _system_config=system_config,
             **init_kwargs,
         )
     finally:

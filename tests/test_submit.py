@@ -102,7 +102,9 @@ def _head_env() -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
     # a one-node head with 2 CPUs, set up as init_local_ray sets up a local node (cluster/pools.py): its render worker
     # stays warm between checkpoints, and nothing watches for a preemption no single node can have
-    env.update(pools.local_node_env(num_cpus=2))
+    env.setdefault(pools.WORKERS_SOFT_LIMIT_ENV, str(pools.LOCAL_WORKERS_SOFT_LIMIT))
+    for key, value in pools.LOCAL_NODE_ENV.items():
+        env.setdefault(key, value)
     return env
 
 
