@@ -256,6 +256,10 @@ def test_cpu_training_job_runs_through_the_pool_on_a_laptop(local_ray, tmp_path)
         result = trainer.fit()
     assert result.error is None
     assert "laptop-job" in ray.get(pools.train_queue().started_order.remote())
+    # Train frees its placement group as the run ends; the release reaches the resource view asynchronously
+    deadline = time.monotonic() + 15
+    while ray.available_resources().get("train_gpu") != 1.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert ray.available_resources().get("train_gpu") == 1.0  # Train freed its placement group
 
 
