@@ -14,6 +14,12 @@ floor no scheduling (pytest-xdist included) can go under; cutting that needs les
 Under pytest-xdist (`-n 2`) tests overlap, so a test's CPU includes the other worker's: read the whole command's
 wall and CPU (`--command`), and the per-test wall times only.
 CPU time hardly grows when other work shares the machine, so the figures hold on a busy machine too.
+
+The report ends with the CPU by process kind: each sample's growth is credited to what the process was doing then
+(Ray renames a worker after the task or actor it runs: `ray::IDLE` until then, `ray::TrainController.run`,
+`ray::ServeReplica:<app>:Generator.__init__`, ...), so a worker's start-up, a Ray Train actor, a Serve replica's
+constructor and its requests, Ray's daemons and pytest itself each get their line. Processes that leave the tree
+(a `ray start` head's daemons and workers) are not seen.
 """
 
 from __future__ import annotations
@@ -48,8 +54,52 @@ def pytest_runtest_logfinish(nodeid, location):
 
 
 # -- the sampler and the report ------------------------------------------------------------------------------------
-def sample_tree(proc: subprocess.Popen, period_s: float = 0.5) -> list[tuple[float, float]]:
-    """(time, cumulative CPU seconds of the child and every descendant) until the child exits."""
+# What a process is doing, from its command line (Ray workers retitle theirs): the first rule that matches names it.
+RAY_TRAIN_ACTORS = ("TrainController", "PlacementGroupCleaner", "SynchronizationActor", "DatasetManager",
+                    "_AutoscalingCoordinatorActor", "PreemptionWatcher")
+RAY_DAEMONS = ("raylet", "gcs_server", "log_monitor", "dashboard", "monitor.py", "runtime_env", "DashboardAgent",
+               "RuntimeEnvAgent")
+
+
+def process_kind(cmdline: list[str]) -> str:
+    """A short label for what the process with this command line is doing (see the module doc)."""
+    if not cmdline:
+        return "unknown"
+    title = cmdline[0]
+    if title.startswith("ray::"):
+        name = title.split()[0][len("ray::"):]
+        if name == "IDLE":
+            return "Ray worker idle (its start-up, imports of the next task's module)"
+        if name.startswith("SERVE_REPLICA::"):  # the replica's title while its constructor runs
+            return f"Serve replica {name.split('#')[1]}.__init__"
+        if name.startswith("ServeReplica:"):
+            deployment = name.split(":")[2]
+            return f"Serve replica {deployment.split('.')[0]}{'.__init__' if deployment.endswith('.__init__') else ''}"
+        if name.startswith(("ServeController", "SERVE_PROXY_ACTOR", "ProxyActor")):
+            return "Serve controller and proxies"
+        if name.startswith("RayTrainWorker"):
+            return "Ray Train worker"
+        if name.startswith(RAY_TRAIN_ACTORS):
+            return "Ray Train's own actors"
+        if any(daemon in name for daemon in RAY_DAEMONS):
+            return "Ray daemons"
+        return f"ray::{name.split('.')[0]}"
+    line = " ".join(cmdline)
+    if "default_worker.py" in line:
+        return "Ray worker idle (its start-up, imports of the next task's module)"
+    if any(daemon in line for daemon in RAY_DAEMONS):
+        return "Ray daemons"
+    if "pytest" in line or "exec(eval(sys.stdin" in line:  # pytest, and its xdist workers (execnet's bootstrap)
+        return "pytest"
+    if " -m " in line:
+        return "python -m " + line.split(" -m ", 1)[1].split()[0]
+    return os.path.basename(title)
+
+
+def sample_tree(proc: subprocess.Popen, period_s: float = 0.5,
+                by_kind: collections.Counter | None = None) -> list[tuple[float, float]]:
+    """(time, cumulative CPU seconds of the child and every descendant) until the child exits. `by_kind`, if given,
+    gets each process's CPU growth between samples under its `process_kind` at that sample."""
     root = psutil.Process(proc.pid)
     live: dict[tuple[int, float], float] = {}
     ended = 0.0
@@ -64,7 +114,10 @@ def sample_tree(proc: subprocess.Popen, period_s: float = 0.5) -> list[tuple[flo
             try:
                 key = (p.pid, p.create_time())
                 t = p.cpu_times()
-                live[key] = t.user + t.system
+                cpu = t.user + t.system
+                if by_kind is not None:
+                    by_kind[process_kind(p.cmdline())] += cpu - live.get(key, 0.0)
+                live[key] = cpu
                 seen.add(key)
             except psutil.Error:
                 continue
@@ -73,6 +126,14 @@ def sample_tree(proc: subprocess.Popen, period_s: float = 0.5) -> list[tuple[flo
         series.append((time.time(), ended + sum(live.values())))
         time.sleep(period_s)
     return series
+
+
+def kinds_report(by_kind: collections.Counter, top: int = 25) -> str:
+    total = sum(by_kind.values()) or 1.0
+    lines = ["| process kind | CPU s | share |", "| --- | ---: | ---: |"]
+    for kind, cpu in by_kind.most_common(top):
+        lines.append(f"| {kind} | {cpu:.0f} | {100 * cpu / total:.0f} % |")
+    return "\n".join(lines)
 
 
 def per_test(series: list[tuple[float, float]], log_lines: list[str]) -> list[tuple[str, float, float]]:
@@ -125,9 +186,11 @@ def main(argv=None) -> int:
         proc = subprocess.Popen(["bash", "-c", args.command], cwd=REPO, env=env)
     else:
         proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "suite_cpu", *pytest_args], cwd=REPO, env=env)
-    series = sample_tree(proc)
+    by_kind: collections.Counter = collections.Counter()
+    series = sample_tree(proc, by_kind=by_kind)
     rc = proc.wait()
     text = report(per_test(series, Path(log_path).read_text().splitlines()), psutil.cpu_count() or 1)
+    text += "\n\n" + kinds_report(by_kind)
     if args.command and series:
         text = (f"`{args.command}`: exit {rc}, wall {series[-1][0] - series[0][0]:.0f} s, CPU {series[-1][1]:.0f} s "
                 f"(set-up, lint and collection included)\n\n{text}")
