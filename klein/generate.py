@@ -7,7 +7,6 @@ fast mode, step caching. Otherwise the stock `Flux2KleinPipeline.__call__` runs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -16,46 +15,12 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu,
 from PIL import Image
 
 from klein.lora import LoraWeights, add_lora
+# the request lives in klein.request (torch-free, for the HTTP tier); drawing code imports it from either module
+from klein.request import GenerateError, GenerateRequest  # noqa: F401
 
-MAX_SIDE_DEFAULT = 2048
 # Images per pipeline call in `generate_images`: on two CPU cores 12 mini images take 23.8 s one at a time, 14.9 s in
 # fours, 12.9 s in twelves; on a GPU four 1024² Klein images with CFG are eight sequences of 4,608 tokens at once.
 BATCH_SIZE = {"cpu": 8, "cuda": 4}
-
-
-class GenerateError(ValueError):
-    """A request the generator cannot run; the message names the field."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass
-class GenerateRequest:
-    prompt: str
-    seed: int = 0
-    steps: int = 50
-    width: int = 1024
-    height: int = 1024
-    guidance: float = 4.0
-    negative_prompt: str = ""
-    max_sequence_length: int | None = None  # None: the model's own (klein.model.max_sequence_length)
-    extra: dict = field(default_factory=dict)
-
-    def validate(self, max_side: int = MAX_SIDE_DEFAULT) -> None:
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 64 or value > max_side or value % 16:
-                raise GenerateError(f"{name} must be a multiple of 16 between 64 and {max_side}, got {value!r}", name)
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 200:
-            raise GenerateError(f"steps must be between 1 and 200, got {self.steps!r}", "steps")
-        if not 0.0 <= float(self.guidance) <= 30.0:
-            raise GenerateError(f"guidance must be between 0 and 30, got {self.guidance!r}", "guidance")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise GenerateError(f"seed must be an integer in [0, 2^63), got {self.seed!r}", "seed")
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise GenerateError("prompt must be a non-empty string", "prompt")
 
 
 def text_length(pipe, request: GenerateRequest) -> int:

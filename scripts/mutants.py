@@ -261,6 +261,13 @@ MUTATIONS: list[Mutation] = [
       "cli/main.py", "modules = [COMMAND_MODULES[command]] if command else list(dict.fromkeys(COMMAND_MODULES.values()))",
       "modules = list(dict.fromkeys(COMMAND_MODULES.values()))",
       ("tests/test_submit.py::test_submit_imports_only_its_own_command",)),
+    M("ingress-imports-the-trainer", "the Ingress replica imports train.job (torch, diffusers, peft, Ray Train) again",
+      "serve/jobs.py", "from train.errors import check_job_id\n", "from train.errors import check_job_id\nimport train.job  # noqa: F401\n",
+      ("tests/test_reliability_serve.py::test_the_ingress_replicas_never_load_torch",), slow=True),
+    M("import-skips-the-fit-check", "an uploaded LoRA is stored without checking that its layers fit the served blocks",
+      "serve/fusion.py", "        check_lora_fits(lora, model_skeleton(model))\n", "",
+      ("tests/test_serve_fusion.py::test_an_uploaded_lora_is_checked_and_rewritten_where_torch_is",
+       "tests/test_reliability_serve.py::test_http_bad_input_corpus"), slow=True),
 ]
 
 

@@ -17,6 +17,8 @@ import logging
 from collections import OrderedDict
 
 import ray
+import torch
+from diffusers import Flux2Transformer2DModel
 from ray import serve
 
 from cluster.storage import Storage, sha256_bytes
@@ -24,8 +26,10 @@ from klein.fusion import (  # noqa: F401  (re-exported: the fusion math's old ho
     FUSION_METHODS, KLORA_BLOCK, KLORA_CHUNK_BYTES, KLORA_FAN, KLORA_MAX_LORAS, FusionError, KLoraSchedule,
     fusion_cache_key, klora_choose, klora_device, klora_k, klora_layer_scores, klora_time_scale, linear_merge,
     topk_abs_sum, topk_abs_sums)
-from klein.lora import LoraWeights, lora_to_bytes, read_lora
+from klein.lora import LoraError, LoraWeights, check_lora_fits, lora_to_bytes, read_lora
+from klein.model import model_id, resolve_model_source
 from serve.config import KLORA_SCORES_ON, ServeConfig
+from train.captions import check_trigger
 
 log = logging.getLogger("klein.serve.fusion")
 
@@ -118,6 +122,45 @@ def scores_place(klora_scores_on: str, holds_gpu: bool, generator_device: str) -
     return "generator"
 
 
+# -- bring-your-own LoRA: the upload's checks, where torch is (the Ingress replica holds none) ------------------
+_SKELETONS: dict[str, torch.nn.Module] = {}
+
+
+def model_skeleton(model: str) -> torch.nn.Module:
+    """The served transformer's modules on the `meta` device (shapes only, no memory), to check uploads."""
+    if model not in _SKELETONS:
+        folder = resolve_model_source(model)
+        config = Flux2Transformer2DModel.load_config(str(folder / "transformer"))
+        with torch.device("meta"):
+            _SKELETONS[model] = Flux2Transformer2DModel.from_config(config)
+    return _SKELETONS[model]
+
+
+def prepare_import(data: bytes, trigger: str | None, model: str) -> dict:
+    """An uploaded LoRA file (`POST /v1/loras/import`) read, validated and re-written in our format for `model`.
+
+    `trigger`: the tenant's, already checked; None takes the file's own (checked here). Returns {"lora": bytes in our
+    format, "trigger", "base_model", "source_format", "rank", "layers"}, or {"error": what is wrong, "field": "lora" or
+    "trigger"} for a file the tenant must fix: an answer, not an exception, so the Ingress needs none of our LoRA
+    classes to tell a bad file from a failed replica."""
+    try:
+        lora = read_lora(data, name="the uploaded LoRA")  # safetensors only; validated
+        check_lora_fits(lora, model_skeleton(model))
+    except LoraError as e:
+        return {"error": str(e), "field": "lora"}
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as e:
+        return {"error": f"the uploaded LoRA has tensors of unexpected shapes or types ({type(e).__name__})", "field": "lora"}
+    if trigger is None and lora.meta.get("trigger"):
+        try:
+            trigger = check_trigger(str(lora.meta["trigger"]))
+        except Exception as e:  # noqa: BLE001 — the check's message is written for users
+            return {"error": str(e), "field": "trigger"}
+    meta = {"trigger": trigger, "base_model": model_id(model), "imported": True, "source_format": lora.meta.get("source_format")}
+    clean = LoraWeights(layers=lora.layers, meta={k: v for k, v in meta.items() if v is not None})
+    return {"lora": lora_to_bytes(clean), "trigger": trigger, "base_model": meta["base_model"],
+            "source_format": meta["source_format"], "rank": clean.rank, "layers": len(clean.layers)}
+
+
 def _holds_gpu() -> bool:
     """Whether this process (a Serve replica) was given a GPU by Ray."""
     return ray.is_initialized() and bool(ray.get_gpu_ids())
@@ -133,6 +176,7 @@ class Fusion:
         # without a GPU of its own the replica computes on the CPU, not on a GPU of the node it did not reserve
         self.service = FusionService(Storage.from_uri(cfg.storage), cfg.fusion_cache_size,
                                      device=None if holds_gpu else "cpu", scores_on=place)
+        self.model = cfg.model
         log.info("K-LoRA scores: computed by the %s (this replica %s a GPU, the generator runs on %s)",
                  place, "holds" if holds_gpu else "holds no", cfg.device)
 
@@ -141,3 +185,7 @@ class Fusion:
 
     async def klora_scores(self, specs: list[dict]) -> dict:
         return await asyncio.to_thread(self.service.klora_scores, specs)
+
+    async def prepare_import(self, data: bytes, trigger: str | None) -> dict:
+        """`prepare_import` for the served model: the Ingress stores what this returns."""
+        return await asyncio.to_thread(prepare_import, data, trigger, self.model)

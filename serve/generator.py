@@ -39,19 +39,13 @@ from klein.generate import GenerateRequest, generate_image, set_active_loras, te
 from klein.lora import add_lora, extract_lora, read_lora
 from klein.model import load_pipeline
 from serve.config import ServeConfig
+# adapter_set_id too: the tests and benchmarks that drive a KleinGenerator import it from here
+from serve.adapter_sets import GeneratorError, NonFiniteOutput, adapter_set_id, parse_adapter_set_id  # noqa: F401
 from serve.fusion import LruCache
 
 log = logging.getLogger("klein.serve.generator")
 
 BASE_MODEL_ID = ""  # no adapters: the base model
-
-
-class GeneratorError(RuntimeError):
-    """The generator could not load an adapter or run the pipeline."""
-
-
-class NonFiniteOutput(GeneratorError):
-    """The transformer's output went NaN or infinite during denoising: the image would be all black."""
 
 
 def _check_finite_output(_module, _inputs, output) -> None:
@@ -65,23 +59,6 @@ def _check_finite_output(_module, _inputs, output) -> None:
 
 
 # -- adapter-set ids ---------------------------------------------------------------------------------------
-def adapter_set_id(files: list[dict]) -> str:
-    """Multiplexed model id of the files [{key, sha256}] (order matters: it is the adapter order)."""
-    return "|".join(f"{f['key']}#{f['sha256']}" for f in files)
-
-
-def parse_adapter_set_id(model_id: str) -> list[dict]:
-    if not model_id:
-        return []
-    files = []
-    for part in model_id.split("|"):
-        key, sep, sha = part.rpartition("#")
-        if not sep or not key or len(sha) != 64:
-            raise GeneratorError(f"malformed adapter set id part {part!r}")
-        files.append({"key": key, "sha256": sha})
-    return files
-
-
 def adapter_names(model_id: str, count: int) -> list[str]:
     # peft adapter names become ModuleDict keys: no dots or slashes, so hash the id
     digest = hashlib.sha1(model_id.encode()).hexdigest()[:16]

@@ -19,7 +19,7 @@ import ray
 
 import contracts
 from cluster.storage import Storage, StorageError, tenant_prefix
-from train.job import check_job_id, lora_prefix, new_job_id, run_training_job
+from train.errors import check_job_id
 from train.recipe import TrainConfig
 from train.status import STOPPED
 
@@ -125,6 +125,11 @@ def submission_answer(cfg: TrainConfig, operator_overrides: dict | None = None) 
 def _run_job(source: str, cfg_dict: dict) -> dict:
     """Body of the Ray task: run the whole job; failures are recorded in status.json by run_training_job.
     `cfg_dict` holds only the explicit keys (TrainConfig.explicit), so they still win after the trip."""
+    # Imported here, in the task's worker, not at the top: the Ingress replica that starts this task imports this
+    # module, and train.job brings torch, diffusers, peft and Ray Train (~6 CPU-s and a few hundred MB per replica)
+    # that the HTTP tier never uses (tests/test_reliability_serve.py checks the live Ingress replicas for libtorch).
+    from train.job import run_training_job
+
     manifest = run_training_job(source, TrainConfig.from_dict(cfg_dict))
     return {"id": manifest["id"], "best_step": manifest.get("best_step")}
 
@@ -181,7 +186,7 @@ class JobRunner:
 
     def delete(self, tenant: str, job_id: str) -> None:
         self.cancel(job_id)
-        for key in (lora_prefix(tenant, job_id), f"jobs/{job_id}", f"uploads/{tenant}/{job_id}", submission_key(tenant, job_id)):
+        for key in (contracts.lora_prefix(tenant, job_id), f"jobs/{job_id}", f"uploads/{tenant}/{job_id}", submission_key(tenant, job_id)):
             try:
                 self.storage.delete(key)
             except (StorageError, OSError) as e:
@@ -195,4 +200,4 @@ def _short_error(e: Exception) -> str:
 
 
 def new_id() -> str:
-    return new_job_id()
+    return contracts.new_job_id()

@@ -626,6 +626,22 @@ def test_only_safetensors_are_ever_loaded():
     assert all(p == "train/loop.py" and "weights_only=True" in line for p, line in found), found
 
 
+def test_the_ingress_replicas_never_load_torch(service):
+    """After every request of this module (generations, fusions, LoRA imports, training starts), the HTTP tier's
+    replicas hold no torch: its routers build requests and check ids with torch-free modules, an uploaded LoRA is
+    checked by the Fusion replica and a training job imports its trainer in its own task. The Generator replica
+    maps libtorch: the check sees it where it is."""
+    import psutil
+
+    def maps_torch(proc) -> bool:
+        return "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+
+    ingress = [p for p in psutil.process_iter(["cmdline"]) if f"ServeReplica:{APP}:Ingress" in " ".join(p.info["cmdline"] or [])]
+    assert len(ingress) == 2, ingress
+    assert not any(maps_torch(p) for p in ingress)
+    assert maps_torch(_process_of(f"ServeReplica:{APP}:Generator"))
+
+
 def test_api_keys_are_hashed_and_compared_in_constant_time(tmp_path, monkeypatch):
     """Only salted hashes are stored, and every presented key costs one hash and one hmac.compare_digest,
     whether its id exists or not, so neither the comparison nor the lookup leaks through timing."""

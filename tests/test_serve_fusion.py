@@ -231,3 +231,28 @@ def test_schedule_refuses_absurd_steps_and_constants():
         KLoraSchedule.build(scores, 0)
     with pytest.raises(FusionError, match="gamma"):
         KLoraSchedule.build(scores, 4, gamma=0.0)
+
+
+def test_an_uploaded_lora_is_checked_and_rewritten_where_torch_is(tiny_pipe):
+    """`prepare_import`, what the Fusion replica runs for POST /v1/loras/import: the tenant's trigger wins over the
+    file's, the file's is taken (and checked) when the tenant gave none, a file that does not fit is an answer
+    naming the field, and what comes back is our format, read back layer for layer."""
+    from klein.lora import lora_to_bytes, read_lora
+    from klein.model import model_id
+    from serve.fusion import prepare_import
+    from serve.testing import random_lora
+
+    lora = random_lora(tiny_pipe.transformer, rank=4)
+    upload = lora_to_bytes(LoraWeights(layers=lora.layers, meta={"trigger": "zxy_file"}))
+    mine = prepare_import(upload, "zxy_mine", "tiny")
+    assert (mine["trigger"], mine["rank"], mine["layers"], mine["base_model"]) == ("zxy_mine", 4, len(lora.layers), model_id("tiny"))
+    stored = read_lora(mine["lora"])
+    assert stored.meta["trigger"] == "zxy_mine" and stored.meta["imported"] is True
+    assert all(torch.equal(stored.layers[k].up, lora.layers[k].up) for k in lora.layers)
+    assert prepare_import(upload, None, "tiny")["trigger"] == "zxy_file"
+    common_word = lora_to_bytes(LoraWeights(layers=lora.layers, meta={"trigger": "art"}))
+    assert prepare_import(common_word, None, "tiny")["field"] == "trigger"
+    one_layer = next(iter(lora.layers))
+    too_wide = LoraWeights(layers={one_layer: LoraLayer(down=torch.zeros(4, 7), up=torch.zeros(7, 4), alpha=4.0)}, meta={})
+    answer = prepare_import(lora_to_bytes(too_wide), "zxy_mine", "tiny")
+    assert answer["field"] == "lora" and "does not fit this model" in answer["error"], answer

@@ -25,13 +25,11 @@ from contracts import (
     CONTACT_SHEET,
     HEALTH_IMAGE,
     HEALTH_MARKDOWN,
-    JOB_ID_RULE,
     LORA_FILE,
     LOSS_PLOT,
     Manifest,
     checkpoint_key,
     comfyui_file_name,
-    is_job_id,
     lora_prefix,
     manifest_key,
     named_lora_file,
@@ -54,20 +52,11 @@ from train.live import PROBE, SampleColumns, driver_log, mlflow_settings, sample
 from train.samples import sample_task_options
 from train.health import (detail_side, is_out_of_memory, loss_is_finite, out_of_memory_fix, probe_prompts, probe_requests,
                           render_health, summary_line)
+from train.errors import JobError, check_job_id
 from train.status import CHECKING_HEALTH, RENDERING_SAMPLES, JobStatus
 from train.report import loss_plot_png
 
 log = logging.getLogger("klein.train")
-
-
-class JobError(RuntimeError):
-    """The job could not run or finish; the message says at which stage and why."""
-
-
-def check_job_id(job_id: str) -> str:
-    if not is_job_id(job_id):
-        raise JobError(f"invalid job id {job_id!r}: use {JOB_ID_RULE}")
-    return job_id
 
 
 @dataclass

@@ -15,7 +15,7 @@ from serve.errors import ApiError, not_found
 from serve.middleware import RUNTIME, ctx
 from serve.tenants import retry_after_header
 from train.captions import check_trigger
-from train.job import JobError, check_job_id
+from train.errors import JobError, check_job_id
 
 try:  # newer Serve only
     from ray.serve.exceptions import ReplicaUnavailableError

@@ -9,17 +9,17 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from klein.generate import GenerateError, GenerateRequest
+from contracts import lora_prefix
+from klein.request import GenerateError, GenerateRequest
 from klein_style_client.models import MAX_LORAS_PER_REQUEST as MAX_LORAS
 from klein_style_client.models import FusionInfo, GenerateBody, GenerateResult, LoraRef, LoraWeight
 from serve import jobs as jobstore
 from serve import metrics
+from serve.adapter_sets import NonFiniteOutput, adapter_set_id
 from serve.errors import ApiError
-from serve.generator import NonFiniteOutput, adapter_set_id
 from serve.middleware import API_PREFIX, ctx, header_safe, parse_json_body, tenant_of
 from serve.openapi import API_KEY, V1_ERRORS, errors, request_body
 from serve.routers.common import downstream, owned
-from train.job import lora_prefix
 
 router = APIRouter(prefix=API_PREFIX, tags=["generate"], dependencies=API_KEY, responses=errors(*V1_ERRORS))
 _TEXT_HEADERS = {"X-Final-Prompt": {"description": "the prompt drawn (after the style stage), printable ASCII",

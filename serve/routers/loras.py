@@ -6,39 +6,23 @@ import asyncio
 import hashlib
 import time
 
-import torch
-from diffusers import Flux2Transformer2DModel
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from klein.lora import LoraError, LoraWeights, check_lora_fits, lora_to_bytes, read_lora
-from klein.model import model_id, resolve_model_source
+from contracts import lora_prefix
 from klein_style_client.models import Deleted, ImportedLora, LoraImportUpload, LoraList, LoraStatus, LoraSummary, Progress
 from serve import jobs as jobstore
 from serve.errors import ApiError, not_found
 from serve.middleware import API_PREFIX, ctx, tenant_of
 from serve.openapi import API_KEY, V1_ERRORS, errors, request_body
-from serve.routers.common import checked_trigger, owned
-from train.job import lora_prefix
+from serve.routers.common import checked_trigger, downstream, owned
 from train.status import AFTER_DELIVERY
 
 router = APIRouter(prefix=API_PREFIX, tags=["loras"], dependencies=API_KEY, responses=errors(*V1_ERRORS))
 
-_SKELETONS: dict[str, torch.nn.Module] = {}
-
 
 def _public_status(state: str | None) -> str:
     return state or "unknown"
-
-
-def model_skeleton(model: str) -> torch.nn.Module:
-    """The served transformer's modules on the `meta` device (shapes only, no memory), to check uploads."""
-    if model not in _SKELETONS:
-        folder = resolve_model_source(model)
-        config = Flux2Transformer2DModel.load_config(str(folder / "transformer"))
-        with torch.device("meta"):
-            _SKELETONS[model] = Flux2Transformer2DModel.from_config(config)
-    return _SKELETONS[model]
 
 
 @router.get("/loras", response_model=LoraList)
@@ -146,32 +130,25 @@ async def import_lora(request: Request) -> ImportedLora:
         trigger = checked_trigger(trigger)
     data = await upload.read()
     lora_id = jobstore.new_id()
-    manifest = await asyncio.to_thread(_import_lora, tenant, lora_id, data, trigger)
+    # read, checked against the served blocks and re-written in our format by the Fusion replica (torch lives there)
+    fusion = ctx().fusion
+    prepared = await downstream(lambda: fusion.prepare_import.remote(data, trigger), "fusion stage")
+    if "error" in prepared:
+        raise ApiError(422, prepared["error"], prepared["field"])
+    manifest = await asyncio.to_thread(_store_import, tenant, lora_id, data, prepared)
     return ImportedLora(id=lora_id, status="done", trigger=manifest["trigger"], layers=manifest["layers"],
                         rank=manifest["rank"])
 
 
-def _import_lora(tenant: str, lora_id: str, data: bytes, trigger: str | None) -> dict:
+def _store_import(tenant: str, lora_id: str, data: bytes, prepared: dict) -> dict:
+    """The prepared LoRA (serve.fusion.prepare_import) and its manifest, stored like a trained LoRA's."""
     state = ctx()
-    try:
-        lora = read_lora(data, name="the uploaded LoRA")  # safetensors only; validated
-        check_lora_fits(lora, model_skeleton(state.config.model))
-    except LoraError as e:
-        raise ApiError(422, str(e), "lora") from None
-    except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as e:
-        raise ApiError(422, f"the uploaded LoRA has tensors of unexpected shapes or types ({type(e).__name__})",
-                       "lora") from None
-    if trigger is None and lora.meta.get("trigger"):
-        trigger = checked_trigger(str(lora.meta["trigger"]))
-    meta = {"trigger": trigger, "base_model": model_id(state.config.model), "imported": True,
-            "source_format": lora.meta.get("source_format")}
-    clean = LoraWeights(layers=lora.layers, meta={k: v for k, v in meta.items() if v is not None})
     prefix = lora_prefix(tenant, lora_id)
-    sha = state.storage.write_bytes(f"{prefix}/lora.safetensors", lora_to_bytes(clean))
+    sha = state.storage.write_bytes(f"{prefix}/lora.safetensors", prepared["lora"])
     manifest = {
-        "id": lora_id, "tenant": tenant, "trigger": trigger, "base_model": meta["base_model"],
-        "source": {"kind": "import", "format": meta["source_format"], "sha256": hashlib.sha256(data).hexdigest()},
-        "rank": clean.rank, "layers": len(clean.layers), "style_profile": None,
+        "id": lora_id, "tenant": tenant, "trigger": prepared["trigger"], "base_model": prepared["base_model"],
+        "source": {"kind": "import", "format": prepared["source_format"], "sha256": hashlib.sha256(data).hexdigest()},
+        "rank": prepared["rank"], "layers": prepared["layers"], "style_profile": None,
         "decision": {"variant": "imported", "reason": "uploaded by the tenant",
                      "text_stage": {"use_gemini": False, "reason": "imported LoRA: no style profile"}},
         "files": {"lora.safetensors": sha}, "created": time.time(),
