@@ -89,7 +89,8 @@ def process_kind(cmdline: list[str]) -> str:
         return "Ray worker idle (its start-up, imports of the next task's module)"
     if any(daemon in line for daemon in RAY_DAEMONS):
         return "Ray daemons"
-    if "pytest" in line or "exec(eval(sys.stdin" in line:  # pytest, and its xdist workers (execnet's bootstrap)
+    # pytest and its xdist workers (execnet's bootstrap); not a CLI whose arguments merely name a pytest tmp_path
+    if os.path.basename(title) == "pytest" or " -m pytest" in line or "exec(eval(sys.stdin" in line:
         return "pytest"
     if " -m " in line:
         return "python -m " + line.split(" -m ", 1)[1].split()[0]

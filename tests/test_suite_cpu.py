@@ -18,7 +18,9 @@ def test_ray_titles_are_grouped_by_what_the_process_runs():
     assert process_kind(["ray::ServeReplica:klein-style-rel:Generator.handle_request_with_rejection"]) == "Serve replica Generator"
     assert process_kind(["ray::render_column"]) == "ray::render_column"
     assert process_kind(["/venv/bin/python", "-u", "/venv/lib/ray/_private/log_monitor.py", "--x"]) == "Ray daemons"
-    assert process_kind(["/venv/bin/python", "-m", "cli.main", "demo"]) == "python -m cli.main"
+    assert process_kind(["/venv/bin/python", "-m", "cli.main", "demo", "--out", "/tmp/pytest-of-root/p0/demo"]) == "python -m cli.main"
+    assert process_kind(["/venv/bin/python", "-m", "pytest", "-q"]) == process_kind(["/venv/bin/pytest"]) == "pytest"
+    assert process_kind(["/venv/bin/python", "-u", "-c", "import sys;exec(eval(sys.stdin.readline()))"]) == "pytest"
 
 
 def test_a_child_processes_cpu_is_credited_to_its_kind():
