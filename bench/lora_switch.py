@@ -48,7 +48,8 @@ from klein.accel import set_inference_mode
 from klein.fp8 import quantize_rowwise
 from klein.generate import set_active_loras
 from klein.lora import lora_to_bytes, read_lora
-from serve.generator import KleinGenerator, adapter_set_id
+from serve.adapter_sets import adapter_set_id
+from serve.generator import KleinGenerator
 
 
 def parse_args():

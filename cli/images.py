@@ -17,7 +17,8 @@ from tqdm import tqdm
 from cli.client import generate_remote
 from evaluation import world
 from evaluation.board import BOARD_STYLES, make_board
-from klein.generate import GenerateError, GenerateRequest, generate_image, set_active_loras
+from klein.generate import GenerateRequest, generate_image, set_active_loras
+from klein.request import GenerateError
 from klein.lora import LoraError, read_lora
 from klein.model import ModelLoadError, load_pipeline, native_resolution
 

@@ -15,8 +15,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu,
 from PIL import Image
 
 from klein.lora import LoraWeights, add_lora
-# the request lives in klein.request (torch-free, for the HTTP tier); drawing code imports it from either module
-from klein.request import GenerateError, GenerateRequest  # noqa: F401
+from klein.request import GenerateRequest  # its own module: the HTTP tier builds requests without torch
 
 # Images per pipeline call in `generate_images`: on two CPU cores 12 mini images take 23.8 s one at a time, 14.9 s in
 # fours, 12.9 s in twelves; on a GPU four 1024² Klein images with CFG are eight sequences of 4,608 tokens at once.

@@ -57,6 +57,7 @@ def pytest_runtest_logfinish(nodeid, location):
 # What a process is doing, from its command line (Ray workers retitle theirs): the first rule that matches names it.
 RAY_TRAIN_ACTORS = ("TrainController", "PlacementGroupCleaner", "SynchronizationActor", "DatasetManager",
                     "_AutoscalingCoordinatorActor", "PreemptionWatcher")
+RAY_WORKER_IDLE = "Ray worker idle (its start-up, imports of the next task's module)"
 RAY_DAEMONS = ("raylet", "gcs_server", "log_monitor", "dashboard", "monitor.py", "runtime_env", "DashboardAgent",
                "RuntimeEnvAgent")
 
@@ -69,7 +70,7 @@ def process_kind(cmdline: list[str]) -> str:
     if title.startswith("ray::"):
         name = title.split()[0][len("ray::"):]
         if name == "IDLE":
-            return "Ray worker idle (its start-up, imports of the next task's module)"
+            return RAY_WORKER_IDLE
         if name.startswith("SERVE_REPLICA::"):  # the replica's title while its constructor runs
             return f"Serve replica {name.split('#')[1]}.__init__"
         if name.startswith("ServeReplica:"):
@@ -86,7 +87,7 @@ def process_kind(cmdline: list[str]) -> str:
         return f"ray::{name.split('.')[0]}"
     line = " ".join(cmdline)
     if "default_worker.py" in line:
-        return "Ray worker idle (its start-up, imports of the next task's module)"
+        return RAY_WORKER_IDLE
     if any(daemon in line for daemon in RAY_DAEMONS):
         return "Ray daemons"
     # pytest and its xdist workers (execnet's bootstrap); not a CLI whose arguments merely name a pytest tmp_path

@@ -39,8 +39,7 @@ from klein.generate import GenerateRequest, generate_image, set_active_loras, te
 from klein.lora import add_lora, extract_lora, read_lora
 from klein.model import load_pipeline
 from serve.config import ServeConfig
-# adapter_set_id too: the tests and benchmarks that drive a KleinGenerator import it from here
-from serve.adapter_sets import GeneratorError, NonFiniteOutput, adapter_set_id, parse_adapter_set_id  # noqa: F401
+from serve.adapter_sets import GeneratorError, NonFiniteOutput, parse_adapter_set_id
 from serve.fusion import LruCache
 
 log = logging.getLogger("klein.serve.generator")
@@ -58,7 +57,7 @@ def _check_finite_output(_module, _inputs, output) -> None:
                               "model at this size); no image was made")
 
 
-# -- adapter-set ids ---------------------------------------------------------------------------------------
+# -- adapter names -----------------------------------------------------------------------------------------
 def adapter_names(model_id: str, count: int) -> list[str]:
     # peft adapter names become ModuleDict keys: no dots or slashes, so hash the id
     digest = hashlib.sha1(model_id.encode()).hexdigest()[:16]

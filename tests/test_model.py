@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from klein.generate import GenerateError, GenerateRequest, generate_image, generate_images
+from klein.generate import GenerateRequest, generate_image, generate_images
+from klein.request import GenerateError
 from klein.model import KleinVariant, ModelLoadError, check_klein_folder, load_pipeline
 
 

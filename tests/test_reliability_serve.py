@@ -176,14 +176,17 @@ def _generator_replicas() -> list[dict]:
     return [a for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#Generator#" in a["name"]]
 
 
-def _process_of(title: str):
+def _processes_of(title: str) -> list:
     import psutil
 
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if title in cmdline:
-            return proc
-    raise AssertionError(f"no process whose title contains {title!r}")
+    return [proc for proc in psutil.process_iter(["cmdline"]) if title in " ".join(proc.info.get("cmdline") or [])]
+
+
+def _process_of(title: str):
+    found = _processes_of(title)
+    if not found:
+        raise AssertionError(f"no process whose title contains {title!r}")
+    return found[0]
 
 
 def _fire(client, requests: list[dict], concurrency: int, timeout: float) -> list[dict]:
@@ -451,7 +454,7 @@ def test_memory_stays_flat_across_100_adapter_switches(service, loras, transform
     loads one adapter set and evicts another. Its parameter count and resident set size stay flat."""
     from ray import serve
 
-    from serve.generator import adapter_set_id
+    from serve.adapter_sets import adapter_set_id
 
     storage = service["storage"]
     handle = serve.get_deployment_handle("Generator", app_name=APP)
@@ -631,12 +634,10 @@ def test_the_ingress_replicas_never_load_torch(service):
     replicas hold no torch: its routers build requests and check ids with torch-free modules, an uploaded LoRA is
     checked by the Fusion replica and a training job imports its trainer in its own task. The Generator replica
     maps libtorch: the check sees it where it is."""
-    import psutil
-
     def maps_torch(proc) -> bool:
         return "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
 
-    ingress = [p for p in psutil.process_iter(["cmdline"]) if f"ServeReplica:{APP}:Ingress" in " ".join(p.info["cmdline"] or [])]
+    ingress = _processes_of(f"ServeReplica:{APP}:Ingress")
     assert len(ingress) == 2, ingress
     assert not any(maps_torch(p) for p in ingress)
     assert maps_torch(_process_of(f"ServeReplica:{APP}:Generator"))

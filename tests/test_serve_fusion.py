@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from klein.lora import LoraLayer, LoraWeights
+from klein.lora import LoraLayer, LoraWeights, lora_to_bytes, read_lora
+from klein.model import model_id
 from serve.fusion import (FusionError, FusionService, KLoraSchedule, fusion_cache_key, klora_choose,
-                          klora_layer_scores, klora_time_scale, linear_merge, topk_abs_sum)
+                          klora_layer_scores, klora_time_scale, linear_merge, prepare_import, topk_abs_sum)
+from serve.testing import random_lora
 
 
 def _layer(out_f, in_f, r, alpha, seed, scale=1.0):
@@ -237,11 +239,6 @@ def test_an_uploaded_lora_is_checked_and_rewritten_where_torch_is(tiny_pipe):
     """`prepare_import`, what the Fusion replica runs for POST /v1/loras/import: the tenant's trigger wins over the
     file's, the file's is taken (and checked) when the tenant gave none, a file that does not fit is an answer
     naming the field, and what comes back is our format, read back layer for layer."""
-    from klein.lora import lora_to_bytes, read_lora
-    from klein.model import model_id
-    from serve.fusion import prepare_import
-    from serve.testing import random_lora
-
     lora = random_lora(tiny_pipe.transformer, rank=4)
     upload = lora_to_bytes(LoraWeights(layers=lora.layers, meta={"trigger": "zxy_file"}))
     mine = prepare_import(upload, "zxy_mine", "tiny")

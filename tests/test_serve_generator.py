@@ -10,7 +10,8 @@ from cluster.storage import Storage
 from klein.generate import generate_image, set_active_loras
 from klein.lora import lora_to_bytes
 from serve.fusion import klora_layer_scores
-from serve.generator import GenerateItem, KleinGenerator, adapter_set_id, parse_adapter_set_id
+from serve.adapter_sets import adapter_set_id, parse_adapter_set_id
+from serve.generator import GenerateItem, KleinGenerator
 from serve.testing import random_lora
 
 

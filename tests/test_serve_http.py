@@ -27,7 +27,8 @@ from klein_style_client import ApiError, AsyncClient, Client
 from klein.generate import GenerateRequest, generate_image, set_active_loras
 from klein.model import load_pipeline
 from serve.fusion import FUSED_PREFIX
-from serve.generator import adapter_names, adapter_set_id
+from serve.adapter_sets import adapter_set_id
+from serve.generator import adapter_names
 from serve.testing import random_lora, store_lora
 
 PORT = free_port()  # not Serve's fixed 8000: other Serve instances may run on this machine at the same time
