@@ -70,7 +70,7 @@ def test_a_silent_upstream_ends_at_the_deadline_and_frees_the_slot(server):
     with pytest.raises(GeminiDeadline, match="deadline"):
         ask(client)
     took = time.monotonic() - t0
-    assert took < 2.5, f"a silent upstream held the call {took:.1f} s past a 1.5 s deadline"
+    assert took < 4.0, f"a silent upstream held the call {took:.1f} s past a 1.5 s deadline"
     assert _slots_free(client), "the abandoned attempt still holds a concurrency slot"
 
 
@@ -81,7 +81,7 @@ def test_a_trickling_upstream_is_cut_off_at_the_deadline(server):
     t0 = time.monotonic()
     with pytest.raises(GeminiDeadline):
         ask(client)
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 4.0  # the deadline and a loaded machine's slack; the trickle would go on for 40 s
 
 
 @pytest.mark.reliability("faults")
@@ -207,17 +207,19 @@ def test_a_silent_gemini_makes_l2_fall_back_offline_within_its_deadline(server):
     took = time.monotonic() - t0
     assert result.source == "offline" and result.checks.passed
     assert any("offline L2: Gemini failed" in w and "deadline" in w for w in result.warnings), result.warnings
-    assert took < 2.5, f"L2 took {took:.1f} s with a 1.5 s deadline"
+    assert took < 4.0, f"L2 took {took:.1f} s with a 1.5 s deadline"
 
 
 def test_the_l2_reask_shares_one_deadline(server):
-    server.push_delay(0.9, {"prompt": "too short"})  # fails the checks: re-asked
-    server.push_delay(0.9, {"prompt": "too short again"})
-    client = client_for(server, timeout_s=30, deadlines={"rewrite": 1.2})
+    server.push_delay(3.0, {"prompt": "too short"})  # fails the checks: re-asked
+    server.push_delay(3.0, {"prompt": "too short again"})
+    profile = rose_profile()
+    client = client_for(server, timeout_s=30, deadlines={"rewrite": 4.0})
     t0 = time.monotonic()
-    result = reformulate(rose_profile(), "a young woman by a window", trigger=TRIGGER, client=client)
+    result = reformulate(profile, "a young woman by a window", trigger=TRIGGER, client=client)
     assert result.source == "offline"
-    assert time.monotonic() - t0 < 1.8, "the re-ask got a deadline of its own"
+    # one shared deadline ends the re-ask at 4 s; a deadline of its own would let it answer at 6 s
+    assert time.monotonic() - t0 < 5.5, "the re-ask got a deadline of its own"
 
 
 @pytest.mark.reliability("faults")

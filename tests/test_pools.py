@@ -155,8 +155,14 @@ def test_init_local_ray_advertises_the_pools(local_ray):
 
 
 @ray.remote(num_cpus=0)
-def _worker_env(keys: list[str], hold_s: float = 0.0) -> dict:
-    time.sleep(hold_s)
+def _worker_env(keys: list[str], meet_in: str | None = None, meet_n: int = 0) -> dict:
+    """This worker's pid and environment; with `meet_in`, it first waits until `meet_n` tasks have arrived there,
+    so that `meet_n` of them run at once, each in its own worker process (however slowly workers start)."""
+    if meet_in:
+        Path(meet_in, f"{os.getpid()}-{time.monotonic_ns()}").touch()
+        deadline = time.monotonic() + 120
+        while len(os.listdir(meet_in)) < meet_n and time.monotonic() < deadline:
+            time.sleep(0.05)
     return {"pid": os.getpid(), **{k: os.environ.get(k) for k in keys}}
 
 
@@ -168,16 +174,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_a_local_node_keeps_its_warm_worker_and_runs_no_preemption_watcher(local_ray):
+def test_a_local_node_keeps_its_warm_worker_and_runs_no_preemption_watcher(local_ray, tmp_path):
     """A warm worker (the render worker: torch and a pipeline loaded) outlives its idle second although the node runs
     more worker processes than CPUs, as a Ray Train job's actors make it do (cluster/pools.py:
     LOCAL_WORKERS_SOFT_LIMIT); and the node's workers see Ray Train's preemption watcher off."""
     env = ray.get(_worker_env.remote(["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]))
     assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # set for the node's processes, not the caller's
-    # six zero-CPU tasks at once: more worker processes than the node's 2 CPUs, all warm, then all idle
-    pids = {env["pid"]} | {b["pid"] for b in ray.get([_worker_env.remote([], 1.0) for _ in range(6)])}
-    assert len(pids) >= 4, pids
+    # six zero-CPU tasks that meet before they return: six worker processes at once, more than the node's 2 CPUs,
+    # all warm, then all idle
+    pids = {b["pid"] for b in ray.get([_worker_env.remote([], str(tmp_path), 6) for _ in range(6)])}
+    assert len(pids) == 6, pids
     time.sleep(3.0)  # Ray ends idle workers over its soft limit after 1 s idle (idle_worker_killing_time_threshold_ms)
     assert all(_alive(pid) for pid in pids), {pid: _alive(pid) for pid in pids}
 
@@ -214,12 +221,13 @@ def test_queue_is_first_come_first_served(local_ray):
 
 
 def test_queue_drops_a_job_whose_driver_went_silent(local_ray):
-    queue = pools.TrainQueue.remote(lease_s=0.5)
+    # a lease of 3 s: the live driver's heartbeat and the checks below are a few actor calls, seconds apart at worst
+    queue = pools.TrainQueue.remote(lease_s=3.0)
     ray.get(queue.join.remote("dead-driver"))
     ray.get(queue.join.remote("live"))
-    time.sleep(0.3)
+    time.sleep(2.0)
     ray.get(queue.heartbeat.remote("live"))
-    time.sleep(0.4)
+    time.sleep(1.5)  # dead-driver: 3.5 s silent, past its lease; live: 1.5 s since its heartbeat
     assert ray.get(queue.wait_turn.remote("live", 1)) is True
     assert ray.get(queue.waiting.remote()) == ["live"]
     ray.kill(queue)

@@ -481,7 +481,11 @@ def test_storage_writes_survive_a_sigkill(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "writing"
-        time.sleep(0.3)
+        # killed once more than 1 MiB is on disk, however slowly a loaded machine lets the writer go
+        folder, deadline = storage.local_path("jobs/j/checkpoints"), time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                p.name.startswith(".tmp-") and p.stat().st_size > 1024 * 1024 for p in folder.iterdir()):
+            time.sleep(0.02)
     finally:
         writer.kill()
         writer.wait()
