@@ -421,7 +421,9 @@ def test_resubmitting_a_job_after_its_driver_died_resumes_it(clean, board, store
     the same job id again resumes from the latest checkpoint Ray Train registered and ends with the clean
     run's LoRA."""
     storage = Storage.from_uri(store)
-    cfg = _cfg(store, "job-driver", step_delay_s=0.4, **FAULT_RUN)  # slow steps: a wide window to kill the driver in
+    # slow steps (sleeps, no CPU): a window of ~12 s between the step-5 column and the last step to kill the driver
+    # in, also when a loaded machine is slow to start the render worker that draws the columns
+    cfg = _cfg(store, "job-driver", step_delay_s=0.8, **FAULT_RUN)
     address = ray.get_runtime_context().gcs_address
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(board), json.dumps(cfg.explicit())],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
