@@ -346,7 +346,7 @@ def test_a_killed_worker_resumes_exactly(killed, clean, store):
     storage = Storage.from_uri(store)
     assert storage.exists("jobs/job-killed/fault_injected_11")
     assert killed["manifest"]["metrics"]["attempts"] == 2 and clean["manifest"]["metrics"]["attempts"] == 1
-    _assert_resumed_from(store, "job-killed", (5, 10))
+    _assert_resumed_from(store, "job-killed", (10,))  # the hook waits for Ray Train to register step 10 first
     _assert_same_run(storage, clean, killed["manifest"], "job-killed")
 
 

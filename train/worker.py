@@ -42,6 +42,31 @@ def midpoint_steps(steps: int) -> tuple[int, ...]:
     return tuple(sorted({steps // 2, steps * 6 // 10})) if steps >= 10 else ()
 
 
+# Ray Train (v2) rewrites this file in the run's folder each time its controller registers a checkpoint
+# (ray.train.v2: CHECKPOINT_MANAGER_SNAPSHOT_FILENAME); the testing hook below reads it, nothing else does.
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def wait_until_registered(storage: Storage, job_id: str, step: int, timeout_s: float = 60.0) -> bool:
+    """Testing hook (`fail_at_step`): before a fault meant to come after the step-`step` checkpoint, wait until
+    Ray Train's controller has registered that checkpoint. Its upload is asynchronous and the controller polls for
+    reports, so on a slow machine a kill right after the save could otherwise land first, and the run would resume
+    from an older checkpoint (or none): a different fault from the one the test asks for. False at the time-out."""
+    key = f"ray_train/{job_id}/{RAY_TRAIN_SNAPSHOT}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            snapshot = storage.read_json(key)
+        except StorageError:  # not written yet, or caught half-written
+            snapshot = {}
+        if any((r.get("metrics") or {}).get("step", 0) >= step for r in snapshot.get("checkpoint_results", [])):
+            return True
+        time.sleep(0.1)
+    log.warning("fail_at_step: the step-%d checkpoint was not registered after %.0f s; injecting the fault anyway",
+                step, timeout_s)
+    return False
+
+
 class CompileCache:
     """Compiled kernels kept in the job storage, keyed by what the graphs depend on (klein.accel.compile_fingerprint
     of the model, this job's LoRA and shape settings, torch and the GPU): the first job on a model writes them after
@@ -149,6 +174,9 @@ def train_loop_per_worker(config: dict) -> None:
             if cfg.fail_at_step == step and rank == 0 and micro == 0:
                 marker = f"jobs/{cfg.job_id}/fault_injected_{step}"
                 if not storage.exists(marker):  # once per job: the resumed attempt must get past it
+                    saved = (step - 1) // cfg.save_every * cfg.save_every
+                    if saved >= 1:
+                        wait_until_registered(storage, cfg.job_id, saved)
                     storage.write_bytes(marker, b"killed mid-step by fail_at_step")
                     os.kill(os.getpid(), signal.SIGKILL)
             if cfg.oom_at_step == step and micro == 0:
