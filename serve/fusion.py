@@ -29,7 +29,7 @@ from klein.fusion import (  # noqa: F401  (re-exported: the fusion math's old ho
 from klein.lora import LoraError, LoraWeights, check_lora_fits, lora_to_bytes, read_lora
 from klein.model import model_id, resolve_model_source
 from serve.config import KLORA_SCORES_ON, ServeConfig
-from train.captions import check_trigger
+from train.captions import TriggerError, check_trigger
 
 log = logging.getLogger("klein.serve.fusion")
 
@@ -153,7 +153,7 @@ def prepare_import(data: bytes, trigger: str | None, model: str) -> dict:
     if trigger is None and lora.meta.get("trigger"):
         try:
             trigger = check_trigger(str(lora.meta["trigger"]))
-        except Exception as e:  # noqa: BLE001 — the check's message is written for users
+        except TriggerError as e:  # its message is written for users
             return {"error": str(e), "field": "trigger"}
     meta = {"trigger": trigger, "base_model": model_id(model), "imported": True, "source_format": lora.meta.get("source_format")}
     clean = LoraWeights(layers=lora.layers, meta={k: v for k, v in meta.items() if v is not None})
