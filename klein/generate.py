@@ -7,6 +7,7 @@ fast mode, step caching. Otherwise the stock `Flux2KleinPipeline.__call__` runs 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,9 @@ from klein.request import GenerateRequest  # its own module: the HTTP tier build
 # Images per pipeline call in `generate_images`: on two CPU cores 12 mini images take 23.8 s one at a time, 14.9 s in
 # fours, 12.9 s in twelves; on a GPU four 1024² Klein images with CFG are eight sequences of 4,608 tokens at once.
 BATCH_SIZE = {"cpu": 8, "cuda": 4}
+# Prompt embeddings kept per pipeline (`encoded_prompts`). A Klein 9B embedding at 512 tokens is 12 MiB in bf16, so
+# 32 of them are ~400 MiB of the device's memory: enough for a contact sheet's and a health probe's prompts.
+PROMPT_CACHE_SIZE = 32
 
 
 def text_length(pipe, request: GenerateRequest) -> int:
@@ -27,6 +31,40 @@ def text_length(pipe, request: GenerateRequest) -> int:
     if request.max_sequence_length is not None:
         return int(request.max_sequence_length)
     return int(getattr(pipe, "klein_max_sequence_length", 512))
+
+
+def encoded_prompts(pipe, prompts: list[str], device, max_sequence_length: int) -> torch.Tensor:
+    """`pipe.encode_prompt`'s embeddings of `prompts` (one row each), every distinct prompt encoded on its own once
+    per pipeline, device and text length, then reused.
+
+    The Qwen3 text encoder is frozen and our LoRAs change only the transformer, so a prompt's embedding is the same
+    at every checkpoint: the contact sheet's columns and the health probe draw the same prompts at each one, and
+    classifier-free guidance adds the same empty negative prompt to every image. `Flux2KleinPipeline` encoded all of
+    them again on every call (a Klein folder's 151,936-token head made that 28 of a render worker's 32 CPU-s).
+    Each prompt is encoded alone, so its embedding does not depend on which prompts it came with, and equals what
+    the pipeline computes for that prompt by itself.
+    """
+    cache = getattr(pipe, "_klein_prompt_cache", None)
+    if cache is None:
+        cache = OrderedDict()
+        pipe._klein_prompt_cache = cache
+    embeds = {}
+    for prompt in dict.fromkeys(prompts):
+        key = (prompt, int(max_sequence_length), str(device))
+        hit = cache.get(key)
+        if hit is None:
+            hit = pipe.encode_prompt(prompt=prompt, device=device, max_sequence_length=max_sequence_length)[0]
+            cache[key] = hit
+        cache.move_to_end(key)
+        embeds[prompt] = hit
+    while len(cache) > PROMPT_CACHE_SIZE:  # after the call's own prompts are held in `embeds`
+        cache.popitem(last=False)
+    return torch.cat([embeds[prompt] for prompt in prompts])
+
+
+def uses_cfg(pipe, guidance: float) -> bool:
+    """Whether `Flux2KleinPipeline` runs classifier-free guidance (a distilled Klein never does)."""
+    return guidance > 1.0 and not getattr(pipe.config, "is_distilled", False)
 
 
 def set_active_loras(pipe, loras: list[tuple[str, LoraWeights | None, float]]) -> None:
@@ -70,9 +108,10 @@ def generate_image(
     device = pipe._execution_device
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     msl = text_length(pipe, request)
-    negative = None
-    if request.guidance > 1.0 and request.negative_prompt:
-        negative, _ = pipe.encode_prompt(request.negative_prompt, device=device, max_sequence_length=msl)
+    # the negative prompt (the pipeline's own default is "") from the pipeline's prompt cache: the same tensor the
+    # pipeline computes for it, without encoding it again for every request
+    negative = encoded_prompts(pipe, [request.negative_prompt], device, msl) if uses_cfg(pipe, request.guidance) else None
+
     def report_step(_pipe, i, _t, kwargs):
         on_step(i + 1, request.steps)
         return kwargs
@@ -110,13 +149,12 @@ def generate_images(pipe, requests: list[GenerateRequest], batch_size: int | Non
         groups.setdefault(key, []).append(i)
     images: list[Image.Image | None] = [None] * len(requests)
     for (width, height, steps, guidance, negative, msl), members in groups.items():
-        # the group's negative prompt is encoded once, not once per chunk
-        negative_embeds = pipe.encode_prompt(negative, device=device, max_sequence_length=msl)[0] if negative else None
+        cfg = uses_cfg(pipe, guidance)
         for start in range(0, len(members), size):
             chunk = members[start:start + size]
             out = pipe(
-                prompt=[requests[i].prompt for i in chunk],
-                negative_prompt_embeds=None if negative_embeds is None else negative_embeds.repeat(len(chunk), 1, 1),
+                prompt_embeds=encoded_prompts(pipe, [requests[i].prompt for i in chunk], device, msl),
+                negative_prompt_embeds=encoded_prompts(pipe, [negative] * len(chunk), device, msl) if cfg else None,
                 height=height,
                 width=width,
                 num_inference_steps=steps,

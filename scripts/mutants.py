@@ -218,6 +218,13 @@ MUTATIONS: list[Mutation] = [
       "gemini/client.py", "http_options=types.HttpOptions(timeout=max(1, int(min(self.config.timeout_s, timeout_s) * 1000))),",
       "http_options=types.HttpOptions(timeout=600_000),",
       ("tests/test_gemini_client.py::test_timeout_is_per_call_and_retried",)),
+    M("prompt-cache-ignores-text-length", "a prompt's kept embedding is reused at another text length",
+      "klein/generate.py", "key = (prompt, int(max_sequence_length), str(device))", "key = (prompt, str(device))",
+      ("tests/test_model.py::test_each_prompt_is_encoded_once_per_pipeline_and_text_length",)),
+    M("negative-encoded-per-image", "the empty negative prompt is encoded again for every image of a batch",
+      "klein/generate.py", "negative_prompt_embeds=encoded_prompts(pipe, [negative] * len(chunk), device, msl) if cfg else None,",
+      "negative_prompt_embeds=None,",
+      ("tests/test_model.py::test_each_prompt_is_encoded_once_per_pipeline_and_text_length",)),
     # -- LoRA maths ----------------------------------------------------------------------------------------
     M("lora-scale", "a LoRA layer's alpha/rank scale is dropped",
       "klein/lora.py", "        return self.alpha / self.rank", "        return 1.0",

@@ -35,7 +35,7 @@ from cluster.storage import Storage
 from klein.accel import INFERENCE_MODES, prepare_for_inference
 from klein.fp8 import Float8Linear
 from klein.fusion import KLORA_DEFAULTS, KLoraSchedule, apply_klora_step, klora_layer_scores
-from klein.generate import GenerateRequest, generate_image, set_active_loras, text_length
+from klein.generate import GenerateRequest, encoded_prompts, generate_image, set_active_loras, text_length, uses_cfg
 from klein.lora import add_lora, extract_lora, read_lora
 from klein.model import load_pipeline
 from serve.config import ServeConfig
@@ -182,9 +182,8 @@ class KleinGenerator:
         generators = [torch.Generator(device="cpu").manual_seed(i.seed) for i in items]
         msl = text_length(self.pipe, first.request())  # the model's prompt length (mini: 64), as single calls use
         negative = None
-        if first.guidance > 1.0 and first.negative_prompt:
-            negative, _ = self.pipe.encode_prompt([first.negative_prompt] * len(items), device=self.pipe._execution_device,
-                                                  max_sequence_length=msl)
+        if uses_cfg(self.pipe, first.guidance):  # the pipeline's prompt cache: "" is encoded once, not per item
+            negative = encoded_prompts(self.pipe, [first.negative_prompt] * len(items), self.pipe._execution_device, msl)
         out = self.pipe(prompt=[i.prompt for i in items], negative_prompt_embeds=negative, height=first.height,
                         width=first.width, num_inference_steps=first.steps, guidance_scale=first.guidance,
                         generator=generators, max_sequence_length=msl)

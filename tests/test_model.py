@@ -77,6 +77,31 @@ def test_batched_images_are_each_requests_own_image(tiny_pipe):
     assert np.abs(single[0] - single[3]).mean() > 0.1 and np.abs(batched[0] - batched[3]).mean() > 0.1
 
 
+def test_each_prompt_is_encoded_once_per_pipeline_and_text_length(tiny_pipe):
+    """The contact sheet's columns and the health probe draw the same prompts at every checkpoint, with CFG's empty
+    negative prompt beside each image: generate_images encodes each distinct (prompt, text length) once per pipeline
+    and the images drawn from the kept embeddings are the ones drawn from fresh ones, pixel for pixel."""
+    tiny_pipe._klein_prompt_cache = None  # other tests drew on this session's pipeline: start from an empty cache
+    calls = []
+    hook = tiny_pipe.text_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0] if args else 1))
+    try:
+        base = dict(steps=2, width=64, height=64, guidance=4.0)
+        requests = [GenerateRequest(prompt=p, seed=s, **base) for p in ("a cat", "a boat") for s in (1, 2)]
+        first = [np.asarray(image) for image in generate_images(tiny_pipe, requests, batch_size=4)]
+        assert len(calls) == 3 and set(calls) == {1}  # "a cat", "a boat" and the empty negative prompt, each alone
+        again = [np.asarray(image) for image in generate_images(tiny_pipe, requests, batch_size=4)]
+        assert len(calls) == 3  # a later checkpoint's column encodes nothing
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+        # the same prompt at another text length is another embedding, and draws what a single call draws
+        short = [GenerateRequest(prompt="a cat", seed=s, max_sequence_length=32, **base) for s in (1, 2)]
+        drawn = generate_images(tiny_pipe, short)
+        assert len(calls) == 5
+        for image, request in zip(drawn, short):
+            assert np.abs(np.asarray(image, dtype=int) - np.asarray(generate_image(tiny_pipe, request), dtype=int)).max() <= 2
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("width", 65), ("height", 4096), ("steps", 0), ("guidance", -1.0), ("seed", -5), ("prompt", "  ")],
