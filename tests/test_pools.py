@@ -6,6 +6,7 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import ray
@@ -207,6 +208,10 @@ def test_queue_is_first_come_first_served(local_ray):
     queue = pools.TrainQueue.remote(lease_s=60)
     for job in ["a", "b", "c"]:
         ray.get(queue.join.remote(job))
+    # the queue's worker imports its own module only (cluster.train_queue), not torch and Ray Train as pools does
+    workers = [p for p in psutil.Process().children(recursive=True) if "ray::TrainQueue" in " ".join(p.cmdline())]
+    assert len(workers) == 1 and "libtorch" not in Path(f"/proc/{workers[0].pid}/maps").read_text(), workers
+    assert "libtorch" in Path("/proc/self/maps").read_text()  # the check sees torch where it is (this process)
     assert ray.get(queue.join.remote("b")) == 1  # joining twice keeps the place
     assert ray.get(queue.wait_turn.remote("a", 0.1)) is True
     assert ray.get(queue.wait_turn.remote("b", 0.1)) is False
