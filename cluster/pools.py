@@ -88,8 +88,6 @@ DEFAULT_CPUS_PER_TRAIN_WORKER = 1.0
 PlacementStrategy = Literal["PACK", "STRICT_PACK"]
 _ALLOWED_TRAIN_STRATEGIES = ("PACK", "STRICT_PACK")
 
-
-
 # --- node side: what a node of each pool advertises ----------------------------------------------
 
 
