@@ -182,7 +182,7 @@ def denoise(pipe, request: GenerateRequest, on_step: Callable[[int, int], None] 
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     msl = text_length(pipe, request)
     prompt_embeds, text_ids = pipe.encode_prompt(prompt=request.prompt, device=device, max_sequence_length=msl)
-    do_cfg = request.guidance > 1 and not getattr(pipe.config, "is_distilled", False)
+    do_cfg = uses_cfg(pipe, request.guidance)
     if do_cfg:
         negative = request.negative_prompt if request.guidance > 1.0 and request.negative_prompt else ""
         if accel is not None:
