@@ -28,8 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -344,20 +343,6 @@ class InferenceAccel:
     fp8: bool
     step_cache: StepCache | None
     batch_cfg: bool = True
-    negative_cache_size: int = 8
-    _negatives: OrderedDict = field(default_factory=OrderedDict)
-
-    def negative_embeds(self, pipe, prompt: str, device, max_sequence_length: int):
-        """Encoded negative prompt, cached (the empty one is the same for every request)."""
-        key = (prompt, max_sequence_length, str(device))
-        hit = self._negatives.get(key)
-        if hit is None:
-            hit = pipe.encode_prompt(prompt=prompt, device=device, max_sequence_length=max_sequence_length)
-            self._negatives[key] = hit
-            while len(self._negatives) > self.negative_cache_size:
-                self._negatives.popitem(last=False)
-        self._negatives.move_to_end(key)
-        return hit
 
 
 def prepare_for_inference(pipe, loras: list | None = None, mode: str = "exact", compile: bool | None = None,

@@ -185,10 +185,8 @@ def denoise(pipe, request: GenerateRequest, on_step: Callable[[int, int], None] 
     do_cfg = uses_cfg(pipe, request.guidance)
     if do_cfg:
         negative = request.negative_prompt if request.guidance > 1.0 and request.negative_prompt else ""
-        if accel is not None:
-            neg_embeds, neg_ids = accel.negative_embeds(pipe, negative, device, msl)
-        else:
-            neg_embeds, neg_ids = pipe.encode_prompt(prompt=negative, device=device, max_sequence_length=msl)
+        neg_embeds = encoded_prompts(pipe, [negative], device, msl)  # the same negative for every request: kept
+        neg_ids = pipe._prepare_text_ids(neg_embeds).to(device)  # what encode_prompt returns beside its embeds
         if neg_embeds.shape != prompt_embeds.shape or not torch.equal(neg_ids, text_ids):
             batch_cfg = False  # one batch needs equal text lengths (Klein pads both to max_sequence_length)
     latents, latent_ids = pipe.prepare_latents(

@@ -95,6 +95,15 @@ def test_our_loop_unbatched_is_the_pipeline_call(tiny_dir):
         assert np.array_equal(_pixels(denoise(pipe, req, batch_cfg=False)), _pixels(generate_image(pipe, req)))
     batched = _pixels(denoise(pipe, REQ, batch_cfg=True))
     assert np.abs(batched - _pixels(generate_image(pipe, REQ))).max() <= 2
+    # CFG's negative prompt comes from the pipeline's prompt cache (klein.generate.encoded_prompts): a request drawn
+    # again encodes only its own prompt
+    encodings = []
+    hook = pipe.text_encoder.register_forward_hook(lambda module, args, out: encodings.append(1))
+    try:
+        again = _pixels(denoise(pipe, REQ, batch_cfg=True))
+    finally:
+        hook.remove()
+    assert len(encodings) == 1 and np.array_equal(again, batched)
 
 
 def test_fused_generation_matches_the_peft_adapter_path(tiny_dir):
