@@ -184,10 +184,9 @@ def denoise(pipe, request: GenerateRequest, on_step: Callable[[int, int], None] 
     prompt_embeds, text_ids = pipe.encode_prompt(prompt=request.prompt, device=device, max_sequence_length=msl)
     do_cfg = uses_cfg(pipe, request.guidance)
     if do_cfg:
-        negative = request.negative_prompt if request.guidance > 1.0 and request.negative_prompt else ""
-        neg_embeds = encoded_prompts(pipe, [negative], device, msl)  # the same negative for every request: kept
+        neg_embeds = encoded_prompts(pipe, [request.negative_prompt or ""], device, msl)  # the same for every request: kept
         neg_ids = pipe._prepare_text_ids(neg_embeds).to(device)  # what encode_prompt returns beside its embeds
-        if neg_embeds.shape != prompt_embeds.shape or not torch.equal(neg_ids, text_ids):
+        if neg_embeds.shape != prompt_embeds.shape:  # text ids are a function of the shape: equal shapes, equal ids
             batch_cfg = False  # one batch needs equal text lengths (Klein pads both to max_sequence_length)
     latents, latent_ids = pipe.prepare_latents(
         batch_size=1, num_latents_channels=transformer.config.in_channels // 4, height=request.height,

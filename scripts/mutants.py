@@ -230,8 +230,8 @@ MUTATIONS: list[Mutation] = [
       ("tests/test_model.py::test_each_prompt_is_encoded_once_per_pipeline_and_text_length",)),
     M("denoise-negative-encoded-per-request", "our own denoising loop (the accelerated serving path) encodes the "
       "negative prompt again for every request", "klein/generate.py",
-      "neg_embeds = encoded_prompts(pipe, [negative], device, msl)",
-      "neg_embeds = pipe.encode_prompt(prompt=negative, device=device, max_sequence_length=msl)[0]",
+      "neg_embeds = encoded_prompts(pipe, [request.negative_prompt or \"\"], device, msl)",
+      "neg_embeds = pipe.encode_prompt(prompt=request.negative_prompt or \"\", device=device, max_sequence_length=msl)[0]",
       ("tests/test_accel.py::test_our_loop_unbatched_is_the_pipeline_call",)),
     # -- LoRA maths ----------------------------------------------------------------------------------------
     M("lora-scale", "a LoRA layer's alpha/rank scale is dropped",
