@@ -74,7 +74,7 @@ def _shipped_tiny_preset() -> Path:
     declared = preset_declaration(TINY_PRESET_DIR).get("version") if TINY_PRESET_DIR.is_dir() else None
     if declared is None or not (TINY_PRESET_DIR / "model_index.json").exists():
         raise ModelLoadError(f"the tiny preset's folder is missing from {TINY_PRESET_DIR}: it ships with the repository "
-                             "(check out the whole tree); `python -m klein.tiny` rebuilds it (about a minute on a CPU)")
+                             "(check out the whole tree); `python -m klein.tiny` rebuilds it (~30 s on a CPU)")
     if declared != TINY_PRESET_VERSION:
         raise ModelLoadError(f"the tiny preset in {TINY_PRESET_DIR} is version {declared}, this code's recipe is version "
                              f"{TINY_PRESET_VERSION}: rebuild it with `rm -r {TINY_PRESET_DIR} && python -m klein.tiny`")

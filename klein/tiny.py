@@ -2,8 +2,8 @@
 
 Its folder ships in the repository (`klein/presets/tiny/`, 2.3 MB, like the mini preset) and loads through
 `Flux2KleinPipeline.from_pretrained`, the very path real Klein weights take; `python -m klein.tiny` rebuilds it
-from the recipe below (seeded, and the VAE fitted on one thread so that the thread count cannot change a byte;
-`tests/test_model.py` checks the shipped folder against it). Nothing is faked in between:
+from the recipe below (seeded, the VAE fitted on one thread: the same bytes on any machine; `tests/test_model.py`
+checks the shipped folder against it). Nothing is faked in between:
 the transformer has Klein's structure (double- then single-stream blocks, in_channels 128, no guidance
 embedding), the text encoder is a Qwen3 with enough layers for the hidden states the pipeline reads
 (9, 18, 27), the tokenizer is a byte-level BPE `Qwen2TokenizerFast` trained locally.
@@ -11,7 +11,7 @@ embedding), the text encoder is a Qwen3 with enough layers for the hidden states
 The VAE is the one part that gets a short seeded training run at build time: a random VAE is not an
 autoencoder, and a style LoRA learnt in latent space would then be invisible in pixels. A few hundred
 reconstruction steps on procedural images make decode(encode(x)) ≈ x, so style shows up in the samples. That run
-(~50 CPU-s) is why the folder ships built: every fresh checkout, CI's included, used to wait for it on first use.
+(~50 CPU-s) is why the folder ships built: every fresh checkout, CI run and Ray worker used to wait for it.
 """
 
 from __future__ import annotations
@@ -197,8 +197,8 @@ def _procedural_batch(rng: np.random.Generator, n: int, size: int) -> torch.Tens
 def _fit_tiny_vae(vae, seed: int, steps: int = 300, size: int = 32, batch: int = 16) -> None:
     """Seeded reconstruction training so the tiny VAE is an actual autoencoder (see module docstring).
 
-    On one thread: a float sum split over threads depends on their number, and a rebuild must give the shipped
-    folder's bytes whatever thread count its machine has."""
+    On one thread: a float sum split over threads depends on their number, and the shipped folder must be what
+    any machine rebuilds, byte for byte."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
