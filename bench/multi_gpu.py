@@ -99,7 +99,7 @@ def bench_worker(config: dict) -> None:
     res, txt = (1024, 512) if config["config"] == "klein9b" else (128, 16)
     zero_stage = config.get("zero")
 
-    def load_random_transformer(source="tiny", dtype=torch.float32, device="cpu"):
+    def load_random_transformer(source="tiny", dtype=torch.float32, device="cpu", cache_dir=None):
         if torch.device(device).type == "cpu" and zero_stage == 3 and torch.cuda.is_available():
             return build_transformer(cfg, "cuda", dtype).to("cpu")  # random init on the GPU is minutes faster
         return build_transformer(cfg, device, dtype)

@@ -127,7 +127,7 @@ class Ours:
         self.args, self.device = args, device
         cfg, res, txt = shapes(args.tiny)
 
-        def load_random_transformer(source="tiny", dtype=torch.float32, device="cpu"):
+        def load_random_transformer(source="tiny", dtype=torch.float32, device="cpu", cache_dir=None):
             return build_transformer(cfg, device, dtype)  # instead of from_pretrained(folder)
 
         # product defaults otherwise

@@ -15,7 +15,7 @@ import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
 from klein.mini import MINI_PRESET_DIR, MINI_PRESET_VERSION
-from klein.tiny import TINY_PRESET_DIR, TINY_PRESET_VERSION
+from klein.tiny import TINY_PRESET_VERSION, tiny_preset_dir
 
 # (subfolder, expected class, config file) of every component a Klein folder must hold.
 KLEIN_COMPONENTS = {
@@ -53,10 +53,11 @@ class KleinVariant:
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # Klein pads every prompt to 512 Qwen3 tokens
 
 
-def resolve_model_source(source: str | os.PathLike) -> Path:
-    """`tiny` and `mini` → the preset folders shipped in the repository; anything else → a checked local folder."""
+def resolve_model_source(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """`tiny` → the tiny preset folder (built on first use); `mini` → the pretrained preset shipped in the
+    repository; anything else → a checked local folder."""
     if str(source) == "tiny":
-        return _shipped_tiny_preset()
+        return tiny_preset_dir(cache_dir)
     if str(source) == "mini":
         if not (MINI_PRESET_DIR / "model_index.json").exists():
             raise ModelLoadError(
@@ -70,36 +71,25 @@ def resolve_model_source(source: str | os.PathLike) -> Path:
     return path
 
 
-def _shipped_tiny_preset() -> Path:
-    declared = preset_declaration(TINY_PRESET_DIR).get("version") if TINY_PRESET_DIR.is_dir() else None
-    if declared is None or not (TINY_PRESET_DIR / "model_index.json").exists():
-        raise ModelLoadError(f"the tiny preset's folder is missing from {TINY_PRESET_DIR}: it ships with the repository "
-                             "(check out the whole tree); `python -m klein.tiny` rebuilds it (~30 s on a CPU)")
-    if declared != TINY_PRESET_VERSION:
-        raise ModelLoadError(f"the tiny preset in {TINY_PRESET_DIR} is version {declared}, this code's recipe is version "
-                             f"{TINY_PRESET_VERSION}: rebuild it with `rm -r {TINY_PRESET_DIR} && python -m klein.tiny`")
-    return TINY_PRESET_DIR
-
-
 def preset_declaration(folder: str | os.PathLike) -> dict:
     """What a preset folder declares about itself in `klein_preset.json` (empty for real Klein folders)."""
     path = Path(folder) / "klein_preset.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def native_resolution(source: str | os.PathLike) -> int:
+def native_resolution(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> int:
     """The side images default to where the user gives none: 64 for tiny, the preset's own (mini: 128), else
     Klein's 1024."""
     if str(source) == "tiny":
         return 64
-    folder = resolve_model_source(source)
+    folder = resolve_model_source(source, cache_dir)
     return int(preset_declaration(folder).get("resolution", 1024))
 
 
-def max_sequence_length(source: str | os.PathLike) -> int:
+def max_sequence_length(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> int:
     """How many text tokens prompts are padded to: 512 for Klein, less where a preset declares it (mini: 64).
     Training caches, samples and serving must all use the same number, so they all ask here."""
-    return _declared_text_length(resolve_model_source(source))
+    return _declared_text_length(resolve_model_source(source, cache_dir))
 
 
 def _declared_text_length(folder: Path) -> int:
@@ -151,6 +141,7 @@ def load_pipeline(
     source: str | os.PathLike = "tiny",
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
     components: tuple[str, ...] | None = None,
 ):
     """A `Flux2KleinPipeline` from `tiny` or a local Klein folder.
@@ -158,7 +149,7 @@ def load_pipeline(
     `dtype` defaults to bfloat16 on CUDA and float32 on CPU. `components` restricts what is loaded (e.g.
     `("transformer",)` for a training worker, which never needs the text encoder or VAE); the others are None.
     """
-    folder = resolve_model_source(source)
+    folder = resolve_model_source(source, cache_dir)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -182,12 +173,12 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def load_transformer(source: str | os.PathLike = "tiny", dtype: torch.dtype = torch.float32, device="cpu"):
+def load_transformer(source: str | os.PathLike = "tiny", dtype: torch.dtype = torch.float32, device="cpu", cache_dir=None):
     """Only the denoiser, for training workers (latents and prompt embeddings are cached beforehand).
 
     The safetensors shards are read straight onto `device` (diffusers' `device_map` with the one device): a
     GPU worker never builds the 18 GB bf16 Klein 9B in host memory first and copies it over afterwards."""
-    folder = resolve_model_source(source)
+    folder = resolve_model_source(source, cache_dir)
     model = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype, local_files_only=True,
                                                     device_map={"": torch.device(device)})
     return model.to(device)

@@ -1,22 +1,19 @@
 """The tiny preset: FLUX.2 Klein's own classes at toy sizes, with seeded weights.
 
-Its folder ships in the repository (`klein/presets/tiny/`, 2.3 MB, like the mini preset) and loads through
-`Flux2KleinPipeline.from_pretrained`, the very path real Klein weights take; `python -m klein.tiny` rebuilds it
-from the recipe below (seeded, the VAE fitted on one thread: the same bytes on any machine; `tests/test_model.py`
-checks the shipped folder against it). Nothing is faked in between:
+It is built once, saved as an ordinary diffusers folder in a cache directory, and then loaded back through
+`Flux2KleinPipeline.from_pretrained`, the very path real Klein weights take. Nothing is faked in between:
 the transformer has Klein's structure (double- then single-stream blocks, in_channels 128, no guidance
 embedding), the text encoder is a Qwen3 with enough layers for the hidden states the pipeline reads
 (9, 18, 27), the tokenizer is a byte-level BPE `Qwen2TokenizerFast` trained locally.
 
 The VAE is the one part that gets a short seeded training run at build time: a random VAE is not an
 autoencoder, and a style LoRA learnt in latent space would then be invisible in pixels. A few hundred
-reconstruction steps on procedural images make decode(encode(x)) ≈ x, so style shows up in the samples. That run
-(~50 CPU-s) is why the folder ships built: every fresh checkout, CI run and Ray worker used to wait for it.
+reconstruction steps on procedural images make decode(encode(x)) ≈ x, so style shows up in the samples.
 """
 
 from __future__ import annotations
 
-import argparse
+import fcntl
 import json
 import logging
 import os
@@ -32,9 +29,8 @@ from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 log = logging.getLogger("klein.tiny")
 
-# Bump when anything below changes, and rebuild the shipped folder (`python -m klein.tiny`): model ids are keyed by it.
+# Bump when anything below changes: the cache folder is keyed by it.
 TINY_PRESET_VERSION = "5"
-TINY_PRESET_DIR = Path(__file__).parent / "presets" / "tiny"
 
 TINY_TEXT_HIDDEN = 16
 TINY_TEXT_LAYERS = 27  # the pipeline stacks hidden states 9, 18 and 27
@@ -90,33 +86,41 @@ a city street with cars and people at night. flowers in a vase on a table. a bir
 riding a horse on the moon. a castle on a hill. a child flying a kite on the beach. user assistant system"""
 
 
-def build_tiny_preset_atomically(out_dir: Path, seed: int = 0) -> None:
-    """Build the preset into `out_dir` (which must not exist) through a temporary sibling folder renamed at the end,
-    so an interrupted build never leaves a half folder where the preset is read."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists: remove it first (the shipped preset is rebuilt in place that way)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=out_dir.parent))
-    try:
-        build_tiny_preset(tmp, seed=seed)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KLEIN_CACHE", Path.home() / ".cache" / "klein-style"))
+
+
+def tiny_preset_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The diffusers folder of the tiny preset, built on first use (atomically: built in a temporary
+    folder, then renamed, so a concurrent or interrupted build never leaves a half folder)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / f"tiny-klein-v{TINY_PRESET_VERSION}"
+    if (target / "model_index.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    # One builder at a time: pytest-xdist workers, Ray workers and CLI subprocesses may all ask for it at once on a
+    # fresh machine, and each build costs minutes of CPU. The others wait here, then find the folder built. The
+    # lock is released when its file closes, also when the builder dies; the rename still keeps a half folder out.
+    with open(root / f".tiny-klein-v{TINY_PRESET_VERSION}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "model_index.json").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
+        try:
+            build_tiny_preset(tmp)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "model_index.json").exists():  # a builder without the lock won: theirs is fine
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def build_tiny_preset(out_dir: Path, seed: int = 0) -> None:
-    """Build the tiny preset's diffusers folder in `out_dir` (the recipe of the shipped `klein/presets/tiny/`)."""
+
     log.info("building the tiny Klein preset in %s", out_dir)
-    pipe = build_tiny_pipeline(seed)
-    _fit_tiny_vae(pipe.vae, seed=seed + 3)
-    pipe.vae.eval()
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / "klein_preset.json").write_text(json.dumps({"preset": "tiny", "version": TINY_PRESET_VERSION, "seed": seed}))
-
-
-def build_tiny_pipeline(seed: int = 0) -> Flux2KleinPipeline:
-    """The tiny pipeline with seeded weights, its VAE not yet fitted (`build_tiny_preset` fits it, then saves)."""
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     text_encoder = Qwen3ForCausalLM(
@@ -138,14 +142,17 @@ def build_tiny_pipeline(seed: int = 0) -> Flux2KleinPipeline:
     transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER).eval()
     torch.manual_seed(seed + 2)
     vae = AutoencoderKLFlux2(**TINY_VAE)
-    return Flux2KleinPipeline(
+    _fit_tiny_vae(vae, seed=seed + 3)
+    pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**KLEIN_SCHEDULER),
-        vae=vae,
+        vae=vae.eval(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
         is_distilled=False,
     )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "klein_preset.json").write_text(json.dumps({"preset": "tiny", "version": TINY_PRESET_VERSION, "seed": seed}))
 
 
 def build_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 600):
@@ -193,21 +200,9 @@ def _procedural_batch(rng: np.random.Generator, n: int, size: int) -> torch.Tens
     return torch.from_numpy(imgs)
 
 
-@torch.enable_grad()  # a caller may build the preset inside torch.no_grad()
+@torch.enable_grad()  # the preset may first be built inside a caller's no_grad (train.cache.build_cache)
 def _fit_tiny_vae(vae, seed: int, steps: int = 300, size: int = 32, batch: int = 16) -> None:
-    """Seeded reconstruction training so the tiny VAE is an actual autoencoder (see module docstring).
-
-    On one thread: a float sum split over threads depends on their number, and the shipped folder must be what
-    any machine rebuilds, byte for byte."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _fit_vae_steps(vae, seed, steps, size, batch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _fit_vae_steps(vae, seed: int, steps: int, size: int, batch: int) -> None:
+    """Seeded reconstruction training so the tiny VAE is an actual autoencoder (see module docstring)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
@@ -232,18 +227,3 @@ def _fit_vae_steps(vae, seed: int, steps: int, size: int, batch: int) -> None:
         vae.bn.running_mean.copy_(patched.mean(dim=(0, 2, 3)))
         vae.bn.running_var.copy_(patched.var(dim=(0, 2, 3)))
     log.info("tiny VAE reconstruction mse %.4f", loss.item())
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m klein.tiny [--out DIR]`: rebuild the tiny preset (by default the shipped folder, after removing it)."""
-    parser = argparse.ArgumentParser(prog="python -m klein.tiny", description=main.__doc__)
-    parser.add_argument("--out", type=Path, default=TINY_PRESET_DIR, help=f"where to build it (default {TINY_PRESET_DIR})")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    build_tiny_preset_atomically(args.out, seed=args.seed)
-    print(f"built the tiny preset v{TINY_PRESET_VERSION} in {args.out}")
-
-
-if __name__ == "__main__":
-    main()

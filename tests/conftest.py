@@ -47,10 +47,10 @@ LONGEST_MODULES_FIRST = [
 
 @pytest.fixture(scope="session")
 def tiny_dir():
-    """The tiny preset's diffusers folder (shipped in the repository)."""
-    from klein.model import resolve_model_source
+    """The tiny preset's diffusers folder (built on first use into KLEIN_CACHE, then reused)."""
+    from klein.tiny import tiny_preset_dir
 
-    return resolve_model_source("tiny")
+    return tiny_preset_dir()
 
 
 @pytest.fixture(scope="session")
