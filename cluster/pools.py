@@ -45,6 +45,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Literal
 
+import psutil
 import ray
 import ray.train
 import torch
@@ -138,6 +139,13 @@ WORKERS_SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
 # A one-node local cluster has no node to be preempted: Ray Train's preemption watcher (an actor per run, ~2 CPU-s
 # to start) has nothing to watch there.
 LOCAL_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# What Ray 2.60 raises when a new node's raylet has not registered with its GCS 30 s after it was started
+# (`ray/_private/node.py`, a fixed wait). Seen once in ~15 full test runs, in a process that had started and stopped
+# two Ray instances before: the GCS and the dashboard were up, the raylet never wrote a log nor made its socket (Ray
+# forks its daemons with a `preexec_fn`, and gRPC had warned that other threads were inside it at fork time). Ray
+# leaves the half-started node's processes running and unowned: `ray.shutdown()` does not know them.
+RAY_NODE_STARTUP_TIMEOUT = "The current node timed out during startup"
+LOCAL_RAY_START_ATTEMPTS = 2
 
 
 def init_local_ray(
@@ -160,6 +168,9 @@ def init_local_ray(
 
     The node keeps its warm worker processes (`LOCAL_WORKERS_SOFT_LIMIT`) and runs no Ray Train preemption watcher
     (`LOCAL_NODE_ENV`); a `_system_config`, `RAY_num_workers_soft_limit` or watcher variable of the caller's wins.
+
+    When Ray's node does not come up within Ray's own 30 s (`RAY_NODE_STARTUP_TIMEOUT`), the processes it had started
+    are ended and a fresh node is started once more, with a warning; a second failure is a `PoolError`.
     """
     if ray.is_initialized():
         raise PoolError("Ray is already initialised in this process; call ray.shutdown() first")
@@ -172,18 +183,52 @@ def init_local_ray(
     node_env = {k: v for k, v in LOCAL_NODE_ENV.items() if k not in os.environ}
     os.environ.update(node_env)
     try:
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            object_store_memory=object_store_memory,
-            resources=local_cluster_resources(train_slots, infer_gpus),
-            _system_config=system_config,
-            **init_kwargs,
-        )
+        for attempt in range(1, LOCAL_RAY_START_ATTEMPTS + 1):
+            children_before = {child.pid for child in psutil.Process().children(recursive=True)}
+            try:
+                ray.init(
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
+                    object_store_memory=object_store_memory,
+                    resources=local_cluster_resources(train_slots, infer_gpus),
+                    _system_config=system_config,
+                    **init_kwargs,
+                )
+                break
+            except Exception as error:  # Ray raises a bare Exception for this one
+                if RAY_NODE_STARTUP_TIMEOUT not in str(error):
+                    raise
+                ended = _end_processes_started_since(children_before)
+                if attempt == LOCAL_RAY_START_ATTEMPTS:
+                    raise PoolError(
+                        f"the local Ray node did not start in {attempt} attempts ({error}); its processes were ended "
+                        f"({ended}). Check the machine's load and free memory, and the raylet's log under Ray's "
+                        "session directory (/tmp/ray/session_latest/logs)."
+                    ) from error
+                logger.warning(
+                    "the local Ray node did not start (%s); ended the %d processes it had started (%s) and starting "
+                    "a fresh one (attempt %d of %d)", error, len(ended), ended, attempt + 1, LOCAL_RAY_START_ATTEMPTS,
+                )
     finally:
         for key in node_env:
             os.environ.pop(key, None)
     return ray.cluster_resources()
+
+
+def _end_processes_started_since(children_before: set[int]) -> list[str]:
+    """Kill this process's descendants that were not among `children_before`: a half-started Ray node's daemons.
+
+    A child stuck between fork and exec still has this process's command line, so it is found by being new, not by
+    its name. Returns "name(pid)" of each process ended.
+    """
+    new = [child for child in psutil.Process().children(recursive=True) if child.pid not in children_before]
+    ended = []
+    for child in new:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            ended.append(f"{child.name()}({child.pid})")
+            child.kill()
+    psutil.wait_procs(new, timeout=10)
+    return ended
 
 
 # --- labels -----------------------------------------------------------------------------------------
