@@ -47,8 +47,8 @@ def test_mini_is_klein_classes_loaded_from_the_shipped_folder_within_budget(mini
     assert size <= 25 * 2**20, f"the shipped mini preset is {size / 2**20:.1f} MiB, over the 25 MB budget"
     judge_size = (REPO / "evaluation" / "world_judge.safetensors").stat().st_size
     assert judge_size <= 5 * 2**20
+    # (tiny's 512 is checked in test_model.py: asking here would build tiny while this module's worker waits on it)
     assert max_sequence_length("mini") == 64 == mini_pipe.klein_max_sequence_length
-    assert max_sequence_length("tiny") == 512
     assert model_id("mini") == "mini-v2"
 
 

@@ -11,7 +11,7 @@ import torch
 
 from klein.generate import GenerateRequest, generate_image, generate_images
 from klein.request import GenerateError
-from klein.model import KleinVariant, ModelLoadError, check_klein_folder, load_pipeline
+from klein.model import KleinVariant, ModelLoadError, check_klein_folder, load_pipeline, max_sequence_length
 
 
 def test_tiny_preset_uses_the_real_klein_classes(tiny_dir, tiny_pipe):
@@ -34,6 +34,7 @@ def test_tiny_preset_uses_the_real_klein_classes(tiny_dir, tiny_pipe):
     assert tiny_pipe.text_encoder.config.num_hidden_layers >= 27
     assert cfg.joint_attention_dim == 3 * tiny_pipe.text_encoder.config.hidden_size
     assert KleinVariant.from_config(cfg).name == "klein-custom"
+    assert max_sequence_length("tiny") == 512  # tiny declares none: Klein's own length
 
 
 def test_same_seed_same_pixels_other_seed_other_pixels(tiny_pipe):
