@@ -223,12 +223,20 @@ def test_reservation_is_all_or_nothing(local_ray):
     assert ray.available_resources().get("train_gpu") == 1.0
 
 
+def _command_line(process: psutil.Process) -> str:
+    """A process's command line; empty for one that ended while we looked (a zombie has none to read)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_queue_is_first_come_first_served(local_ray):
     queue = pools.TrainQueue.remote(lease_s=60)
     for job in ["a", "b", "c"]:
         ray.get(queue.join.remote(job))
     # the queue's worker imports its own module only (cluster.train_queue), not torch and Ray Train as pools does
-    workers = [p for p in psutil.Process().children(recursive=True) if "ray::TrainQueue" in " ".join(p.cmdline())]
+    workers = [p for p in psutil.Process().children(recursive=True) if "ray::TrainQueue" in _command_line(p)]
     assert len(workers) == 1 and "libtorch" not in Path(f"/proc/{workers[0].pid}/maps").read_text(), workers
     assert "libtorch" in Path("/proc/self/maps").read_text()  # the check sees torch where it is (this process)
     assert ray.get(queue.join.remote("b")) == 1  # joining twice keeps the place
