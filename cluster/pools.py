@@ -202,8 +202,8 @@ def init_local_ray(
                 if attempt == LOCAL_RAY_START_ATTEMPTS:
                     raise PoolError(
                         f"the local Ray node did not start in {attempt} attempts ({error}); its processes were ended "
-                        f"({ended}). Check the machine's load and free memory, and the raylet's log under Ray's "
-                        "session directory (/tmp/ray/session_latest/logs)."
+                        f"({ended}). Check the machine's load and free memory, and the raylet's log in Ray's session "
+                        "folder (by default /tmp/ray/session_latest/logs)."
                     ) from error
                 logger.warning(
                     "the local Ray node did not start (%s); ended the %d processes it had started (%s) and starting "

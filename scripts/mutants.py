@@ -294,7 +294,7 @@ MUTATIONS: list[Mutation] = [
     M("local-node-ends-warm-workers", "a local node keeps Ray's default soft limit: the render worker is ended between columns",
       "cluster/pools.py", "system_config.setdefault(\"num_workers_soft_limit\", max(num_cpus, LOCAL_WORKERS_SOFT_LIMIT))",
       "pass", ("tests/test_pools.py::test_a_local_node_keeps_its_warm_worker_and_runs_no_preemption_watcher",), slow=True),
-    # -- a local Ray node that did not start (seen once in CI: the raylet never came up) ------------------------
+    # -- a local Ray node that did not start (seen once in a full run: the raylet never came up) ---------------
     M("local-ray-no-second-start", "a local node that did not start in Ray's 30 s fails at once instead of starting again",
       "cluster/pools.py", "                if RAY_NODE_STARTUP_TIMEOUT not in str(error):",
       "                if True:",

@@ -2,7 +2,7 @@
 
 Run by `tests/test_pools.py` in a subprocess of its own, beside the module's tests: Ray waits a fixed 30 s for the
 first node, and in a subprocess that wait costs no pytest worker its core. The raylet Ray starts is a script that,
-the first time, becomes a `sleep` (a child that never execs the raylet, as in the one flaky CI run seen) and writes
+the first time, becomes a `sleep` (a child that never execs the raylet, as in the one flaky full run seen) and writes
 its pid; the next time it execs the real raylet.
 
     python tests/raylet_hangs_once.py FOLDER
@@ -52,10 +52,14 @@ def main(folder: Path) -> dict:
     pools.init_local_ray(num_cpus=1, object_store_memory=80 * 1024 * 1024, log_to_driver=False)
     try:
         hung_pid = int(hung_pid_file.read_text())
+        try:
+            hung_pid_running = psutil.Process(hung_pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            hung_pid_running = False
         children = psutil.Process().children(recursive=True)
         return {
             "hung_pid": hung_pid,
-            "hung_pid_running": psutil.pid_exists(hung_pid) and psutil.Process(hung_pid).status() != psutil.STATUS_ZOMBIE,
+            "hung_pid_running": hung_pid_running,
             "gcs_servers": sum(child.name() == "gcs_server" for child in children),
             "raylets": sum(child.name() == "raylet" for child in children),
             "warnings": warnings.messages,
