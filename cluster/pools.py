@@ -219,15 +219,20 @@ def _end_processes_started_since(children_before: set[int]) -> list[str]:
     """Kill this process's descendants that were not among `children_before`: a half-started Ray node's daemons.
 
     A child stuck between fork and exec still has this process's command line, so it is found by being new, not by
-    its name. Returns "name(pid)" of each process ended.
+    its name.
     """
-    new = [child for child in psutil.Process().children(recursive=True) if child.pid not in children_before]
+    descendants = psutil.Process().children(recursive=True)
+    return end_processes([child for child in descendants if child.pid not in children_before])
+
+
+def end_processes(processes: list[psutil.Process]) -> list[str]:
+    """SIGKILL `processes` (those already gone are skipped) and wait up to 10 s for them; "name(pid)" of each ended."""
     ended = []
-    for child in new:
+    for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
-            ended.append(f"{child.name()}({child.pid})")
-            child.kill()
-    psutil.wait_procs(new, timeout=10)
+            ended.append(f"{process.name()}({process.pid})")
+            process.kill()
+    psutil.wait_procs(processes, timeout=10)
     return ended
 
 

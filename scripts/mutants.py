@@ -300,7 +300,7 @@ MUTATIONS: list[Mutation] = [
       "                if True:",
       ("tests/test_pools.py::test_a_local_node_that_did_not_start_is_ended_and_started_again",), slow=True),
     M("local-ray-half-node-left", "the processes of a local node that did not start are left running",
-      "cluster/pools.py", "            child.kill()\n", "            pass\n",
+      "cluster/pools.py", "            process.kill()\n", "            pass\n",
       ("tests/test_pools.py::test_a_local_node_that_did_not_start_is_ended_and_started_again",), slow=True),
     M("cli-imports-every-command", "the command line imports every command's module (submit loads torch and Ray Train)",
       "cli/main.py", "modules = [COMMAND_MODULES[command]] if command else list(dict.fromkeys(COMMAND_MODULES.values()))",

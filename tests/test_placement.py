@@ -117,15 +117,6 @@ def fake_autoscaling_config(gcs_address: str) -> dict:
     }
 
 
-def _kill_processes(processes: list[psutil.Process]) -> None:
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def fake_cluster(tmp_path_factory):
     """Start the head (with the autoscaler's monitor) and connect; tear everything down after."""
@@ -172,7 +163,7 @@ def fake_cluster(tmp_path_factory):
             node_processes = psutil.Process(monitor.pid).children(recursive=True) if monitor.poll() is None else []
             ray.shutdown()
             cluster.shutdown()
-            _kill_processes(node_processes)
+            pools.end_processes(node_processes)
 
 
 def nodes_by_pool() -> dict[str, list[str]]:
