@@ -139,12 +139,13 @@ WORKERS_SOFT_LIMIT_ENV = "RAY_num_workers_soft_limit"
 # A one-node local cluster has no node to be preempted: Ray Train's preemption watcher (an actor per run, ~2 CPU-s
 # to start) has nothing to watch there.
 LOCAL_NODE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-# What Ray 2.60 raises when a new node's raylet has not registered with its GCS 30 s after it was started
-# (`ray/_private/node.py`, a fixed wait). Seen once in ~15 full test runs, in a process that had started and stopped
-# two Ray instances before: the GCS and the dashboard were up, the raylet never wrote a log nor made its socket (Ray
-# forks its daemons with a `preexec_fn`, and gRPC had warned that other threads were inside it at fork time). Ray
-# leaves the half-started node's processes running and unowned: `ray.shutdown()` does not know them.
-RAY_NODE_STARTUP_TIMEOUT = "The current node timed out during startup"
+# What Ray 2.60 raises when a new node's daemons do not come up within its waits (`ray/_private/node.py`): the GCS has
+# not written its port file after 30 s (`RAY_gcs_server_port_wait_time_s`), or the raylet has not registered with the
+# GCS after a fixed 30 s. Each seen once in ~17 full test runs, in a pytest worker that had started and stopped Ray
+# instances before: the daemon never started (no log, no socket, no port file), and gRPC had warned at that fork
+# that "other threads are currently calling into gRPC" (Ray forks its daemons with a `preexec_fn`). Ray leaves the
+# half-started node's processes running and unowned: `ray.shutdown()` does not know them.
+RAY_NODE_STARTUP_TIMEOUTS = ("The current node timed out during startup", "Timed out waiting for file")
 LOCAL_RAY_START_ATTEMPTS = 2
 
 
@@ -169,7 +170,7 @@ def init_local_ray(
     The node keeps its warm worker processes (`LOCAL_WORKERS_SOFT_LIMIT`) and runs no Ray Train preemption watcher
     (`LOCAL_NODE_ENV`); a `_system_config`, `RAY_num_workers_soft_limit` or watcher variable of the caller's wins.
 
-    When Ray's node does not come up within Ray's own 30 s (`RAY_NODE_STARTUP_TIMEOUT`), the processes it had started
+    When Ray's node does not come up within Ray's own waits (`RAY_NODE_STARTUP_TIMEOUTS`), the processes it had started
     are ended and a fresh node is started once more, with a warning; a second failure is a `PoolError`.
     """
     if ray.is_initialized():
@@ -195,15 +196,15 @@ def init_local_ray(
                     **init_kwargs,
                 )
                 break
-            except Exception as error:  # Ray raises a bare Exception for this one
-                if RAY_NODE_STARTUP_TIMEOUT not in str(error):
+            except Exception as error:  # Ray raises a bare Exception or a RuntimeError for these
+                if not any(timeout in str(error) for timeout in RAY_NODE_STARTUP_TIMEOUTS):
                     raise
                 ended = _end_processes_started_since(children_before)
                 if attempt == LOCAL_RAY_START_ATTEMPTS:
                     raise PoolError(
                         f"the local Ray node did not start in {attempt} attempts ({error}); its processes were ended "
-                        f"({ended}). Check the machine's load and free memory, and the raylet's log in Ray's session "
-                        "folder (by default /tmp/ray/session_latest/logs)."
+                        f"({ended}). Check the machine's load and free memory, and the GCS's and raylet's logs in Ray's "
+                        "session folder (by default /tmp/ray/session_latest/logs)."
                     ) from error
                 logger.warning(
                     "the local Ray node did not start (%s); ended the %d processes it had started (%s) and starting "

@@ -296,8 +296,11 @@ MUTATIONS: list[Mutation] = [
       "pass", ("tests/test_pools.py::test_a_local_node_keeps_its_warm_worker_and_runs_no_preemption_watcher",), slow=True),
     # -- a local Ray node that did not start (seen once in a full run: the raylet never came up) ---------------
     M("local-ray-no-second-start", "a local node that did not start in Ray's 30 s fails at once instead of starting again",
-      "cluster/pools.py", "                if RAY_NODE_STARTUP_TIMEOUT not in str(error):",
+      "cluster/pools.py", "                if not any(timeout in str(error) for timeout in RAY_NODE_STARTUP_TIMEOUTS):",
       "                if True:",
+      ("tests/test_pools.py::test_a_local_node_that_did_not_start_is_ended_and_started_again",), slow=True),
+    M("local-ray-gcs-timeout-not-retried", "a local node whose GCS never wrote its port file is not started again",
+      "cluster/pools.py", '"Timed out waiting for file")', '"(the GCS port-file timeout, dropped)")',
       ("tests/test_pools.py::test_a_local_node_that_did_not_start_is_ended_and_started_again",), slow=True),
     M("local-ray-half-node-left", "the processes of a local node that did not start are left running",
       "cluster/pools.py", "            process.kill()\n", "            pass\n",

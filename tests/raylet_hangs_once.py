@@ -1,11 +1,11 @@
-"""Start a local Ray node through `init_local_ray` whose first raylet hangs, and print what happened as JSON.
+"""Start a local Ray node through `init_local_ray` whose first GCS or raylet hangs; print what happened as JSON.
 
-Run by `tests/test_pools.py` in a subprocess of its own, beside the module's tests: Ray waits a fixed 30 s for the
-first node, and in a subprocess that wait costs no pytest worker its core. The raylet Ray starts is a script that,
-the first time, becomes a `sleep` (a child that never execs the raylet, as in the one flaky full run seen) and writes
-its pid; the next time it execs the real raylet.
+Run by `tests/test_pools.py` in subprocesses of their own, beside the module's tests: Ray waits 30 s for the first
+node, and in a subprocess that wait costs no pytest worker its core. The daemon Ray starts (`gcs_server` or
+`raylet`) is a script that, the first time, becomes a `sleep` (a child that never execs the daemon, as in the two
+flaky full runs seen) and writes its pid; the next time it execs the real daemon.
 
-    python tests/raylet_hangs_once.py FOLDER
+    python tests/raylet_hangs_once.py FOLDER {gcs_server,raylet}
 """
 
 from __future__ import annotations
@@ -37,16 +37,20 @@ def _pid() -> int:
     return os.getpid()
 
 
-def main(folder: Path) -> dict:
+# the module constant Ray reads when it starts each daemon
+EXECUTABLES = {"gcs_server": "GCS_SERVER_EXECUTABLE", "raylet": "RAYLET_EXECUTABLE"}
+
+
+def main(folder: Path, daemon: str) -> dict:
     hung_pid_file = folder / "hung.pid"
-    script = folder / "raylet"
+    script = folder / daemon
     script.write_text(
         "#!/bin/sh\n"
         f'if [ ! -e "{hung_pid_file}" ]; then echo $$ > "{hung_pid_file}"; exec sleep 600; fi\n'
-        f'exec "{ray._private.services.RAYLET_EXECUTABLE}" "$@"\n'
+        f'exec "{getattr(ray._private.services, EXECUTABLES[daemon])}" "$@"\n'
     )
     script.chmod(0o755)
-    ray._private.services.RAYLET_EXECUTABLE = str(script)  # read when Ray starts a raylet
+    setattr(ray._private.services, EXECUTABLES[daemon], str(script))
     warnings = _Warnings()
     logging.getLogger(pools.__name__).addHandler(warnings)
     pools.init_local_ray(num_cpus=1, object_store_memory=80 * 1024 * 1024, log_to_driver=False)
@@ -70,4 +74,4 @@ def main(folder: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(Path(sys.argv[1]))), flush=True)
+    print("RESULT " + json.dumps(main(Path(sys.argv[1]), sys.argv[2])), flush=True)

@@ -137,18 +137,24 @@ def test_queued_train_loop_keeps_the_loop_signature():
 
 @pytest.fixture(scope="module")
 def raylet_hangs_once(tmp_path_factory):
-    """`tests/raylet_hangs_once.py` started in the background: a local node whose first raylet hangs (~40 s, most of
-    it Ray's fixed wait), checked by the module's last test."""
-    folder = tmp_path_factory.mktemp("raylet")
+    """`tests/raylet_hangs_once.py` started in the background, once with a first GCS and once with a first raylet that
+    hangs (~25 and ~40 s, most of it Ray's wait), checked by the module's last tests."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, str(TESTS_DIR / "raylet_hangs_once.py"), str(folder)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = {
+        daemon: subprocess.Popen(
+            [sys.executable, str(TESTS_DIR / "raylet_hangs_once.py"), str(tmp_path_factory.mktemp(daemon)), daemon],
+            env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        # Ray's wait for the GCS's port file is 30 s unless set (the raylet's is fixed): 15 s is ample for a real GCS
+        for daemon, extra_env in (("gcs_server", {"RAY_gcs_server_port_wait_time_s": "15"}), ("raylet", {}))
+    }
     try:
-        yield proc
+        yield procs
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 @pytest.fixture(scope="module")
@@ -312,11 +318,13 @@ def test_a_driver_that_lost_its_place_joins_again(local_ray):
     ray.get(queue.leave.remote("paused-driver"))
 
 
-def test_a_local_node_that_did_not_start_is_ended_and_started_again(raylet_hangs_once):
-    """The first node's raylet hung: its processes are gone, the second node runs tasks, and the warning says what
-    happened (`cluster.pools.RAY_NODE_STARTUP_TIMEOUT`)."""
-    output, _ = raylet_hangs_once.communicate(timeout=180)
-    assert raylet_hangs_once.returncode == 0, output[-3000:]
+@pytest.mark.parametrize("daemon", ["gcs_server", "raylet"])
+def test_a_local_node_that_did_not_start_is_ended_and_started_again(raylet_hangs_once, daemon):
+    """The first node's GCS or raylet hung: its processes are gone, the second node runs tasks, and the warning says
+    what happened (`cluster.pools.RAY_NODE_STARTUP_TIMEOUTS`)."""
+    proc = raylet_hangs_once[daemon]
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, output[-3000:]
     result = json.loads(output.split("RESULT ", 1)[1])
     assert not result["hung_pid_running"]
     assert result["gcs_servers"] == 1 and result["raylets"] == 1  # the first node's GCS was ended too
